@@ -1,0 +1,18 @@
+// Picks the kernel backend for the server's --device flag.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "kernels/batch_norm.h"
+
+namespace normserve::server {
+
+// `device` is "auto" (the first CUDA GPU, else the CPU), "cpu", "cuda" or
+// "cuda:N". INVALID_ARGUMENT for an unknown device, FAILED_PRECONDITION for a
+// GPU this build or machine does not have. `cpu_threads` 0 uses every core.
+absl::StatusOr<std::unique_ptr<kernels::Backend>> CreateBackend(
+    const std::string& device, int cpu_threads);
+
+}  // namespace normserve::server

@@ -1,0 +1,177 @@
+#include "server/core/engine.h"
+
+#include <algorithm>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "kernels/status_macros.h"
+
+namespace normserve::server {
+namespace {
+
+constexpr absl::string_view kNamePrefix = "layers/";
+constexpr int kDefaultPageSize = 100;
+constexpr int kMaxPageSize = 1000;
+
+bool IsValidId(absl::string_view id) {
+  if (id.empty() || id.size() > 63) return false;
+  auto lower_or_digit = [](char ch) {
+    return (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9');
+  };
+  if (!lower_or_digit(id[0])) return false;
+  return std::all_of(id.begin() + 1, id.end(), [&](char ch) {
+    return lower_or_digit(ch) || ch == '_' || ch == '.' || ch == '-';
+  });
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> ParseLayerName(absl::string_view name) {
+  absl::string_view id = name;
+  if (absl::StartsWith(id, kNamePrefix)) id.remove_prefix(kNamePrefix.size());
+  if (!IsValidId(id)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layer name '", name,
+        "' is not valid; expected 'layers/{id}' with id matching "
+        "[a-z0-9][a-z0-9_.-]{0,62}"));
+  }
+  return std::string(id);
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
+    const EngineOptions& options, std::unique_ptr<kernels::Backend> backend) {
+  if (backend == nullptr) {
+    return absl::InvalidArgumentError("Engine needs a kernel backend");
+  }
+  if (options.max_saved_contexts == 0) {
+    return absl::InvalidArgumentError("max_saved_contexts must be > 0");
+  }
+  return std::unique_ptr<Engine>(new Engine(options, std::move(backend)));
+}
+
+Engine::Engine(const EngineOptions& options,
+               std::unique_ptr<kernels::Backend> backend)
+    : options_(options),
+      backend_(std::move(backend)),
+      pool_(backend_.get(), options.max_saved_bytes),
+      contexts_(options.max_saved_contexts, options.max_saved_bytes) {
+  int workers = options.num_workers;
+  if (workers <= 0) {
+    workers = std::max(1u, std::thread::hardware_concurrency());
+  }
+  executor_ = std::make_unique<Executor>(workers);
+}
+
+Engine::~Engine() {
+  executor_.reset();  // Runs what is queued, joins the workers.
+  absl::MutexLock lock(&mu_);
+  layers_.clear();
+}
+
+absl::StatusOr<LayerInfo> Engine::CreateLayer(absl::string_view id,
+                                              BatchNormConfig config) {
+  if (config.device.empty()) config.device = "cpu";
+  const std::string backend_device =
+      backend_->kind() == kernels::DeviceKind::kCpu ? "cpu" : "cuda";
+  if (config.device != backend_device &&
+      !(backend_device == "cuda" && absl::StartsWith(config.device, "cuda"))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "device '", config.device, "' is not available; this server runs on ",
+        backend_->name()));
+  }
+  RETURN_IF_ERROR(ValidateConfig(config));
+  std::string layer_id;
+  if (!id.empty()) {
+    ASSIGN_OR_RETURN(layer_id, ParseLayerName(id));
+  }
+
+  absl::MutexLock lock(&mu_);
+  if (layers_.size() >= options_.max_layers) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the server holds ", layers_.size(),
+                     " layers, its limit (--max_layers); delete some first"));
+  }
+  const uint64_t uid = next_uid_++;
+  if (layer_id.empty()) {
+    layer_id = absl::StrCat("bn-", uid);
+    while (layers_.count(layer_id)) layer_id = absl::StrCat("bn-", next_uid_++);
+  } else if (layers_.count(layer_id)) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("layer layers/", layer_id, " already exists"));
+  }
+  LayerEnv env;
+  env.backend = backend_.get();
+  env.contexts = &contexts_;
+  env.pool = &pool_;
+  env.max_tensor_bytes = options_.max_tensor_bytes;
+  auto entry = std::make_shared<Entry>();
+  entry->layer = std::make_unique<BatchNormLayer>(
+      absl::StrCat(kNamePrefix, layer_id), uid, config, env);
+  entry->strand = std::make_shared<Strand>(executor_.get());
+  LayerInfo info = entry->layer->Info();
+  layers_.emplace(layer_id, std::move(entry));
+  return info;
+}
+
+absl::StatusOr<std::shared_ptr<Engine::Entry>> Engine::Find(
+    absl::string_view name) {
+  ASSIGN_OR_RETURN(std::string id, ParseLayerName(name));
+  absl::MutexLock lock(&mu_);
+  auto it = layers_.find(id);
+  if (it == layers_.end()) {
+    return absl::NotFoundError(absl::StrCat("layer layers/", id, " not found"));
+  }
+  return it->second;
+}
+
+absl::StatusOr<LayerInfo> Engine::GetLayer(absl::string_view name) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Entry> entry, Find(name));
+  return entry->layer->Info();
+}
+
+absl::StatusOr<ListLayersResult> Engine::ListLayers(
+    int page_size, absl::string_view page_token) {
+  if (page_size < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("page_size is ", page_size, "; expected >= 0"));
+  }
+  if (page_size == 0) page_size = kDefaultPageSize;
+  page_size = std::min(page_size, kMaxPageSize);
+  ListLayersResult result;
+  absl::MutexLock lock(&mu_);
+  // The token is the id of the last layer of the previous page.
+  auto it = page_token.empty() ? layers_.begin()
+                               : layers_.upper_bound(std::string(page_token));
+  for (; it != layers_.end() && static_cast<int>(result.layers.size()) <
+                                    page_size;
+       ++it) {
+    result.layers.push_back(it->second->layer->Info());
+  }
+  if (it != layers_.end() && !result.layers.empty()) {
+    result.next_page_token =
+        std::prev(it)->first;  // Resume after the last one returned.
+  }
+  return result;
+}
+
+absl::Status Engine::DeleteLayer(absl::string_view name) {
+  ASSIGN_OR_RETURN(std::string id, ParseLayerName(name));
+  std::shared_ptr<Entry> entry;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = layers_.find(id);
+    if (it == layers_.end()) {
+      return absl::NotFoundError(
+          absl::StrCat("layer layers/", id, " not found"));
+    }
+    entry = std::move(it->second);
+    layers_.erase(it);
+  }
+  entry->deleted.store(true);
+  // Saved contexts go now; the layer itself when its last queued job ends.
+  contexts_.DropLayer(entry->layer->uid());
+  return absl::OkStatus();
+}
+
+}  // namespace normserve::server

@@ -1,0 +1,202 @@
+#include "server/grpc/convert.h"
+
+#include <cstring>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/status_macros.h"
+
+namespace normserve::server {
+namespace {
+
+absl::StatusOr<std::optional<kernels::DType>> DTypeFromProto(int dtype,
+                                                             const char* what) {
+  switch (dtype) {
+    case pb::DTYPE_UNSPECIFIED:
+      return std::optional<kernels::DType>();
+    case pb::DTYPE_FLOAT32:
+      return kernels::DType::kFloat32;
+    case pb::DTYPE_FLOAT16:
+      return kernels::DType::kFloat16;
+    case pb::DTYPE_BFLOAT16:
+      return kernels::DType::kBFloat16;
+    case pb::DTYPE_INT64:
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " dtype int64 is not supported; expected "
+                             "float32, float16 or bfloat16"));
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      what, " has unknown dtype ", dtype,
+      "; expected float32, float16 or bfloat16"));
+}
+
+absl::StatusOr<std::optional<kernels::Layout>> LayoutFromProto(
+    int layout, const char* what) {
+  switch (layout) {
+    case pb::LAYOUT_UNSPECIFIED:
+      return std::optional<kernels::Layout>();
+    case pb::LAYOUT_NCHW:
+      return kernels::Layout::kNCHW;
+    case pb::LAYOUT_NHWC:
+      return kernels::Layout::kNHWC;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      what, " has unknown layout ", layout, "; expected NCHW or NHWC"));
+}
+
+}  // namespace
+
+pb::DType DTypeToProto(kernels::DType dtype) {
+  switch (dtype) {
+    case kernels::DType::kFloat32:
+      return pb::DTYPE_FLOAT32;
+    case kernels::DType::kFloat16:
+      return pb::DTYPE_FLOAT16;
+    case kernels::DType::kBFloat16:
+      return pb::DTYPE_BFLOAT16;
+  }
+  return pb::DTYPE_UNSPECIFIED;
+}
+
+pb::Layout LayoutToProto(kernels::Layout layout) {
+  return layout == kernels::Layout::kNCHW ? pb::LAYOUT_NCHW : pb::LAYOUT_NHWC;
+}
+
+absl::StatusOr<BatchNormConfig> ConfigFromProto(const pb::BatchNormConfig& in) {
+  BatchNormConfig config;
+  config.num_features = in.num_features();
+  if (in.has_eps()) config.eps = in.eps();
+  switch (in.momentum_policy_case()) {
+    case pb::BatchNormConfig::kMomentum:
+      config.momentum = in.momentum();
+      break;
+    case pb::BatchNormConfig::kCumulativeAverage:
+      config.momentum.reset();
+      break;
+    case pb::BatchNormConfig::MOMENTUM_POLICY_NOT_SET:
+      break;
+  }
+  if (in.has_affine()) config.affine = in.affine();
+  if (in.has_track_running_stats()) {
+    config.track_running_stats = in.track_running_stats();
+  }
+  ASSIGN_OR_RETURN(std::optional<kernels::Layout> layout,
+                   LayoutFromProto(in.layout(), "config"));
+  config.layout = layout.value_or(kernels::Layout::kNCHW);
+  ASSIGN_OR_RETURN(std::optional<kernels::DType> dtype,
+                   DTypeFromProto(in.dtype(), "config"));
+  config.dtype = dtype.value_or(kernels::DType::kFloat32);
+  config.spatial_dims = in.spatial_dims();
+  config.device = in.device();
+  return config;
+}
+
+void ConfigToProto(const BatchNormConfig& in, pb::BatchNormConfig* out) {
+  out->set_num_features(in.num_features);
+  out->set_eps(in.eps);
+  if (in.momentum.has_value()) {
+    out->set_momentum(*in.momentum);
+  } else {
+    out->mutable_cumulative_average();
+  }
+  out->set_affine(in.affine);
+  out->set_track_running_stats(in.track_running_stats);
+  out->set_layout(LayoutToProto(in.layout));
+  out->set_dtype(DTypeToProto(in.dtype));
+  out->set_spatial_dims(in.spatial_dims);
+  out->set_device(in.device);
+}
+
+void LayerInfoToProto(const LayerInfo& in, pb::Layer* out) {
+  out->set_name(in.name);
+  ConfigToProto(in.config, out->mutable_batch_norm());
+  out->set_version(in.version);
+  out->set_num_batches_tracked(in.num_batches_tracked);
+  out->set_has_accumulated_grad(in.has_accumulated_grad);
+}
+
+absl::StatusOr<TensorRef> TensorRefFromProto(const pb::Tensor& in,
+                                             const char* what) {
+  TensorRef ref;
+  ASSIGN_OR_RETURN(ref.dtype, DTypeFromProto(in.dtype(), what));
+  ASSIGN_OR_RETURN(ref.layout, LayoutFromProto(in.layout(), what));
+  ref.dims.assign(in.shape().begin(), in.shape().end());
+  ref.data = in.data().data();
+  ref.bytes = in.data().size();
+  return ref;
+}
+
+OutputAllocator TensorOutput(pb::Tensor* out) {
+  return [out](size_t bytes) -> void* {
+    std::string* data = out->mutable_data();
+    data->resize(bytes);
+    return data->data();
+  };
+}
+
+void SetTensorMeta(const std::vector<int64_t>& dims, kernels::DType dtype,
+                   kernels::Layout layout, pb::Tensor* out) {
+  out->mutable_shape()->Assign(dims.begin(), dims.end());
+  out->set_dtype(DTypeToProto(dtype));
+  out->set_layout(LayoutToProto(layout));
+}
+
+absl::StatusOr<StateDict> StateDictFromProto(const pb::StateDict& in) {
+  StateDict state;
+  for (const auto& [key, tensor] : in.tensors()) {
+    StateEntry entry;
+    entry.dims.assign(tensor.shape().begin(), tensor.shape().end());
+    int64_t numel = 1;
+    for (int64_t d : entry.dims) {
+      if (d < 0 || d > (int64_t{1} << 32)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "state '", key, "' has an invalid dimension ", d));
+      }
+      numel *= d;
+    }
+    const std::string& data = tensor.data();
+    if (tensor.dtype() == pb::DTYPE_INT64) {
+      if (numel != 1 || data.size() != sizeof(int64_t)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "state '", key, "' is int64 with ", data.size(),
+            " bytes; expected one int64 scalar (8 bytes)"));
+      }
+      entry.is_int = true;
+      std::memcpy(&entry.int_value, data.data(), sizeof(int64_t));
+    } else if (tensor.dtype() == pb::DTYPE_FLOAT32 ||
+               tensor.dtype() == pb::DTYPE_UNSPECIFIED) {
+      if (static_cast<int64_t>(data.size()) != numel * 4) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "state '", key, "' data has ", data.size(), " bytes; shape ",
+            kernels::ShapeToString(entry.dims), " in float32 needs ",
+            numel * 4));
+      }
+      entry.values.resize(numel);
+      std::memcpy(entry.values.data(), data.data(), data.size());
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("state '", key, "' has dtype ", tensor.dtype(),
+                       "; expected float32 (or int64 for "
+                       "num_batches_tracked)"));
+    }
+    state.emplace(key, std::move(entry));
+  }
+  return state;
+}
+
+void StateDictToProto(const StateDict& in, pb::StateDict* out) {
+  auto* tensors = out->mutable_tensors();
+  for (const auto& [key, entry] : in) {
+    pb::Tensor& t = (*tensors)[key];
+    t.mutable_shape()->Assign(entry.dims.begin(), entry.dims.end());
+    if (entry.is_int) {
+      t.set_dtype(pb::DTYPE_INT64);
+      t.set_data(&entry.int_value, sizeof(int64_t));
+    } else {
+      t.set_dtype(pb::DTYPE_FLOAT32);
+      t.set_data(entry.values.data(), entry.values.size() * sizeof(float));
+    }
+  }
+}
+
+}  // namespace normserve::server

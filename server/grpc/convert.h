@@ -1,0 +1,35 @@
+// Conversions between the API's protobuf messages and the core's types.
+// Tensors are not copied: TensorRef points into the request's bytes and
+// outputs are written into the reply's bytes.
+#pragma once
+
+#include "absl/status/statusor.h"
+#include "normserve/v1/normserve.pb.h"
+#include "server/core/batch_norm_layer.h"
+#include "server/core/engine.h"
+
+namespace normserve::server {
+
+namespace pb = ::normserve::v1;
+
+// Fills defaults (eps 1e-5, momentum 0.1, affine, track_running_stats, NCHW,
+// float32); INVALID_ARGUMENT for unknown enum values.
+absl::StatusOr<BatchNormConfig> ConfigFromProto(const pb::BatchNormConfig& in);
+void ConfigToProto(const BatchNormConfig& in, pb::BatchNormConfig* out);
+void LayerInfoToProto(const LayerInfo& in, pb::Layer* out);
+
+// Points into `in`, which must outlive the result.
+absl::StatusOr<TensorRef> TensorRefFromProto(const pb::Tensor& in,
+                                             const char* what);
+// Returns an allocator that sizes `out`'s bytes and returns them for writing.
+OutputAllocator TensorOutput(pb::Tensor* out);
+void SetTensorMeta(const std::vector<int64_t>& dims, kernels::DType dtype,
+                   kernels::Layout layout, pb::Tensor* out);
+
+absl::StatusOr<StateDict> StateDictFromProto(const pb::StateDict& in);
+void StateDictToProto(const StateDict& in, pb::StateDict* out);
+
+pb::DType DTypeToProto(kernels::DType dtype);
+pb::Layout LayoutToProto(kernels::Layout layout);
+
+}  // namespace normserve::server

@@ -1,0 +1,245 @@
+#include "server/grpc/service.h"
+
+#include <deque>
+#include <memory>
+#include <utility>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "server/grpc/status.h"
+
+namespace normserve::server {
+namespace {
+
+using grpc::CallbackServerContext;
+using grpc::ServerUnaryReactor;
+
+// Finishes `context`'s default reactor when the operation completes.
+Operations::Done FinishWhenDone(ServerUnaryReactor* reactor) {
+  return [reactor](absl::Status status) {
+    reactor->Finish(ToGrpcStatus(status));
+  };
+}
+
+ServerUnaryReactor* FinishNow(CallbackServerContext* context,
+                              const absl::Status& status) {
+  ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+// One Train stream. Operations are started in arrival order and may finish
+// out of order (different layers run in parallel); responses are written in
+// arrival order, one write at a time. At most kMaxInFlight operations are
+// outstanding: reading pauses until the oldest answer is written.
+//
+// Every decision is taken under mu_ (NextActions) and carried out after it
+// is released (Run); Finish is the last thing Run does, since OnDone may
+// delete the reactor right after it.
+class TrainReactor final
+    : public grpc::ServerBidiReactor<pb::TrainRequest, pb::TrainResponse> {
+ public:
+  explicit TrainReactor(Operations* ops) : ops_(ops) { StartRead(&incoming_); }
+
+  void OnReadDone(bool ok) override {
+    Slot* slot = nullptr;
+    {
+      absl::MutexLock lock(&mu_);
+      reading_ = false;
+      if (!ok) {
+        reads_done_ = true;
+      } else {
+        auto owned = std::make_unique<Slot>();
+        owned->request.Swap(&incoming_);
+        owned->response.set_request_id(owned->request.request_id());
+        slot = owned.get();
+        pending_.push_back(std::move(owned));
+      }
+    }
+    // The slot stays in pending_ until its answer is written, which needs
+    // OpDone first: it outlives this call.
+    if (slot != nullptr) {
+      ops_->Dispatch(slot->request, &slot->response,
+                     [this, slot](absl::Status status) { OpDone(slot, status); });
+    }
+    Run(Decide());
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      pending_.pop_front();
+      if (!ok) broken_ = true;
+    }
+    Run(Decide());
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  static constexpr size_t kMaxInFlight = 64;
+
+  struct Slot {
+    pb::TrainRequest request;
+    pb::TrainResponse response;
+    bool ready = false;
+  };
+
+  struct Actions {
+    pb::TrainResponse* write = nullptr;
+    bool read = false;
+    bool finish = false;
+    grpc::Status status;
+  };
+
+  void OpDone(Slot* slot, const absl::Status& status) {
+    if (!status.ok()) {
+      const uint64_t id = slot->response.request_id();
+      slot->response.Clear();
+      slot->response.set_request_id(id);
+    }
+    slot->response.mutable_status()->set_code(static_cast<int>(status.code()));
+    slot->response.mutable_status()->set_message(std::string(status.message()));
+    {
+      absl::MutexLock lock(&mu_);
+      slot->ready = true;
+    }
+    Run(Decide());
+  }
+
+  Actions Decide() {
+    absl::MutexLock lock(&mu_);
+    Actions actions;
+    if (broken_) {
+      // The client is gone: drop answers instead of writing them.
+      while (!writing_ && !pending_.empty() && pending_.front()->ready) {
+        pending_.pop_front();
+      }
+    } else if (!writing_ && !pending_.empty() && pending_.front()->ready) {
+      writing_ = true;
+      actions.write = &pending_.front()->response;
+    }
+    if (!reading_ && !reads_done_ && !broken_ &&
+        pending_.size() < kMaxInFlight) {
+      reading_ = true;
+      actions.read = true;
+    }
+    if ((reads_done_ || broken_) && !reading_ && pending_.empty() &&
+        !writing_ && !finished_) {
+      finished_ = true;
+      actions.finish = true;
+      if (broken_) {
+        actions.status = grpc::Status(grpc::StatusCode::CANCELLED,
+                                      "the client stopped reading answers");
+      }
+    }
+    return actions;
+  }
+
+  void Run(const Actions& actions) {
+    if (actions.write != nullptr) StartWrite(actions.write);
+    if (actions.read) StartRead(&incoming_);
+    if (actions.finish) Finish(actions.status);
+  }
+
+  Operations* const ops_;
+  pb::TrainRequest incoming_;
+  absl::Mutex mu_;
+  std::deque<std::unique_ptr<Slot>> pending_ ABSL_GUARDED_BY(mu_);
+  bool reading_ ABSL_GUARDED_BY(mu_) = true;
+  bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace
+
+ServerUnaryReactor* NormalizationService::CreateLayer(
+    CallbackServerContext* context, const pb::CreateLayerRequest* request,
+    pb::Layer* response) {
+  return FinishNow(context, ops_.CreateLayer(*request, response));
+}
+
+ServerUnaryReactor* NormalizationService::GetLayer(
+    CallbackServerContext* context, const pb::GetLayerRequest* request,
+    pb::Layer* response) {
+  return FinishNow(context, ops_.GetLayer(*request, response));
+}
+
+ServerUnaryReactor* NormalizationService::ListLayers(
+    CallbackServerContext* context, const pb::ListLayersRequest* request,
+    pb::ListLayersResponse* response) {
+  return FinishNow(context, ops_.ListLayers(*request, response));
+}
+
+ServerUnaryReactor* NormalizationService::DeleteLayer(
+    CallbackServerContext* context, const pb::DeleteLayerRequest* request,
+    pb::DeleteLayerResponse* response) {
+  return FinishNow(context, ops_.DeleteLayer(*request));
+}
+
+ServerUnaryReactor* NormalizationService::Forward(
+    CallbackServerContext* context, const pb::ForwardRequest* request,
+    pb::ForwardResponse* response) {
+  ServerUnaryReactor* reactor = context->DefaultReactor();
+  ops_.Forward(*request, response, FinishWhenDone(reactor));
+  return reactor;
+}
+
+ServerUnaryReactor* NormalizationService::Backward(
+    CallbackServerContext* context, const pb::BackwardRequest* request,
+    pb::BackwardResponse* response) {
+  ServerUnaryReactor* reactor = context->DefaultReactor();
+  ops_.Backward(*request, response, FinishWhenDone(reactor));
+  return reactor;
+}
+
+ServerUnaryReactor* NormalizationService::UpdateRunningStats(
+    CallbackServerContext* context,
+    const pb::UpdateRunningStatsRequest* request,
+    pb::UpdateRunningStatsResponse* response) {
+  ServerUnaryReactor* reactor = context->DefaultReactor();
+  ops_.UpdateRunningStats(*request, response, FinishWhenDone(reactor));
+  return reactor;
+}
+
+ServerUnaryReactor* NormalizationService::OptimizerStep(
+    CallbackServerContext* context, const pb::OptimizerStepRequest* request,
+    pb::OptimizerStepResponse* response) {
+  ServerUnaryReactor* reactor = context->DefaultReactor();
+  ops_.OptimizerStep(*request, response, FinishWhenDone(reactor));
+  return reactor;
+}
+
+ServerUnaryReactor* NormalizationService::SetParameters(
+    CallbackServerContext* context, const pb::SetParametersRequest* request,
+    pb::SetParametersResponse* response) {
+  ServerUnaryReactor* reactor = context->DefaultReactor();
+  ops_.SetParameters(*request, response, FinishWhenDone(reactor));
+  return reactor;
+}
+
+ServerUnaryReactor* NormalizationService::GetState(
+    CallbackServerContext* context, const pb::GetStateRequest* request,
+    pb::GetStateResponse* response) {
+  ServerUnaryReactor* reactor = context->DefaultReactor();
+  ops_.GetState(*request, response, FinishWhenDone(reactor));
+  return reactor;
+}
+
+ServerUnaryReactor* NormalizationService::LoadState(
+    CallbackServerContext* context, const pb::LoadStateRequest* request,
+    pb::LoadStateResponse* response) {
+  ServerUnaryReactor* reactor = context->DefaultReactor();
+  ops_.LoadState(*request, response, FinishWhenDone(reactor));
+  return reactor;
+}
+
+grpc::ServerBidiReactor<pb::TrainRequest, pb::TrainResponse>*
+NormalizationService::Train(CallbackServerContext* context) {
+  return new TrainReactor(&ops_);
+}
+
+}  // namespace normserve::server

@@ -1,0 +1,152 @@
+// normserve: the normalization server.
+//
+//   normserve [--address HOST:PORT] [--device auto|cpu|cuda[:N]]
+//             [--max_message_mb N] [--max_saved_mb N] [--max_layers N]
+//             [--cpu_threads N] [--shutdown_grace_s S]
+#include <pthread.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <thread>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "server/grpc/server.h"
+
+namespace {
+
+constexpr char kUsage[] =
+    R"(usage: normserve [flags]
+
+Serves stateful normalization layers (BatchNorm) over gRPC
+(service normserve.v1.Normalization, with grpc.health.v1 and reflection).
+
+flags:
+  --address HOST:PORT     where to listen (default 127.0.0.1:50051; port 0
+                          picks a free port, printed at start)
+  --device DEVICE         auto | cpu | cuda | cuda:N (default auto: the first
+                          GPU when there is one, else the CPU)
+  --max_message_mb N      largest request in MiB (default 512); a larger
+                          tensor gets RESOURCE_EXHAUSTED
+  --max_saved_mb N        memory for inputs saved for Backward, in MiB
+                          (default 2048); oldest evicted first
+  --max_saved_contexts N  saved forward contexts kept (default 1024)
+  --max_layers N          layers held at once (default 10000)
+  --cpu_threads N         threads per CPU kernel (default 0 = every core)
+  --workers N             executor threads (default 0 = every core)
+  --shutdown_grace_s S    on SIGTERM/SIGINT, time for in-flight calls to
+                          finish (default 10)
+  --help                  print this and exit
+)";
+
+bool ParseFlag(int argc, char** argv, int* i, absl::string_view name,
+               std::string* value) {
+  absl::string_view arg = argv[*i];
+  const std::string prefix = absl::StrCat("--", name);
+  if (arg == prefix) {
+    if (*i + 1 >= argc) {
+      std::fprintf(stderr, "normserve: %s needs a value\n", prefix.c_str());
+      std::exit(2);
+    }
+    *value = argv[++*i];
+    return true;
+  }
+  if (absl::StartsWith(arg, prefix + "=")) {
+    *value = std::string(arg.substr(prefix.size() + 1));
+    return true;
+  }
+  return false;
+}
+
+int64_t ParseNumber(absl::string_view flag, const std::string& value,
+                    int64_t min) {
+  int64_t n = 0;
+  if (!absl::SimpleAtoi(value, &n) || n < min) {
+    std::fprintf(stderr, "normserve: --%s %s: expected an integer >= %lld\n",
+                 std::string(flag).c_str(), value.c_str(),
+                 static_cast<long long>(min));
+    std::exit(2);
+  }
+  return n;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  normserve::server::ServerOptions options;
+  int64_t grace_s = 10;
+  for (int i = 1; i < argc; ++i) {
+    std::string value;
+    absl::string_view arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    } else if (ParseFlag(argc, argv, &i, "address", &value)) {
+      options.address = value;
+    } else if (ParseFlag(argc, argv, &i, "device", &value)) {
+      options.device = value;
+    } else if (ParseFlag(argc, argv, &i, "max_message_mb", &value)) {
+      options.max_message_bytes =
+          static_cast<size_t>(ParseNumber("max_message_mb", value, 1)) << 20;
+    } else if (ParseFlag(argc, argv, &i, "max_saved_mb", &value)) {
+      options.engine.max_saved_bytes =
+          static_cast<size_t>(ParseNumber("max_saved_mb", value, 1)) << 20;
+    } else if (ParseFlag(argc, argv, &i, "max_saved_contexts", &value)) {
+      options.engine.max_saved_contexts =
+          ParseNumber("max_saved_contexts", value, 1);
+    } else if (ParseFlag(argc, argv, &i, "max_layers", &value)) {
+      options.engine.max_layers = ParseNumber("max_layers", value, 1);
+    } else if (ParseFlag(argc, argv, &i, "cpu_threads", &value)) {
+      options.cpu_threads =
+          static_cast<int>(ParseNumber("cpu_threads", value, 0));
+    } else if (ParseFlag(argc, argv, &i, "workers", &value)) {
+      options.engine.num_workers =
+          static_cast<int>(ParseNumber("workers", value, 0));
+    } else if (ParseFlag(argc, argv, &i, "shutdown_grace_s", &value)) {
+      grace_s = ParseNumber("shutdown_grace_s", value, 0);
+    } else {
+      std::fprintf(stderr, "normserve: unknown flag %s (see --help)\n",
+                   argv[i]);
+      return 2;
+    }
+  }
+
+  // Block the stop signals in every thread; one thread waits for them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  auto server = normserve::server::NormServer::Start(options);
+  if (!server.ok()) {
+    std::fprintf(stderr, "normserve: %s\n", server.status().ToString().c_str());
+    return 1;
+  }
+  const auto& engine = (*server)->engine().options();
+  std::printf(
+      "normserve listening on %s device=%s max_message_mb=%zu "
+      "max_saved_mb=%zu max_saved_contexts=%zu max_layers=%zu\n",
+      (*server)->address().c_str(), (*server)->device_name().c_str(),
+      options.max_message_bytes >> 20, engine.max_saved_bytes >> 20,
+      engine.max_saved_contexts, engine.max_layers);
+  std::fflush(stdout);
+
+  std::thread signal_waiter([&] {
+    int signal = 0;
+    sigwait(&stop_signals, &signal);
+    std::printf("normserve: %s received, draining (grace %llds)\n",
+                signal == SIGTERM ? "SIGTERM" : "SIGINT",
+                static_cast<long long>(grace_s));
+    std::fflush(stdout);
+    (*server)->Shutdown(absl::Seconds(grace_s));
+  });
+  (*server)->Wait();
+  signal_waiter.join();
+  server->reset();
+  std::printf("normserve: stopped\n");
+  return 0;
+}
