@@ -19,9 +19,9 @@ using kernels::Layout;
 absl::Status CheckPerChannel(const std::vector<float>& values, int64_t c,
                              const char* what) {
   if (static_cast<int64_t>(values.size()) != c) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        what, " has ", values.size(), " values; the layer has ", c,
-        " channels"));
+    return absl::InvalidArgumentError(absl::StrCat(what, " has ", values.size(),
+                                                   " values; the layer has ", c,
+                                                   " channels"));
   }
   for (float v : values) {
     if (!std::isfinite(v)) {
@@ -134,8 +134,8 @@ absl::StatusOr<BatchNormLayer::ResolvedTensor> BatchNormLayer::Resolve(
   const int s = config_.spatial_dims;
   if ((s == 1 && rank != 2 && rank != 3) || (s >= 2 && rank != s + 2)) {
     return absl::InvalidArgumentError(
-        absl::StrCat(what, ": expected ", ExpectedRank(s), " input (got ",
-                     rank, "D input) for BatchNorm", s, "d"));
+        absl::StrCat(what, ": expected ", ExpectedRank(s), " input (got ", rank,
+                     "D input) for BatchNorm", s, "d"));
   }
   if (shape.c != config_.num_features) {
     return absl::InvalidArgumentError(
@@ -152,15 +152,15 @@ absl::StatusOr<BatchNormLayer::ResolvedTensor> BatchNormLayer::Resolve(
   }
   const size_t bytes = numel * elem;
   if (env_.max_tensor_bytes != 0 && bytes > env_.max_tensor_bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        what, " is ", bytes, " bytes; the server's limit is ",
-        env_.max_tensor_bytes, " bytes (--max_message_mb)"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat(what, " is ", bytes, " bytes; the server's limit is ",
+                     env_.max_tensor_bytes, " bytes (--max_message_mb)"));
   }
   if (tensor.bytes != bytes) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        what, " data has ", tensor.bytes, " bytes; shape ",
-        kernels::ShapeToString(tensor.dims), " in ", kernels::DTypeName(dtype),
-        " needs ", bytes));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " data has ", tensor.bytes, " bytes; shape ",
+                     kernels::ShapeToString(tensor.dims), " in ",
+                     kernels::DTypeName(dtype), " needs ", bytes));
   }
   return ResolvedTensor{shape, dtype};
 }
@@ -271,8 +271,7 @@ absl::StatusOr<BackwardResult> BatchNormLayer::Backward(
   ASSIGN_OR_RETURN(ResolvedTensor dy, Resolve(args.grad_output, "grad_output"));
   if (args.grad_output.dims != context->dims) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "grad_output has shape ",
-        kernels::ShapeToString(args.grad_output.dims),
+        "grad_output has shape ", kernels::ShapeToString(args.grad_output.dims),
         "; the forward input (handle ", args.handle, ") had shape ",
         kernels::ShapeToString(context->dims)));
   }
@@ -380,14 +379,12 @@ absl::StatusOr<int64_t> BatchNormLayer::OptimizerStep(const SgdArgs& args) {
         absl::StrCat("Invalid learning rate: ", args.lr, "; expected >= 0"));
   }
   if (!(args.momentum >= 0) || !std::isfinite(args.momentum)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("Invalid momentum value: ", args.momentum,
-                     "; expected >= 0"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Invalid momentum value: ", args.momentum, "; expected >= 0"));
   }
   if (!(args.weight_decay >= 0) || !std::isfinite(args.weight_decay)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("Invalid weight_decay value: ", args.weight_decay,
-                     "; expected >= 0"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Invalid weight_decay value: ", args.weight_decay, "; expected >= 0"));
   }
   if (!std::isfinite(args.dampening)) {
     return absl::InvalidArgumentError(
@@ -470,7 +467,8 @@ absl::StatusOr<StateDict> BatchNormLayer::GetState(int64_t* version) const {
     nbt.is_int = true;
     nbt.int_value = num_batches_tracked_;
   }
-  if (!weight_momentum_.empty()) put("weight_momentum_buffer", weight_momentum_);
+  if (!weight_momentum_.empty())
+    put("weight_momentum_buffer", weight_momentum_);
   if (!bias_momentum_.empty()) put("bias_momentum_buffer", bias_momentum_);
   if (version != nullptr) *version = version_;
   return state;
@@ -509,8 +507,8 @@ absl::StatusOr<int64_t> BatchNormLayer::LoadState(const StateDict& state,
       }
       continue;
     }
-    if (entry.is_int || entry.dims != std::vector<int64_t>{
-                                          config_.num_features}) {
+    if (entry.is_int ||
+        entry.dims != std::vector<int64_t>{config_.num_features}) {
       return absl::InvalidArgumentError(absl::StrCat(
           "state '", key, "' has shape ", kernels::ShapeToString(entry.dims),
           entry.is_int ? " (int64)" : "", "; expected float32 of shape [",

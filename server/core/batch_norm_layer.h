@@ -74,8 +74,8 @@ struct ForwardArgs {
 struct ForwardResult {
   kernels::DType dtype = kernels::DType::kFloat32;
   kernels::Layout layout = kernels::Layout::kNCHW;
-  uint64_t handle = 0;        // 0: nothing saved.
-  std::vector<float> mean;    // When return_stats and batch stats were used.
+  uint64_t handle = 0;      // 0: nothing saved.
+  std::vector<float> mean;  // When return_stats and batch stats were used.
   std::vector<float> invstd;
   int64_t version = 0;
 };
@@ -164,8 +164,7 @@ class BatchNormLayer {
                                         const std::vector<float>& bias);
   absl::StatusOr<StateDict> GetState(int64_t* version) const;
   // All-or-nothing: validates every entry before changing anything.
-  absl::StatusOr<int64_t> LoadState(const StateDict& state,
-                                    bool allow_missing);
+  absl::StatusOr<int64_t> LoadState(const StateDict& state, bool allow_missing);
 
  private:
   struct ResolvedTensor {

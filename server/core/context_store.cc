@@ -35,12 +35,13 @@ absl::StatusOr<uint64_t> ContextStore::Insert(
   RETURN_IF_ERROR(CheckFits(size));
   std::vector<std::shared_ptr<SavedContext>> evicted;  // Freed unlocked.
   absl::MutexLock lock(&mu_);
-  while (!contexts_.empty() && (contexts_.size() + 1 > max_contexts_ ||
-                                bytes_ + size > max_bytes_)) {
+  while (!contexts_.empty() &&
+         (contexts_.size() + 1 > max_contexts_ || bytes_ + size > max_bytes_)) {
     auto oldest = contexts_.begin();
     bytes_ -= oldest->second->bytes();
-    RememberFate(oldest->first, "was evicted (oldest first) to stay within "
-                                "the saved-context limits");
+    RememberFate(oldest->first,
+                 "was evicted (oldest first) to stay within "
+                 "the saved-context limits");
     evicted.push_back(std::move(oldest->second));
     contexts_.erase(oldest);
   }
@@ -57,9 +58,8 @@ absl::StatusOr<std::shared_ptr<SavedContext>> ContextStore::Take(
   if (it == contexts_.end()) {
     auto fate = fates_.find(handle);
     if (fate != fates_.end()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("forward handle ", handle, " ", fate->second,
-                       "; run Forward again"));
+      return absl::FailedPreconditionError(absl::StrCat(
+          "forward handle ", handle, " ", fate->second, "; run Forward again"));
     }
     return absl::FailedPreconditionError(absl::StrCat(
         "unknown forward handle ", handle,
@@ -67,8 +67,8 @@ absl::StatusOr<std::shared_ptr<SavedContext>> ContextStore::Take(
         "with save_for_backward"));
   }
   if (it->second->layer_uid != layer_uid) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "forward handle ", handle, " belongs to another layer"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("forward handle ", handle, " belongs to another layer"));
   }
   std::shared_ptr<SavedContext> context = it->second;
   if (!retain) {

@@ -31,10 +31,10 @@ absl::StatusOr<std::string> ParseLayerName(absl::string_view name) {
   absl::string_view id = name;
   if (absl::StartsWith(id, kNamePrefix)) id.remove_prefix(kNamePrefix.size());
   if (!IsValidId(id)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "layer name '", name,
-        "' is not valid; expected 'layers/{id}' with id matching "
-        "[a-z0-9][a-z0-9_.-]{0,62}"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer name '", name,
+                     "' is not valid; expected 'layers/{id}' with id matching "
+                     "[a-z0-9][a-z0-9_.-]{0,62}"));
   }
   return std::string(id);
 }
@@ -143,8 +143,8 @@ absl::StatusOr<ListLayersResult> Engine::ListLayers(
   // The token is the id of the last layer of the previous page.
   auto it = page_token.empty() ? layers_.begin()
                                : layers_.upper_bound(std::string(page_token));
-  for (; it != layers_.end() && static_cast<int>(result.layers.size()) <
-                                    page_size;
+  for (; it != layers_.end() &&
+         static_cast<int>(result.layers.size()) < page_size;
        ++it) {
     result.layers.push_back(it->second->layer->Info());
   }

@@ -120,15 +120,15 @@ void Engine::RunOnLayer(absl::string_view name,
   }
   std::shared_ptr<Entry> e = *std::move(entry);
   std::shared_ptr<Strand> strand = e->strand;
-  strand->Post([e = std::move(e), op = std::move(op),
-                done = std::move(done)]() mutable {
-    if (e->deleted.load()) {
-      done(absl::NotFoundError(
-          absl::StrCat(e->layer->Info().name, " was deleted")));
-      return;
-    }
-    done(op(*e->layer));
-  });
+  strand->Post(
+      [e = std::move(e), op = std::move(op), done = std::move(done)]() mutable {
+        if (e->deleted.load()) {
+          done(absl::NotFoundError(
+              absl::StrCat(e->layer->Info().name, " was deleted")));
+          return;
+        }
+        done(op(*e->layer));
+      });
 }
 
 }  // namespace normserve::server

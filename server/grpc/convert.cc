@@ -22,12 +22,13 @@ absl::StatusOr<std::optional<kernels::DType>> DTypeFromProto(int dtype,
       return kernels::DType::kBFloat16;
     case pb::DTYPE_INT64:
       return absl::InvalidArgumentError(
-          absl::StrCat(what, " dtype int64 is not supported; expected "
-                             "float32, float16 or bfloat16"));
+          absl::StrCat(what,
+                       " dtype int64 is not supported; expected "
+                       "float32, float16 or bfloat16"));
   }
-  return absl::InvalidArgumentError(absl::StrCat(
-      what, " has unknown dtype ", dtype,
-      "; expected float32, float16 or bfloat16"));
+  return absl::InvalidArgumentError(
+      absl::StrCat(what, " has unknown dtype ", dtype,
+                   "; expected float32, float16 or bfloat16"));
 }
 
 absl::StatusOr<std::optional<kernels::Layout>> LayoutFromProto(
@@ -149,27 +150,27 @@ absl::StatusOr<StateDict> StateDictFromProto(const pb::StateDict& in) {
     int64_t numel = 1;
     for (int64_t d : entry.dims) {
       if (d < 0 || d > (int64_t{1} << 32)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "state '", key, "' has an invalid dimension ", d));
+        return absl::InvalidArgumentError(
+            absl::StrCat("state '", key, "' has an invalid dimension ", d));
       }
       numel *= d;
     }
     const std::string& data = tensor.data();
     if (tensor.dtype() == pb::DTYPE_INT64) {
       if (numel != 1 || data.size() != sizeof(int64_t)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "state '", key, "' is int64 with ", data.size(),
-            " bytes; expected one int64 scalar (8 bytes)"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("state '", key, "' is int64 with ", data.size(),
+                         " bytes; expected one int64 scalar (8 bytes)"));
       }
       entry.is_int = true;
       std::memcpy(&entry.int_value, data.data(), sizeof(int64_t));
     } else if (tensor.dtype() == pb::DTYPE_FLOAT32 ||
                tensor.dtype() == pb::DTYPE_UNSPECIFIED) {
       if (static_cast<int64_t>(data.size()) != numel * 4) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "state '", key, "' data has ", data.size(), " bytes; shape ",
-            kernels::ShapeToString(entry.dims), " in float32 needs ",
-            numel * 4));
+        return absl::InvalidArgumentError(
+            absl::StrCat("state '", key, "' data has ", data.size(),
+                         " bytes; shape ", kernels::ShapeToString(entry.dims),
+                         " in float32 needs ", numel * 4));
       }
       entry.values.resize(numel);
       std::memcpy(entry.values.data(), data.data(), data.size());

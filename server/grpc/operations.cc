@@ -63,7 +63,8 @@ absl::Status Operations::DeleteLayer(const pb::DeleteLayerRequest& request) {
 
 void Operations::Forward(const pb::ForwardRequest& request,
                          pb::ForwardResponse* response, Done done) {
-  absl::StatusOr<TensorRef> input = TensorRefFromProto(request.input(), "input");
+  absl::StatusOr<TensorRef> input =
+      TensorRefFromProto(request.input(), "input");
   if (!input.ok()) return done(input.status());
   ForwardArgs args;
   args.input = *std::move(input);
@@ -79,10 +80,9 @@ void Operations::Forward(const pb::ForwardRequest& request,
       },
       [&request, response, done](absl::StatusOr<ForwardResult> result) {
         if (!result.ok()) return done(result.status());
-        SetTensorMeta({request.input().shape().begin(),
-                       request.input().shape().end()},
-                      result->dtype, result->layout,
-                      response->mutable_output());
+        SetTensorMeta(
+            {request.input().shape().begin(), request.input().shape().end()},
+            result->dtype, result->layout, response->mutable_output());
         response->set_handle(result->handle);
         SetFloats(result->mean, response->mutable_mean());
         SetFloats(result->invstd, response->mutable_invstd());
@@ -134,8 +134,8 @@ void Operations::UpdateRunningStats(
   args.count = request.count();
   engine_->RunOnLayer<LayerInfo>(
       request.name(),
-      [args = std::move(args)](BatchNormLayer& layer)
-          -> absl::StatusOr<LayerInfo> {
+      [args = std::move(args)](
+          BatchNormLayer& layer) -> absl::StatusOr<LayerInfo> {
         RETURN_IF_ERROR(layer.UpdateRunningStats(args).status());
         return layer.Info();
       },
@@ -148,8 +148,7 @@ void Operations::UpdateRunningStats(
 }
 
 void Operations::OptimizerStep(const pb::OptimizerStepRequest& request,
-                               pb::OptimizerStepResponse* response,
-                               Done done) {
+                               pb::OptimizerStepResponse* response, Done done) {
   if (!request.has_sgd()) {
     return done(absl::InvalidArgumentError(
         "OptimizerStep needs an optimizer; expected sgd"));
@@ -172,14 +171,11 @@ void Operations::OptimizerStep(const pb::OptimizerStepRequest& request,
 }
 
 void Operations::SetParameters(const pb::SetParametersRequest& request,
-                               pb::SetParametersResponse* response,
-                               Done done) {
+                               pb::SetParametersResponse* response, Done done) {
   engine_->RunOnLayer<int64_t>(
       request.name(),
-      [weight = ToVector(request.weight()),
-       bias = ToVector(request.bias())](BatchNormLayer& layer) {
-        return layer.SetParameters(weight, bias);
-      },
+      [weight = ToVector(request.weight()), bias = ToVector(request.bias())](
+          BatchNormLayer& layer) { return layer.SetParameters(weight, bias); },
       [response, done](absl::StatusOr<int64_t> version) {
         if (!version.ok()) return done(version.status());
         response->set_version(*version);
@@ -238,8 +234,7 @@ void Operations::Dispatch(const pb::TrainRequest& request,
       return SetParameters(request.set_parameters(),
                            response->mutable_set_parameters(), done);
     case pb::TrainRequest::kGetState:
-      return GetState(request.get_state(), response->mutable_get_state(),
-                      done);
+      return GetState(request.get_state(), response->mutable_get_state(), done);
     case pb::TrainRequest::kLoadState:
       return LoadState(request.load_state(), response->mutable_load_state(),
                        done);

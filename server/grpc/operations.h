@@ -31,8 +31,8 @@ class Operations {
                           pb::ListLayersResponse* response);
   absl::Status DeleteLayer(const pb::DeleteLayerRequest& request);
 
-  void Forward(const pb::ForwardRequest& request,
-               pb::ForwardResponse* response, Done done);
+  void Forward(const pb::ForwardRequest& request, pb::ForwardResponse* response,
+               Done done);
   void Backward(const pb::BackwardRequest& request,
                 pb::BackwardResponse* response, Done done);
   void UpdateRunningStats(const pb::UpdateRunningStatsRequest& request,

@@ -50,8 +50,8 @@ absl::StatusOr<std::unique_ptr<NormServer>> NormServer::Start(
                      " (address in use or not valid)"));
   }
   const size_t colon = options.address.rfind(':');
-  server->address_ = absl::StrCat(options.address.substr(0, colon), ":",
-                                  server->port_);
+  server->address_ =
+      absl::StrCat(options.address.substr(0, colon), ":", server->port_);
   return server;
 }
 

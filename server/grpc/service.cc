@@ -16,9 +16,8 @@ using grpc::ServerUnaryReactor;
 
 // Finishes `context`'s default reactor when the operation completes.
 Operations::Done FinishWhenDone(ServerUnaryReactor* reactor) {
-  return [reactor](absl::Status status) {
-    reactor->Finish(ToGrpcStatus(status));
-  };
+  return
+      [reactor](absl::Status status) { reactor->Finish(ToGrpcStatus(status)); };
 }
 
 ServerUnaryReactor* FinishNow(CallbackServerContext* context,
@@ -59,8 +58,9 @@ class TrainReactor final
     // The slot stays in pending_ until its answer is written, which needs
     // OpDone first: it outlives this call.
     if (slot != nullptr) {
-      ops_->Dispatch(slot->request, &slot->response,
-                     [this, slot](absl::Status status) { OpDone(slot, status); });
+      ops_->Dispatch(
+          slot->request, &slot->response,
+          [this, slot](absl::Status status) { OpDone(slot, status); });
     }
     Run(Decide());
   }

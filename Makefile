@@ -1,0 +1,39 @@
+# Thin wrapper over CMake. `make demo` and `make test` install what is
+# missing (Debian 12), build, and run.
+BUILD_DIR ?= build
+BUILD_TYPE ?= Release
+JOBS ?= $(shell nproc)
+ADDRESS ?= 127.0.0.1:50051
+DEVICE ?= auto
+
+.PHONY: all deps configure build demo serve test clean format
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+configure: deps
+	@if [ ! -f $(BUILD_DIR)/CMakeCache.txt ]; then \
+	  cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) >/dev/null; \
+	fi
+
+build: configure
+	@cmake --build $(BUILD_DIR) -j$(JOBS)
+
+# Starts the server, drives it with the C++ demo client, stops it.
+demo: build
+	@scripts/demo.sh $(BUILD_DIR)/bin
+
+# Runs the server in the foreground (Ctrl-C stops it).
+serve: build
+	$(BUILD_DIR)/bin/normserve --address $(ADDRESS) --device $(DEVICE) $(ARGS)
+
+test: build
+	@cd $(BUILD_DIR) && ctest --output-on-failure -j$(JOBS) --timeout 600
+
+format:
+	@git ls-files '*.cc' '*.h' | xargs clang-format -i
+
+clean:
+	rm -rf $(BUILD_DIR)
