@@ -23,7 +23,8 @@ build: configure
 
 # Starts the server, drives it with the C++ demo client, stops it.
 demo: build
-	@scripts/demo.sh $(BUILD_DIR)/bin
+	@NORMSERVE_ADDRESS=$(ADDRESS) NORMSERVE_DEVICE=$(DEVICE) \
+	  scripts/demo.sh $(BUILD_DIR)/bin
 
 # Runs the server in the foreground (Ctrl-C stops it).
 serve: build

@@ -8,7 +8,6 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev grpc-proto
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3-grpcio python3-numpy python3-pytest python3-torch
 )
 
 missing=()

@@ -77,6 +77,14 @@ int64_t ParseNumber(absl::string_view flag, const std::string& value,
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Block the stop signals first, so every thread inherits the mask and a
+  // signal during start-up waits for the handler thread below.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
   normserve::server::ServerOptions options;
   int64_t grace_s = 10;
   for (int i = 1; i < argc; ++i) {
@@ -114,13 +122,6 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-
-  // Block the stop signals in every thread; one thread waits for them.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGINT);
-  sigaddset(&stop_signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
   auto server = normserve::server::NormServer::Start(options);
   if (!server.ok()) {

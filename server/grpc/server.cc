@@ -43,6 +43,8 @@ absl::StatusOr<std::unique_ptr<NormServer>> NormServer::Start(
   builder.SetMaxReceiveMessageSize(static_cast<int>(max_receive));
   // Replies are as large as requests.
   builder.SetMaxSendMessageSize(-1);
+  // A second server on a taken port must fail, not share it silently.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || server->port_ == 0) {
     return absl::UnavailableError(

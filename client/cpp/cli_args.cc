@@ -1,0 +1,377 @@
+#include "client/cpp/cli_args.h"
+
+#include <cmath>
+#include <optional>
+#include <set>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "absl/time/time.h"
+#include "kernels/status_macros.h"
+
+namespace normserve::client::cli {
+namespace {
+
+struct FlagSpec {
+  absl::string_view name;
+  bool is_bool;
+};
+
+struct CommandSpec {
+  absl::string_view name;
+  int positional;  // Exact number of positional arguments.
+  std::vector<FlagSpec> flags;
+};
+
+const std::vector<FlagSpec>& GlobalFlags() {
+  static const auto* const kFlags = new std::vector<FlagSpec>{
+      {"address", false}, {"timeout_ms", false}, {"help", true}};
+  return *kFlags;
+}
+
+const std::vector<CommandSpec>& Commands() {
+  static const auto* const kCommands = new std::vector<CommandSpec>{
+      {"create",
+       0,
+       {{"num_features", false},
+        {"eps", false},
+        {"momentum", false},
+        {"affine", true},
+        {"track_running_stats", true},
+        {"layout", false},
+        {"dtype", false},
+        {"spatial_dims", false},
+        {"device", false},
+        {"id", false}}},
+      {"list", 0, {}},
+      {"get", 1, {}},
+      {"delete", 1, {}},
+      {"forward",
+       1,
+       {{"shape", false},
+        {"seed", false},
+        {"input", false},
+        {"output", false},
+        {"training", true},
+        {"dtype", false},
+        {"layout", false}}},
+      {"state", 1, {{"output", false}}},
+      {"health", 0, {{"service", false}}},
+  };
+  return *kCommands;
+}
+
+const CommandSpec* FindCommand(absl::string_view name) {
+  for (const CommandSpec& spec : Commands()) {
+    if (spec.name == name) return &spec;
+  }
+  return nullptr;
+}
+
+const FlagSpec* FindFlag(const std::vector<FlagSpec>& flags,
+                         absl::string_view name) {
+  for (const FlagSpec& flag : flags) {
+    if (flag.name == name) return &flag;
+  }
+  return nullptr;
+}
+
+const std::string* GetFlag(const CommandLine& line, absl::string_view name) {
+  auto it = line.flags.find(std::string(name));
+  return it == line.flags.end() ? nullptr : &it->second;
+}
+
+absl::StatusOr<int64_t> ParseInt(absl::string_view flag,
+                                 absl::string_view text) {
+  int64_t value;
+  if (!absl::SimpleAtoi(text, &value)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", flag, " expects an integer, got '", text, "'"));
+  }
+  return value;
+}
+
+absl::StatusOr<double> ParseDouble(absl::string_view flag,
+                                   absl::string_view text) {
+  double value;
+  if (!absl::SimpleAtod(text, &value) || !std::isfinite(value)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", flag, " expects a number, got '", text, "'"));
+  }
+  return value;
+}
+
+}  // namespace
+
+const char* UsageText() {
+  return R"(usage: normserve-cli [--address=HOST:PORT] [--timeout_ms=N] COMMAND [ARGS]
+
+Commands:
+  create    Create a BatchNorm layer; prints it.
+              --num_features=C (required)  --id=ID  --eps=1e-5
+              --momentum=0.1|none  --affine[=true|false]
+              --track_running_stats[=true|false]  --layout=nchw|nhwc
+              --dtype=float32|float16|bfloat16  --spatial_dims=0..3
+              --device=cpu|cuda:N
+  list      List all layers.
+  get ID    Print one layer.
+  delete ID Delete a layer.
+  forward ID --shape=N,C[,D,H,W]
+            Run Forward; prints shape, mean/std, sum and an FNV-1a 64
+            checksum of the output bytes.
+              --seed=0        standard normal input from this seed, or
+              --input=FILE    raw little-endian float32 input, memory order
+              --output=FILE   write the output as raw float32
+              --training      training mode (updates running stats)
+              --dtype=float32|float16|bfloat16  wire dtype (default float32)
+              --layout=nchw|nhwc  memory order (default: the layer's)
+  state ID --output=FILE
+            Write the layer's state dict as JSON:
+              {"format": "normserve.state.v1", "layer": ..., "version": N,
+               "tensors": {NAME: {"dtype": ..., "shape": [...],
+                                  "values": [...]}, ...}}
+  health    Call grpc.health.v1.Health/Check; prints the serving status.
+              --service=NAME  (default "": the whole server)
+
+Global flags:
+  --address=HOST:PORT  server address (default 127.0.0.1:50051)
+  --timeout_ms=N       deadline of each call (default 30000)
+  --help               print this text
+
+Exit status: 0 on success, 1 when a call fails (prints
+"error: CODE: message"), 2 for usage errors.
+)";
+}
+
+absl::StatusOr<CommandLine> ParseCommandLine(
+    const std::vector<std::string>& args) {
+  CommandLine line;
+  const CommandSpec* spec = nullptr;
+  bool flags_done = false;
+  for (size_t i = 0; i < args.size(); ++i) {
+    absl::string_view arg = args[i];
+    if (!flags_done && arg == "--") {
+      flags_done = true;
+      continue;
+    }
+    if (flags_done || !absl::ConsumePrefix(&arg, "--")) {
+      if (spec == nullptr) {
+        spec = FindCommand(arg);
+        if (spec == nullptr) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("unknown command '", arg, "'"));
+        }
+        line.command = std::string(arg);
+      } else {
+        line.positional.push_back(std::string(arg));
+      }
+      continue;
+    }
+    absl::string_view name = arg;
+    std::optional<absl::string_view> value;
+    if (size_t eq = arg.find('='); eq != absl::string_view::npos) {
+      name = arg.substr(0, eq);
+      value = arg.substr(eq + 1);
+    }
+    const FlagSpec* flag = FindFlag(GlobalFlags(), name);
+    if (flag == nullptr && spec != nullptr) flag = FindFlag(spec->flags, name);
+    if (flag == nullptr) {
+      return absl::InvalidArgumentError(
+          spec == nullptr
+              ? absl::StrCat("unknown flag --", name,
+                             " (command flags go after the command)")
+              : absl::StrCat("command ", spec->name, " does not take flag --",
+                             name));
+    }
+    std::string flag_value;
+    if (value.has_value()) {
+      flag_value = std::string(*value);
+    } else if (flag->is_bool) {
+      flag_value = "true";
+    } else if (i + 1 < args.size()) {
+      flag_value = args[++i];
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("flag --", name, " needs a value"));
+    }
+    if (flag->is_bool) {
+      ASSIGN_OR_RETURN(bool parsed, ParseBool(flag_value));
+      flag_value = parsed ? "true" : "false";
+    }
+    if (!line.flags.emplace(std::string(name), flag_value).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("flag --", name, " given twice"));
+    }
+  }
+  line.help = line.flags.count("help") != 0 && line.flags.at("help") == "true";
+  if (line.help) return line;
+  if (spec == nullptr) {
+    return absl::InvalidArgumentError("no command given");
+  }
+  if (static_cast<int>(line.positional.size()) != spec->positional) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "command ", spec->name, " takes ", spec->positional,
+        spec->positional == 1 ? " argument (a layer id)" : " arguments",
+        ", got ", line.positional.size()));
+  }
+  // Check flag values now, so that every usage error is found before any
+  // call is made.
+  if (line.command == "create") {
+    RETURN_IF_ERROR(CreateRequestFromFlags(line).status());
+  } else if (line.command == "forward") {
+    RETURN_IF_ERROR(ForwardArgsFromFlags(line).status());
+  } else if (line.command == "state" && GetFlag(line, "output") == nullptr) {
+    return absl::InvalidArgumentError("state needs --output=FILE");
+  }
+  if (line.flags.count("address") != 0 || line.flags.count("timeout_ms") != 0) {
+    RETURN_IF_ERROR(ClientOptionsFromFlags(line).status());
+  }
+  return line;
+}
+
+absl::StatusOr<ClientOptions> ClientOptionsFromFlags(const CommandLine& line) {
+  ClientOptions options;
+  if (const std::string* address = GetFlag(line, "address")) {
+    if (address->empty()) {
+      return absl::InvalidArgumentError("--address is empty");
+    }
+    options.target = *address;
+  }
+  if (const std::string* text = GetFlag(line, "timeout_ms")) {
+    ASSIGN_OR_RETURN(int64_t ms, ParseInt("timeout_ms", *text));
+    if (ms <= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--timeout_ms must be positive, got ", ms));
+    }
+    options.timeout = absl::Milliseconds(ms);
+  }
+  return options;
+}
+
+absl::StatusOr<v1::CreateLayerRequest> CreateRequestFromFlags(
+    const CommandLine& line) {
+  v1::CreateLayerRequest request;
+  v1::BatchNormConfig& config = *request.mutable_batch_norm();
+  const std::string* num_features = GetFlag(line, "num_features");
+  if (num_features == nullptr) {
+    return absl::InvalidArgumentError("create needs --num_features");
+  }
+  ASSIGN_OR_RETURN(int64_t c, ParseInt("num_features", *num_features));
+  config.set_num_features(c);
+  if (const std::string* id = GetFlag(line, "id")) request.set_layer_id(*id);
+  if (const std::string* eps = GetFlag(line, "eps")) {
+    ASSIGN_OR_RETURN(double value, ParseDouble("eps", *eps));
+    config.set_eps(value);
+  }
+  if (const std::string* momentum = GetFlag(line, "momentum")) {
+    if (absl::AsciiStrToLower(*momentum) == "none") {
+      config.mutable_cumulative_average();
+    } else {
+      ASSIGN_OR_RETURN(double value, ParseDouble("momentum", *momentum));
+      config.set_momentum(value);
+    }
+  }
+  if (const std::string* affine = GetFlag(line, "affine")) {
+    config.set_affine(*affine == "true");
+  }
+  if (const std::string* track = GetFlag(line, "track_running_stats")) {
+    config.set_track_running_stats(*track == "true");
+  }
+  if (const std::string* layout = GetFlag(line, "layout")) {
+    ASSIGN_OR_RETURN(v1::Layout value, ParseLayout(*layout));
+    config.set_layout(value);
+  }
+  if (const std::string* dtype = GetFlag(line, "dtype")) {
+    ASSIGN_OR_RETURN(v1::DType value, ParseDType(*dtype));
+    config.set_dtype(value);
+  }
+  if (const std::string* dims = GetFlag(line, "spatial_dims")) {
+    ASSIGN_OR_RETURN(int64_t value, ParseInt("spatial_dims", *dims));
+    config.set_spatial_dims(static_cast<int32_t>(value));
+  }
+  if (const std::string* device = GetFlag(line, "device")) {
+    config.set_device(*device);
+  }
+  return request;
+}
+
+absl::StatusOr<ForwardArgs> ForwardArgsFromFlags(const CommandLine& line) {
+  ForwardArgs args;
+  args.name = line.positional.at(0);
+  const std::string* shape = GetFlag(line, "shape");
+  if (shape == nullptr) {
+    return absl::InvalidArgumentError("forward needs --shape, e.g. 16,8,12,12");
+  }
+  ASSIGN_OR_RETURN(args.shape, ParseShape(*shape));
+  if (const std::string* seed = GetFlag(line, "seed")) {
+    ASSIGN_OR_RETURN(int64_t value, ParseInt("seed", *seed));
+    args.seed = static_cast<uint64_t>(value);
+  }
+  if (const std::string* input = GetFlag(line, "input")) {
+    if (GetFlag(line, "seed") != nullptr) {
+      return absl::InvalidArgumentError("give --input or --seed, not both");
+    }
+    args.input_path = *input;
+  }
+  if (const std::string* output = GetFlag(line, "output")) {
+    args.output_path = *output;
+  }
+  if (const std::string* training = GetFlag(line, "training")) {
+    args.training = *training == "true";
+  }
+  if (const std::string* dtype = GetFlag(line, "dtype")) {
+    ASSIGN_OR_RETURN(args.dtype, ParseDType(*dtype));
+  }
+  if (const std::string* layout = GetFlag(line, "layout")) {
+    ASSIGN_OR_RETURN(args.layout, ParseLayout(*layout));
+  }
+  return args;
+}
+
+absl::StatusOr<bool> ParseBool(absl::string_view text) {
+  const std::string lower = absl::AsciiStrToLower(text);
+  if (lower == "true" || lower == "1" || lower == "yes") return true;
+  if (lower == "false" || lower == "0" || lower == "no") return false;
+  return absl::InvalidArgumentError(
+      absl::StrCat("expected true or false, got '", text, "'"));
+}
+
+absl::StatusOr<std::vector<int64_t>> ParseShape(absl::string_view text) {
+  std::vector<int64_t> shape;
+  for (absl::string_view part : absl::StrSplit(text, absl::ByAnyChar(",x"))) {
+    int64_t dim;
+    if (!absl::SimpleAtoi(part, &dim) || dim < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("bad shape '", text,
+                       "': expected positive integers such as ", "16,8,12,12"));
+    }
+    shape.push_back(dim);
+  }
+  return shape;
+}
+
+absl::StatusOr<v1::DType> ParseDType(absl::string_view text) {
+  const std::string lower = absl::AsciiStrToLower(text);
+  if (lower == "float32" || lower == "f32" || lower == "float") {
+    return v1::DTYPE_FLOAT32;
+  }
+  if (lower == "float16" || lower == "f16" || lower == "half") {
+    return v1::DTYPE_FLOAT16;
+  }
+  if (lower == "bfloat16" || lower == "bf16") return v1::DTYPE_BFLOAT16;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown dtype '", text, "'; expected float32, float16 or bfloat16"));
+}
+
+absl::StatusOr<v1::Layout> ParseLayout(absl::string_view text) {
+  const std::string lower = absl::AsciiStrToLower(text);
+  if (lower == "nchw") return v1::LAYOUT_NCHW;
+  if (lower == "nhwc") return v1::LAYOUT_NHWC;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown layout '", text, "'; expected nchw or nhwc"));
+}
+
+}  // namespace normserve::client::cli

@@ -1,0 +1,198 @@
+// C++ client for the normserve.v1.Normalization service.
+//
+// Client wraps one channel. Every unary method sends one RPC with a deadline
+// of ClientOptions::timeout and returns the server's answer, or the call's
+// grpc::Status converted to absl::Status with the same code and message.
+// Client is thread-safe; calls may be made from several threads at once.
+//
+// TrainingStream wraps one Train bidirectional stream. Operations are
+// answered in order; each is tagged with a request id the stream assigns.
+// A failed operation (its OpStatus) does not close the stream. A
+// TrainingStream is not thread-safe: use it from one thread at a time. It
+// must not outlive the Client that started it.
+//
+//   ClientOptions options;
+//   options.target = "host:50051";
+//   ASSIGN_OR_RETURN(std::unique_ptr<Client> client, Client::Create(options));
+//   ASSIGN_OR_RETURN(v1::Layer layer, client->CreateLayer(request));
+//   ASSIGN_OR_RETURN(auto stream, client->StartTraining());
+//   ASSIGN_OR_RETURN(v1::ForwardResponse out, stream->Forward(forward));
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "grpcpp/channel.h"
+#include "grpcpp/client_context.h"
+#include "grpcpp/security/credentials.h"
+#include "grpcpp/support/status.h"
+#include "grpcpp/support/sync_stream.h"
+#include "normserve/v1/normserve.grpc.pb.h"
+
+namespace normserve::client {
+
+struct ClientOptions {
+  // Server address, e.g. "127.0.0.1:50051" or "dns:///normserve:50051".
+  std::string target = "127.0.0.1:50051";
+  // Deadline of every unary call, measured from the start of the call.
+  absl::Duration timeout = absl::Seconds(30);
+  // Deadline of a Train stream, measured from StartTraining(); the stream is
+  // cancelled when it passes. Individual stream operations have no deadline
+  // of their own.
+  absl::Duration stream_timeout = absl::Hours(1);
+  // Largest message sent or received, in bytes. The server's own limit
+  // (--max_message_mb, default 512) applies as well.
+  int max_message_bytes = 512 << 20;
+  // Channel credentials; null means insecure (plaintext). Pass
+  // grpc::SslCredentials(...) for TLS.
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+};
+
+// Returns `status` as an absl::Status with the same code and message.
+absl::Status FromGrpcStatus(const grpc::Status& status);
+
+// Returns an operation's OpStatus (a google.rpc.Code and message) as an
+// absl::Status. An out-of-range code becomes UNKNOWN.
+absl::Status FromOpStatus(const v1::OpStatus& status);
+
+// Serving status reported by grpc.health.v1.Health/Check.
+enum class HealthStatus { kUnknown, kServing, kNotServing, kServiceUnknown };
+const char* HealthStatusName(HealthStatus status);
+
+class TrainingStream;
+
+class Client {
+ public:
+  // Builds a client for `options.target`. The channel connects lazily: an
+  // unreachable server shows up as UNAVAILABLE on the first call.
+  // INVALID_ARGUMENT for an empty target, a non-positive timeout or message
+  // size.
+  static absl::StatusOr<std::unique_ptr<Client>> Create(
+      const ClientOptions& options);
+
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  absl::StatusOr<v1::Layer> CreateLayer(const v1::CreateLayerRequest& request);
+  // `name` is "layers/{id}" or "{id}".
+  absl::StatusOr<v1::Layer> GetLayer(absl::string_view name);
+  absl::StatusOr<v1::ListLayersResponse> ListLayers(
+      const v1::ListLayersRequest& request);
+  // Follows next_page_token until the last page; returns every layer.
+  absl::StatusOr<std::vector<v1::Layer>> ListAllLayers();
+  absl::Status DeleteLayer(absl::string_view name);
+
+  absl::StatusOr<v1::ForwardResponse> Forward(
+      const v1::ForwardRequest& request);
+  absl::StatusOr<v1::BackwardResponse> Backward(
+      const v1::BackwardRequest& request);
+  absl::StatusOr<v1::UpdateRunningStatsResponse> UpdateRunningStats(
+      const v1::UpdateRunningStatsRequest& request);
+  absl::StatusOr<v1::OptimizerStepResponse> OptimizerStep(
+      const v1::OptimizerStepRequest& request);
+  absl::StatusOr<v1::SetParametersResponse> SetParameters(
+      const v1::SetParametersRequest& request);
+  absl::StatusOr<v1::GetStateResponse> GetState(absl::string_view name);
+  absl::StatusOr<v1::LoadStateResponse> LoadState(
+      const v1::LoadStateRequest& request);
+
+  // Calls grpc.health.v1.Health/Check for `service` ("" is the whole
+  // server). A server without health checking answers UNIMPLEMENTED.
+  absl::StatusOr<HealthStatus> CheckHealth(absl::string_view service = "");
+
+  // Opens a Train stream with a deadline of options.stream_timeout.
+  absl::StatusOr<std::unique_ptr<TrainingStream>> StartTraining();
+
+  const ClientOptions& options() const { return options_; }
+  const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
+
+ private:
+  Client(ClientOptions options, std::shared_ptr<grpc::Channel> channel);
+
+  // Prepares `context` for one unary call (sets the deadline).
+  void PrepareContext(grpc::ClientContext& context) const;
+
+  const ClientOptions options_;
+  const std::shared_ptr<grpc::Channel> channel_;
+  const std::unique_ptr<v1::Normalization::Stub> stub_;
+};
+
+// One Train stream. Obtain from Client::StartTraining().
+//
+// Send() may be called several times before the matching Receive()s
+// (pipelining); keep the number of outstanding operations small, since a
+// client that only writes while the server's replies are unread eventually
+// blocks on flow control. The destructor cancels a stream that was not
+// Finish()ed.
+class TrainingStream {
+ public:
+  ~TrainingStream();
+  TrainingStream(const TrainingStream&) = delete;
+  TrainingStream& operator=(const TrainingStream&) = delete;
+
+  // Sends `request` with a fresh request_id (overwriting any it had) and
+  // returns that id. Fails with the stream's final status once the stream is
+  // broken, or FAILED_PRECONDITION after Finish().
+  absl::StatusOr<uint64_t> Send(v1::TrainRequest request);
+
+  // Returns the response to `request_id`, reading (and keeping) responses to
+  // other outstanding ids that arrive first. The response's OpStatus is not
+  // interpreted here. Fails when the stream ends before the answer arrives.
+  absl::StatusOr<v1::TrainResponse> Receive(uint64_t request_id);
+
+  // Sends `request`, waits for its response, and returns it when its
+  // OpStatus is OK; otherwise the OpStatus as an absl::Status.
+  absl::StatusOr<v1::TrainResponse> Call(v1::TrainRequest request);
+
+  // Typed forms of Call(): each checks that the response carries the
+  // matching result (INTERNAL otherwise).
+  absl::StatusOr<v1::ForwardResponse> Forward(v1::ForwardRequest request);
+  absl::StatusOr<v1::BackwardResponse> Backward(v1::BackwardRequest request);
+  absl::StatusOr<v1::UpdateRunningStatsResponse> UpdateRunningStats(
+      v1::UpdateRunningStatsRequest request);
+  absl::StatusOr<v1::OptimizerStepResponse> OptimizerStep(
+      v1::OptimizerStepRequest request);
+  absl::StatusOr<v1::SetParametersResponse> SetParameters(
+      v1::SetParametersRequest request);
+  absl::StatusOr<v1::GetStateResponse> GetState(v1::GetStateRequest request);
+  absl::StatusOr<v1::LoadStateResponse> LoadState(v1::LoadStateRequest request);
+  absl::StatusOr<v1::Layer> GetLayer(v1::GetLayerRequest request);
+
+  // Half-closes the stream, discards unread responses and returns the
+  // stream's final status. Later calls return FAILED_PRECONDITION.
+  absl::Status Finish();
+
+ private:
+  friend class Client;
+  using Stream = grpc::ClientReaderWriter<v1::TrainRequest, v1::TrainResponse>;
+
+  TrainingStream(std::unique_ptr<grpc::ClientContext> context,
+                 std::unique_ptr<Stream> stream);
+
+  // Finishes a stream whose read or write failed and returns its status,
+  // which is never OK.
+  absl::Status Broken();
+  // Call()s `request` and checks that the response has `expected` result.
+  absl::StatusOr<v1::TrainResponse> TypedCall(
+      v1::TrainRequest request, v1::TrainResponse::ResultCase expected);
+
+  std::unique_ptr<grpc::ClientContext> context_;
+  std::unique_ptr<Stream> stream_;
+  uint64_t next_request_id_ = 1;
+  // Ids sent and not yet returned by Receive().
+  std::set<uint64_t> outstanding_;
+  // Responses read while waiting for another request id.
+  std::map<uint64_t, v1::TrainResponse> early_responses_;
+  bool finished_ = false;
+  absl::Status final_status_;
+};
+
+}  // namespace normserve::client

@@ -1,0 +1,182 @@
+#include "client/cpp/cli_args.h"
+
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace normserve::client::cli {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+absl::StatusOr<CommandLine> Parse(std::vector<std::string> args) {
+  return ParseCommandLine(args);
+}
+
+void ExpectUsageError(std::vector<std::string> args, const std::string& text) {
+  absl::StatusOr<CommandLine> line = Parse(args);
+  EXPECT_EQ(line.status().code(), absl::StatusCode::kInvalidArgument)
+      << testing::PrintToString(args);
+  EXPECT_THAT(line.status().message(), HasSubstr(text))
+      << testing::PrintToString(args);
+}
+
+TEST(CliArgsTest, GlobalFlagsBeforeAndAfterTheCommand) {
+  absl::StatusOr<CommandLine> line =
+      Parse({"--address", "localhost:9", "get", "bn1", "--timeout_ms=250"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  EXPECT_EQ(line->command, "get");
+  EXPECT_THAT(line->positional, ElementsAre("bn1"));
+  absl::StatusOr<ClientOptions> options = ClientOptionsFromFlags(*line);
+  ASSERT_TRUE(options.ok()) << options.status();
+  EXPECT_EQ(options->target, "localhost:9");
+  EXPECT_EQ(options->timeout, absl::Milliseconds(250));
+}
+
+TEST(CliArgsTest, DefaultClientOptions) {
+  absl::StatusOr<CommandLine> line = Parse({"list"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  absl::StatusOr<ClientOptions> options = ClientOptionsFromFlags(*line);
+  ASSERT_TRUE(options.ok());
+  EXPECT_EQ(options->target, "127.0.0.1:50051");
+  EXPECT_EQ(options->timeout, absl::Seconds(30));
+}
+
+TEST(CliArgsTest, HelpNeedsNoCommand) {
+  absl::StatusOr<CommandLine> line = Parse({"--help"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  EXPECT_TRUE(line->help);
+  line = Parse({"forward", "--help"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  EXPECT_TRUE(line->help);
+}
+
+TEST(CliArgsTest, CreateWithEveryFlag) {
+  absl::StatusOr<CommandLine> line = Parse(
+      {"create", "--num_features=64", "--id", "bn1", "--eps=1e-3", "--momentum",
+       "0.2", "--affine=false", "--track_running_stats", "--layout=NHWC",
+       "--dtype=bf16", "--spatial_dims=2", "--device=cpu"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  absl::StatusOr<v1::CreateLayerRequest> request =
+      CreateRequestFromFlags(*line);
+  ASSERT_TRUE(request.ok()) << request.status();
+  EXPECT_EQ(request->layer_id(), "bn1");
+  const v1::BatchNormConfig& config = request->batch_norm();
+  EXPECT_EQ(config.num_features(), 64);
+  EXPECT_DOUBLE_EQ(config.eps(), 1e-3);
+  EXPECT_DOUBLE_EQ(config.momentum(), 0.2);
+  ASSERT_TRUE(config.has_affine());
+  EXPECT_FALSE(config.affine());
+  ASSERT_TRUE(config.has_track_running_stats());
+  EXPECT_TRUE(config.track_running_stats());
+  EXPECT_EQ(config.layout(), v1::LAYOUT_NHWC);
+  EXPECT_EQ(config.dtype(), v1::DTYPE_BFLOAT16);
+  EXPECT_EQ(config.spatial_dims(), 2);
+  EXPECT_EQ(config.device(), "cpu");
+}
+
+TEST(CliArgsTest, CreateLeavesUnsetFieldsToTheServer) {
+  absl::StatusOr<CommandLine> line = Parse({"create", "--num_features=8"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  absl::StatusOr<v1::CreateLayerRequest> request =
+      CreateRequestFromFlags(*line);
+  ASSERT_TRUE(request.ok()) << request.status();
+  const v1::BatchNormConfig& config = request->batch_norm();
+  EXPECT_FALSE(config.has_eps());
+  EXPECT_FALSE(config.has_affine());
+  EXPECT_FALSE(config.has_track_running_stats());
+  EXPECT_EQ(config.momentum_policy_case(),
+            v1::BatchNormConfig::MOMENTUM_POLICY_NOT_SET);
+  EXPECT_TRUE(request->layer_id().empty());
+}
+
+TEST(CliArgsTest, MomentumNoneIsCumulativeAverage) {
+  absl::StatusOr<CommandLine> line =
+      Parse({"create", "--num_features=8", "--momentum=None"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  absl::StatusOr<v1::CreateLayerRequest> request =
+      CreateRequestFromFlags(*line);
+  ASSERT_TRUE(request.ok());
+  EXPECT_TRUE(request->batch_norm().has_cumulative_average());
+}
+
+TEST(CliArgsTest, Forward) {
+  absl::StatusOr<CommandLine> line =
+      Parse({"forward", "bn1", "--shape", "16x8x12x12", "--seed=7",
+             "--training", "--dtype=float16", "--output=/tmp/y"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  absl::StatusOr<ForwardArgs> args = ForwardArgsFromFlags(*line);
+  ASSERT_TRUE(args.ok()) << args.status();
+  EXPECT_EQ(args->name, "bn1");
+  EXPECT_THAT(args->shape, ElementsAre(16, 8, 12, 12));
+  EXPECT_EQ(args->seed, 7u);
+  EXPECT_TRUE(args->training);
+  EXPECT_EQ(args->dtype, v1::DTYPE_FLOAT16);
+  EXPECT_EQ(args->layout, v1::LAYOUT_UNSPECIFIED);
+  EXPECT_EQ(args->output_path, "/tmp/y");
+  EXPECT_TRUE(args->input_path.empty());
+}
+
+TEST(CliArgsTest, ForwardDefaultsToEvalFloat32) {
+  absl::StatusOr<CommandLine> line =
+      Parse({"forward", "bn1", "--shape=4,3", "--training=false"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  absl::StatusOr<ForwardArgs> args = ForwardArgsFromFlags(*line);
+  ASSERT_TRUE(args.ok());
+  EXPECT_FALSE(args->training);
+  EXPECT_EQ(args->dtype, v1::DTYPE_FLOAT32);
+}
+
+TEST(CliArgsTest, UsageErrors) {
+  ExpectUsageError({}, "no command given");
+  ExpectUsageError({"frobnicate"}, "unknown command 'frobnicate'");
+  ExpectUsageError({"list", "--shape=1,2"},
+                   "command list does not take flag --shape");
+  ExpectUsageError({"--num_features=3", "create"},
+                   "unknown flag --num_features");
+  ExpectUsageError({"get"}, "takes 1 argument");
+  ExpectUsageError({"get", "a", "b"}, "takes 1 argument");
+  ExpectUsageError({"list", "--address"}, "flag --address needs a value");
+  ExpectUsageError({"list", "--address=a", "--address=b"}, "given twice");
+  ExpectUsageError({"list", "--timeout_ms=0"}, "--timeout_ms must be positive");
+  ExpectUsageError({"list", "--timeout_ms=soon"}, "expects an integer");
+  ExpectUsageError({"create"}, "create needs --num_features");
+  ExpectUsageError({"create", "--num_features=x"}, "expects an integer");
+  ExpectUsageError({"create", "--num_features=4", "--affine=maybe"},
+                   "expected true or false");
+  ExpectUsageError({"create", "--num_features=4", "--momentum=fast"},
+                   "--momentum expects a number");
+  ExpectUsageError({"create", "--num_features=4", "--dtype=int8"},
+                   "unknown dtype 'int8'");
+  ExpectUsageError({"create", "--num_features=4", "--layout=nchwd"},
+                   "unknown layout");
+  ExpectUsageError({"forward", "bn1"}, "forward needs --shape");
+  ExpectUsageError({"forward", "bn1", "--shape=4,0"}, "bad shape");
+  ExpectUsageError(
+      {"forward", "bn1", "--shape=4,2", "--seed=1", "--input=/dev/null"},
+      "not both");
+  ExpectUsageError({"state", "bn1"}, "state needs --output");
+}
+
+TEST(CliArgsTest, DoubleDashEndsFlags) {
+  absl::StatusOr<CommandLine> line = Parse({"get", "--", "--odd"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  EXPECT_THAT(line->positional, ElementsAre("--odd"));
+}
+
+TEST(CliArgsTest, ValueParsers) {
+  EXPECT_THAT(*ParseShape("2,3"), ElementsAre(2, 3));
+  EXPECT_FALSE(ParseShape("").ok());
+  EXPECT_FALSE(ParseShape("2,,3").ok());
+  EXPECT_EQ(*ParseDType("half"), v1::DTYPE_FLOAT16);
+  EXPECT_EQ(*ParseDType("FLOAT32"), v1::DTYPE_FLOAT32);
+  EXPECT_EQ(*ParseLayout("nchw"), v1::LAYOUT_NCHW);
+  EXPECT_TRUE(*ParseBool("yes"));
+  EXPECT_FALSE(*ParseBool("0"));
+}
+
+}  // namespace
+}  // namespace normserve::client::cli
