@@ -1,0 +1,48 @@
+// The kernels compiled for AVX2 + FMA + F16C, chosen at run time by
+// CpuHasAvx2(). Only the code after the target pragma uses those
+// instructions; every header is included before it, so no inline function
+// shared with other translation units is compiled for AVX2.
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/cpu/cpu_kernels.h"
+#include "kernels/half.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+#define NORMSERVE_CPU_ISA_NS avx2
+#define NORMSERVE_CPU_ISA_NAME "avx2"
+#define NORMSERVE_CPU_HAVE_F16C 1
+#include "kernels/cpu/cpu_kernels_impl.inc"
+
+#pragma GCC pop_options
+
+namespace normserve::kernels::cpu {
+
+bool CpuHasAvx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+
+const KernelTable* Avx2Kernels() {
+  // Even building the table may use AVX instructions.
+  return CpuHasAvx2() ? &avx2::Table() : nullptr;
+}
+
+}  // namespace normserve::kernels::cpu
+
+#else  // Not x86-64: only the generic kernels exist.
+
+namespace normserve::kernels::cpu {
+
+const KernelTable* Avx2Kernels() { return nullptr; }
+bool CpuHasAvx2() { return false; }
+
+}  // namespace normserve::kernels::cpu
+
+#endif
