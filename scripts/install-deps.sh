@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian 12 packages normserve needs to build and test.
+# Installs the Debian 12 packages normserve needs to build and test, and the
+# Node client's npm packages (client/node, from its package-lock.json).
 # Idempotent and quiet when everything is already there.
 set -euo pipefail
 
@@ -8,7 +9,16 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev grpc-proto
   libgtest-dev libgmock-dev libbenchmark-dev
+  # Python client (stubs from protobuf-compiler-grpc's grpc_python_plugin)
+  # and its tests, for Debian's /usr/bin/python3.
+  python3-grpcio python3-protobuf python3-numpy python3-pytest python3-torch
+  python3-sklearn
 )
+# Node client: Debian's node and npm unless both are already on PATH (e.g.
+# from NodeSource, whose nodejs package conflicts with Debian's npm).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  PACKAGES+=(nodejs npm)
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -16,11 +26,21 @@ for p in "${PACKAGES[@]}"; do
     missing+=("$p")
   fi
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
 
-echo "install-deps: installing ${missing[*]}"
-SUDO=""
-[ "$(id -u)" -ne 0 ] && SUDO="sudo"
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# npm ci when node_modules is missing or older than the lock file (npm ci
+# writes node_modules/.package-lock.json last).
+NODE_DIR="$(cd "$(dirname "$0")/../client/node" && pwd)"
+if [ ! -f "$NODE_DIR/node_modules/.package-lock.json" ] ||
+   [ "$NODE_DIR/package-lock.json" -nt "$NODE_DIR/node_modules/.package-lock.json" ]; then
+  echo "install-deps: npm ci in client/node"
+  (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi

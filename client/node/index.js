@@ -1,0 +1,426 @@
+// Node.js client for normserve (service normserve.v1.Normalization).
+//
+// The API is loaded at run time from proto/normserve/v1/normserve.proto with
+// @grpc/proto-loader (set NORMSERVE_PROTO_DIR to use another proto root).
+// Every call returns a Promise, takes an optional { timeoutMs } (default: the
+// client's), and rejects with a NormserveError carrying the gRPC status code
+// and the server's message.
+//
+//   const { Client, tensor } = require('./client/node');
+//   const client = new Client('127.0.0.1:50051', { timeoutMs: 10000 });
+//   const layer = await client.createLayer(4, { layerId: 'bn1' });
+//   const x = tensor([8, 4, 5, 5], new Float32Array(8 * 4 * 5 * 5));
+//   const fwd = await client.forward('bn1', x, { training: true });
+//   const bwd = await client.backward('bn1', fwd.handle, dy);
+//
+// Tensors are { shape, dtype, layout, data }: shape in PyTorch's logical
+// order (N, C, ...spatial), dtype 'float32' | 'float16' | 'bfloat16', layout
+// 'NCHW' | 'NHWC' (the order of the bytes), data a Float32Array (float32) or
+// Uint16Array of raw bits (float16, bfloat16) or a Buffer. Results come back
+// the same way, as views of the reply's bytes where alignment allows.
+'use strict';
+
+const path = require('path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTO_ROOT =
+  process.env.NORMSERVE_PROTO_DIR || path.join(__dirname, '..', '..', 'proto');
+const PROTO_FILE = 'normserve/v1/normserve.proto';
+
+let cachedPackage = null;
+
+// Returns the loaded normserve.v1 package (services and message types).
+function loadApi() {
+  if (cachedPackage === null) {
+    const definition = protoLoader.loadSync(PROTO_FILE, {
+      includeDirs: [PROTO_ROOT],
+      keepCase: true, // Field names as in the .proto (snake_case).
+      longs: String, // 64-bit integers exactly; converted below where small.
+      enums: String,
+      defaults: true,
+      oneofs: true,
+    });
+    cachedPackage = grpc.loadPackageDefinition(definition).normserve.v1;
+  }
+  return cachedPackage;
+}
+
+const STATUS_NAMES = Object.fromEntries(
+  Object.entries(grpc.status).map(([name, code]) => [code, name]));
+
+// A failed call: code (number, grpc.status), codeName ('NOT_FOUND'),
+// details (the server's message), method.
+class NormserveError extends Error {
+  constructor(code, details, method, address) {
+    const codeName = STATUS_NAMES[code] || 'UNKNOWN';
+    const where = address ? `${method} (${address})` : method;
+    super(`${where}: ${codeName}: ${details}`);
+    this.name = 'NormserveError';
+    this.code = code;
+    this.codeName = codeName;
+    this.details = details;
+    this.method = method;
+  }
+}
+
+const DTYPES = { float32: 'DTYPE_FLOAT32', float16: 'DTYPE_FLOAT16',
+                 bfloat16: 'DTYPE_BFLOAT16' };
+const DTYPE_NAMES = { DTYPE_FLOAT32: 'float32', DTYPE_FLOAT16: 'float16',
+                      DTYPE_BFLOAT16: 'bfloat16', DTYPE_INT64: 'int64',
+                      DTYPE_UNSPECIFIED: 'unspecified' };
+const LAYOUTS = { NCHW: 'LAYOUT_NCHW', NHWC: 'LAYOUT_NHWC' };
+const LAYOUT_NAMES = { LAYOUT_NCHW: 'NCHW', LAYOUT_NHWC: 'NHWC',
+                       LAYOUT_UNSPECIFIED: 'unspecified' };
+
+// Returns a tensor object; dtype defaults to float32, layout to NCHW.
+function tensor(shape, data, { dtype = 'float32', layout = 'NCHW' } = {}) {
+  return { shape: Array.from(shape), dtype, layout, data };
+}
+
+function enumValue(table, value, what) {
+  if (value === undefined || value === null) return undefined;
+  const out = table[value] || (Object.values(table).includes(value) && value);
+  if (!out) {
+    throw new TypeError(`unknown ${what} ${value}; expected one of ` +
+                        Object.keys(table).join(', '));
+  }
+  return out;
+}
+
+function bytesOf(data) {
+  if (Buffer.isBuffer(data)) return data;
+  if (ArrayBuffer.isView(data)) {
+    return Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  }
+  throw new TypeError('tensor data must be a typed array or a Buffer');
+}
+
+function tensorToProto(t) {
+  return {
+    shape: t.shape.map(Number),
+    dtype: enumValue(DTYPES, t.dtype || 'float32', 'dtype'),
+    layout: enumValue(LAYOUTS, t.layout || 'NCHW', 'layout'),
+    data: bytesOf(t.data),
+  };
+}
+
+// A typed array over `buffer` without a copy when it is aligned.
+function typedView(Type, buffer) {
+  const count = buffer.byteLength / Type.BYTES_PER_ELEMENT;
+  if (buffer.byteOffset % Type.BYTES_PER_ELEMENT === 0) {
+    return new Type(buffer.buffer, buffer.byteOffset, count);
+  }
+  const copy = new Type(count);
+  new Uint8Array(copy.buffer).set(buffer);
+  return copy;
+}
+
+function tensorFromProto(t) {
+  const dtype = DTYPE_NAMES[t.dtype];
+  return {
+    shape: t.shape.map(Number),
+    dtype,
+    layout: LAYOUT_NAMES[t.layout],
+    data: typedView(dtype === 'float32' ? Float32Array : Uint16Array, t.data),
+  };
+}
+
+function layerFromProto(layer) {
+  const c = layer.batch_norm;
+  return {
+    name: layer.name,
+    numFeatures: Number(c.num_features),
+    eps: c.eps,
+    momentum: c.momentum_policy === 'cumulative_average' ? null : c.momentum,
+    affine: c.affine,
+    trackRunningStats: c.track_running_stats,
+    layout: LAYOUT_NAMES[c.layout],
+    dtype: DTYPE_NAMES[c.dtype],
+    spatialDims: c.spatial_dims,
+    device: c.device,
+    version: Number(layer.version),
+    numBatchesTracked: Number(layer.num_batches_tracked),
+    hasAccumulatedGrad: layer.has_accumulated_grad,
+  };
+}
+
+// State dicts: { key: Float32Array } plus num_batches_tracked as a Number.
+function stateFromProto(state) {
+  const out = {};
+  for (const [key, t] of Object.entries(state.tensors)) {
+    out[key] = t.dtype === 'DTYPE_INT64'
+      ? Number(t.data.readBigInt64LE(0))
+      : Float32Array.from(typedView(Float32Array, t.data));
+  }
+  return out;
+}
+
+function stateToProto(state) {
+  const tensors = {};
+  for (const [key, value] of Object.entries(state)) {
+    if (key === 'num_batches_tracked') {
+      const data = Buffer.alloc(8);
+      data.writeBigInt64LE(BigInt(value));
+      tensors[key] = { shape: [], dtype: 'DTYPE_INT64', data };
+    } else {
+      const values = Float32Array.from(value);
+      tensors[key] = { shape: [values.length], dtype: 'DTYPE_FLOAT32',
+                       data: bytesOf(values) };
+    }
+  }
+  return { tensors };
+}
+
+const floats = (values) => Float32Array.from(values || []);
+const list = (values) => (values ? Array.from(values, Number) : []);
+
+function createRequest(numFeatures, options) {
+  const o = options || {};
+  const config = {
+    num_features: numFeatures,
+    eps: o.eps === undefined ? 1e-5 : o.eps,
+    affine: o.affine === undefined ? true : o.affine,
+    track_running_stats:
+      o.trackRunningStats === undefined ? true : o.trackRunningStats,
+    layout: enumValue(LAYOUTS, o.layout, 'layout'),
+    dtype: enumValue(DTYPES, o.dtype, 'dtype'),
+    spatial_dims: o.spatialDims || 0,
+    device: o.device || '',
+  };
+  if (o.momentum === null) {
+    config.cumulative_average = {};
+  } else {
+    config.momentum = o.momentum === undefined ? 0.1 : o.momentum;
+  }
+  return { layer_id: o.layerId || '', batch_norm: config };
+}
+
+// Request builders and result decoders shared by unary calls and streams.
+const OPS = {
+  forward: {
+    field: 'forward',
+    request: (name, input, o = {}) => {
+      const request = { name, input: tensorToProto(input),
+                        training: !!o.training,
+                        return_stats: !!o.returnStats };
+      if (o.saveForBackward !== undefined) {
+        request.save_for_backward = !!o.saveForBackward;
+      }
+      return request;
+    },
+    result: (r) => ({ output: tensorFromProto(r.output), handle: r.handle,
+                      mean: floats(r.mean), invstd: floats(r.invstd),
+                      version: Number(r.version) }),
+  },
+  backward: {
+    field: 'backward',
+    request: (name, handle, gradOutput, o = {}) => ({
+      name, handle: String(handle), grad_output: tensorToProto(gradOutput),
+      accumulate_grad: !!o.accumulateGrad, retain_context: !!o.retainContext,
+      skip_grad_input: !!o.skipGradInput }),
+    result: (r) => ({
+      gradInput: r.grad_input ? tensorFromProto(r.grad_input) : null,
+      gradWeight: r.grad_weight.length ? floats(r.grad_weight) : null,
+      gradBias: r.grad_bias.length ? floats(r.grad_bias) : null,
+      version: Number(r.version) }),
+  },
+  updateRunningStats: {
+    field: 'update_running_stats',
+    request: (name, mean, variance, count) => ({
+      name, mean: list(mean), var: list(variance), count }),
+    result: (r) => ({ version: Number(r.version),
+                      numBatchesTracked: Number(r.num_batches_tracked) }),
+  },
+  optimizerStep: {
+    field: 'optimizer_step',
+    request: (name, o = {}) => ({
+      name,
+      sgd: { lr: o.lr, momentum: o.momentum || 0, dampening: o.dampening || 0,
+             weight_decay: o.weightDecay || 0, nesterov: !!o.nesterov },
+      keep_grad: !!o.keepGrad }),
+    result: (r) => Number(r.version),
+  },
+  setParameters: {
+    field: 'set_parameters',
+    request: (name, { weight, bias } = {}) => ({
+      name, weight: list(weight), bias: list(bias) }),
+    result: (r) => Number(r.version),
+  },
+  getState: {
+    field: 'get_state',
+    request: (name) => ({ name }),
+    result: (r) => ({ tensors: stateFromProto(r.state),
+                      version: Number(r.version) }),
+  },
+  loadState: {
+    field: 'load_state',
+    request: (name, state, { allowMissing = false } = {}) => ({
+      name, state: stateToProto(state), allow_missing: allowMissing }),
+    result: (r) => Number(r.version),
+  },
+  getLayer: {
+    field: 'get_layer',
+    request: (name) => ({ name }),
+    result: layerFromProto,
+  },
+};
+
+const RPC_NAMES = {
+  forward: 'Forward', backward: 'Backward',
+  updateRunningStats: 'UpdateRunningStats', optimizerStep: 'OptimizerStep',
+  setParameters: 'SetParameters', getState: 'GetState',
+  loadState: 'LoadState', getLayer: 'GetLayer',
+};
+
+// Number of leading arguments each operation takes before its options.
+const ARITY = { forward: 2, backward: 3, updateRunningStats: 4,
+                optimizerStep: 1, setParameters: 1, getState: 1,
+                loadState: 2, getLayer: 1 };
+
+function splitArgs(op, args) {
+  const n = ARITY[op];
+  const options = args.length > n && args[n] ? args[n] : {};
+  return { args: args.slice(0, n), options };
+}
+
+class Client {
+  // address: 'host:port'. timeoutMs: default deadline of each call.
+  constructor(address, { timeoutMs = 30000, credentials, channelOptions } =
+                {}) {
+    const api = loadApi();
+    this.address = address;
+    this.timeoutMs = timeoutMs;
+    this._stub = new api.Normalization(
+      address, credentials || grpc.credentials.createInsecure(), {
+        // Activations are large; the server enforces its own limit.
+        'grpc.max_send_message_length': -1,
+        'grpc.max_receive_message_length': -1,
+        ...channelOptions,
+      });
+    for (const op of Object.keys(OPS)) {
+      this[op] = (...all) => {
+        const { args, options } = splitArgs(op, all);
+        return this._unary(RPC_NAMES[op], OPS[op].request(...args, options),
+                           options, args[0]).then(OPS[op].result);
+      };
+    }
+  }
+
+  _unary(method, request, options = {}, layer) {
+    const timeoutMs = options.timeoutMs === undefined
+      ? this.timeoutMs : options.timeoutMs;
+    const callOptions = timeoutMs ? { deadline: Date.now() + timeoutMs } : {};
+    const label = layer ? `${method}(${layer})` : method;
+    return new Promise((resolve, reject) => {
+      this._stub[method](request, callOptions, (err, response) => {
+        if (err) {
+          reject(new NormserveError(err.code, err.details || err.message,
+                                    label, this.address));
+        } else {
+          resolve(response);
+        }
+      });
+    });
+  }
+
+  // Creates a BatchNorm layer with torch.nn.BatchNorm's arguments:
+  // { layerId, eps, momentum (null: cumulative average), affine,
+  //   trackRunningStats, layout, dtype, spatialDims, device, timeoutMs }.
+  async createLayer(numFeatures, options = {}) {
+    return layerFromProto(await this._unary(
+      'CreateLayer', createRequest(numFeatures, options), options));
+  }
+
+  async listLayers({ pageSize = 0, pageToken = '', timeoutMs } = {}) {
+    const r = await this._unary('ListLayers',
+                                { page_size: pageSize, page_token: pageToken },
+                                { timeoutMs });
+    return { layers: r.layers.map(layerFromProto),
+             nextPageToken: r.next_page_token };
+  }
+
+  async deleteLayer(name, options = {}) {
+    await this._unary('DeleteLayer', { name }, options, name);
+  }
+
+  // Opens a Train stream: the same operations as methods, answered in order.
+  train({ timeoutMs } = {}) {
+    return new TrainStream(this, timeoutMs);
+  }
+
+  close() {
+    this._stub.close();
+  }
+}
+
+// One Train stream. Each operation returns a Promise; several may be in
+// flight. A failed operation rejects and the stream goes on. end() closes
+// the stream after the answers in flight.
+class TrainStream {
+  constructor(client, timeoutMs) {
+    this._client = client;
+    this._pending = new Map();
+    this._nextId = 1;
+    this._error = null;
+    const options = timeoutMs ? { deadline: Date.now() + timeoutMs } : {};
+    this._call = client._stub.Train(options);
+    this._call.on('data', (response) => this._answer(response));
+    this._call.on('error', (err) => {
+      this._error = new NormserveError(err.code, err.details || err.message,
+                                       'Train', client.address);
+      this._failAll(this._error);
+    });
+    this._ended = new Promise((resolve) => this._call.on('end', resolve));
+    this._call.on('end', () => this._failAll(new NormserveError(
+      grpc.status.UNKNOWN, 'the Train stream ended before answering',
+      'Train', client.address)));
+    for (const op of Object.keys(OPS)) {
+      this[op] = (...all) => {
+        const { args, options } = splitArgs(op, all);
+        return this._submit(op, OPS[op].request(...args, options), args[0]);
+      };
+    }
+  }
+
+  _submit(op, request, layer) {
+    if (this._error) return Promise.reject(this._error);
+    const requestId = this._nextId++;
+    return new Promise((resolve, reject) => {
+      this._pending.set(String(requestId), {
+        resolve, reject, op, label: `Train.${RPC_NAMES[op]}(${layer})` });
+      this._call.write({ request_id: requestId, [OPS[op].field]: request });
+    });
+  }
+
+  _answer(response) {
+    const entry = this._pending.get(String(response.request_id));
+    if (!entry) return;
+    this._pending.delete(String(response.request_id));
+    if (response.status && response.status.code !== 0) {
+      entry.reject(new NormserveError(response.status.code,
+                                      response.status.message, entry.label,
+                                      this._client.address));
+      return;
+    }
+    try {
+      entry.resolve(OPS[entry.op].result(response[OPS[entry.op].field]));
+    } catch (err) {
+      entry.reject(err);
+    }
+  }
+
+  _failAll(error) {
+    for (const entry of this._pending.values()) entry.reject(error);
+    this._pending.clear();
+  }
+
+  // Half-closes the stream; resolves once the server has answered and ended.
+  end() {
+    this._call.end();
+    return this._ended;
+  }
+}
+
+module.exports = { Client, TrainStream, NormserveError, tensor, loadApi,
+                   status: grpc.status };

@@ -1,0 +1,734 @@
+"""normserve.Client: every call of normserve.v1.Normalization, numpy in/out.
+
+    client = normserve.Client("127.0.0.1:50051", timeout=10)
+    layer = client.create_layer(64, layer_id="bn1", momentum=None)
+    fwd = client.forward("bn1", x, training=True)       # x: (N, 64, H, W)
+    bwd = client.backward("bn1", fwd.handle, dy)
+    state = client.get_state("bn1")                     # dict of arrays
+
+Every method takes ``timeout=`` (seconds; default: the client's) and raises a
+:class:`normserve.NormserveError` subclass carrying the gRPC status code and
+the server's message. Thread-safe: calls may be made from several threads.
+"""
+
+import concurrent.futures
+import dataclasses
+import queue
+import threading
+from typing import List, Optional
+
+import grpc
+import numpy as np
+
+from normserve import _wire
+from normserve import errors
+from normserve import tensor as _tensor
+from normserve.tensor import WireTensor
+from normserve.v1 import normserve_pb2 as pb
+
+__all__ = ["Client", "TrainStream", "LayerInfo", "LayerPage", "LayerState",
+           "ForwardResult", "BackwardResult", "RunningStatsResult"]
+
+_SERVICE = "/normserve.v1.Normalization/"
+DEFAULT_TIMEOUT = 30.0
+_MISSING = object()
+
+# Where the tensor bytes sit in each response (see _wire.split_data).
+_FORWARD_DATA = (1, 4)  # ForwardResponse.output.data
+_BACKWARD_DATA = (1, 4)  # BackwardResponse.grad_input.data
+_TRAIN_DATA = {3: {1: {4: None}}, 4: {1: {4: None}}}  # .forward / .backward
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """A layer as the server describes it (config with defaults filled in)."""
+
+    name: str  # "layers/{id}"
+    num_features: int
+    eps: float
+    momentum: Optional[float]  # None: cumulative average (PyTorch's None).
+    affine: bool
+    track_running_stats: bool
+    layout: str  # "NCHW" or "NHWC": default for requests that leave it unset.
+    dtype: str  # "float32", "float16" or "bfloat16": likewise.
+    spatial_dims: int  # 1, 2, 3 (BatchNorm1d/2d/3d) or 0 (any rank 2..5).
+    device: str
+    version: int
+    num_batches_tracked: int
+    has_accumulated_grad: bool
+
+    @property
+    def id(self):
+        return self.name.split("/", 1)[1] if "/" in self.name else self.name
+
+    @classmethod
+    def from_proto(cls, layer):
+        config = layer.batch_norm
+        return cls(
+            name=layer.name,
+            num_features=config.num_features,
+            eps=config.eps,
+            momentum=(None if config.WhichOneof("momentum_policy")
+                      == "cumulative_average" else config.momentum),
+            affine=config.affine,
+            track_running_stats=config.track_running_stats,
+            layout=_tensor.layout_name(config.layout),
+            dtype=_tensor.dtype_name(config.dtype),
+            spatial_dims=config.spatial_dims,
+            device=config.device,
+            version=layer.version,
+            num_batches_tracked=layer.num_batches_tracked,
+            has_accumulated_grad=layer.has_accumulated_grad)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPage:
+    layers: List[LayerInfo]
+    next_page_token: str  # "" on the last page.
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardResult:
+    # Input's shape, dtype and layout: a read-only numpy view of the reply
+    # (bfloat16 widened to float32), or a WireTensor when called with raw=True.
+    output: object
+    handle: int  # For backward(); 0 when nothing was saved.
+    mean: np.ndarray  # Per-channel batch mean with return_stats, else empty.
+    invstd: np.ndarray
+    version: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardResult:
+    grad_input: object  # Like ForwardResult.output; None when skipped.
+    grad_weight: Optional[np.ndarray]  # float32 [C]; None when not affine.
+    grad_bias: Optional[np.ndarray]
+    version: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningStatsResult:
+    version: int
+    num_batches_tracked: int
+
+
+class LayerState(dict):
+    """A state dict (PyTorch's names) of numpy arrays, plus ``version``.
+
+    weight, bias, running_mean, running_var: float32 [C];
+    num_batches_tracked: int64 scalar; with SGD momentum on the server also
+    weight_momentum_buffer and bias_momentum_buffer.
+    """
+
+    def __init__(self, tensors, version):
+        super().__init__(tensors)
+        self.version = version
+
+
+def _floats(values):
+    return np.asarray(values, dtype=np.float32)
+
+
+def _state_from_proto(state):
+    out = {}
+    for key, t in sorted(state.tensors.items()):
+        if t.dtype == pb.DTYPE_INT64:
+            out[key] = np.frombuffer(t.data, dtype="<i8").reshape(
+                tuple(t.shape)).copy()
+        else:
+            out[key] = np.frombuffer(t.data, dtype="<f4").reshape(
+                tuple(t.shape)).copy()
+    return out
+
+
+def _to_numpy_value(value):
+    if hasattr(value, "detach"):  # A torch tensor.
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _state_to_proto(state):
+    out = pb.StateDict()
+    for key, value in state.items():
+        array = _to_numpy_value(value)
+        t = out.tensors[key]
+        if key == "num_batches_tracked":  # The one int64 entry.
+            array = array.astype("<i8")
+            t.dtype = pb.DTYPE_INT64
+        else:
+            array = array.astype("<f4")
+            t.dtype = pb.DTYPE_FLOAT32
+        t.shape.extend(int(d) for d in array.shape)
+        t.data = np.ascontiguousarray(array).tobytes()
+    return out
+
+
+def _per_channel(values):
+    if values is None:
+        return []
+    array = _to_numpy_value(values).astype(np.float32, copy=False).reshape(-1)
+    return array.tolist()
+
+
+def _as_wire(value, dtype=None, layout=None):
+    if isinstance(value, WireTensor):
+        return value
+    return _tensor.from_numpy(value, dtype=dtype, layout=layout)
+
+
+def _forward_parts(name, wire, training, return_stats, save_for_backward):
+    request = pb.ForwardRequest(name=name, training=bool(training),
+                                return_stats=bool(return_stats))
+    if save_for_backward is not None:
+        request.save_for_backward = bool(save_for_backward)
+    return _wire.message_with_tensor(request.SerializeToString(), 2,
+                                     wire.meta().SerializeToString(),
+                                     wire.data)
+
+
+def _backward_parts(name, handle, wire, accumulate_grad, retain_context,
+                    skip_grad_input):
+    request = pb.BackwardRequest(name=name, handle=int(handle),
+                                 accumulate_grad=bool(accumulate_grad),
+                                 retain_context=bool(retain_context),
+                                 skip_grad_input=bool(skip_grad_input))
+    return _wire.message_with_tensor(request.SerializeToString(), 3,
+                                     wire.meta().SerializeToString(),
+                                     wire.data)
+
+
+def _tensor_out(tensor_msg, data, raw):
+    if data is None:
+        data = b""
+    wire = WireTensor.from_proto(tensor_msg, data)
+    return wire if raw else _tensor.to_numpy(wire)
+
+
+def _forward_result(response, data, raw):
+    return ForwardResult(output=_tensor_out(response.output, data, raw),
+                         handle=response.handle,
+                         mean=_floats(response.mean),
+                         invstd=_floats(response.invstd),
+                         version=response.version)
+
+
+def _backward_result(response, data, raw):
+    grad_input = None
+    if response.HasField("grad_input"):
+        grad_input = _tensor_out(response.grad_input, data, raw)
+    grad_weight = _floats(response.grad_weight) if response.grad_weight else None
+    grad_bias = _floats(response.grad_bias) if response.grad_bias else None
+    return BackwardResult(grad_input=grad_input, grad_weight=grad_weight,
+                          grad_bias=grad_bias, version=response.version)
+
+
+def _decode_with_data(message_type, fields):
+    def decode(buf):
+        rest, data = _wire.split_data(buf, fields)
+        return message_type.FromString(rest), data
+    return decode
+
+
+def _sgd(lr, momentum, dampening, weight_decay, nesterov):
+    return pb.SgdOptions(lr=float(lr), momentum=float(momentum),
+                         dampening=float(dampening),
+                         weight_decay=float(weight_decay),
+                         nesterov=bool(nesterov))
+
+
+def _create_request(num_features, layer_id, eps, momentum, affine,
+                    track_running_stats, layout, dtype, spatial_dims, device):
+    config = pb.BatchNormConfig(
+        num_features=int(num_features), eps=float(eps), affine=bool(affine),
+        track_running_stats=bool(track_running_stats),
+        layout=_tensor.layout_enum(layout), dtype=_tensor.dtype_enum(dtype),
+        spatial_dims=int(spatial_dims), device=device or "")
+    if momentum is None:
+        config.cumulative_average.SetInParent()
+    else:
+        config.momentum = float(momentum)
+    return pb.CreateLayerRequest(layer_id=layer_id or "", batch_norm=config)
+
+
+class Client:
+    """A connection to a normserve server.
+
+    address: "host:port". timeout: default deadline of every call, seconds
+    (None: no deadline). metadata: (key, value) pairs sent with every call.
+    credentials: grpc.ChannelCredentials for TLS (default: plaintext).
+    wait_for_ready: queue calls while the server is unreachable instead of
+    failing at once with UnavailableError (the timeout still applies).
+    """
+
+    def __init__(self, address, timeout=DEFAULT_TIMEOUT, *, metadata=None,
+                 credentials=None, wait_for_ready=False, options=None):
+        self.address = address
+        self.timeout = timeout
+        self._metadata = tuple(metadata or ())
+        self._wait_for_ready = wait_for_ready
+        channel_options = [
+            # Activations are large; the server enforces its own limit
+            # (--max_message_mb) and says so in RESOURCE_EXHAUSTED.
+            ("grpc.max_send_message_length", -1),
+            ("grpc.max_receive_message_length", -1),
+        ] + list(options or ())
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address,
+                                                  options=channel_options)
+        else:
+            self._channel = grpc.secure_channel(address, credentials,
+                                                options=channel_options)
+        self._closed = False
+
+        def unary(method, request_type, response_type):
+            return self._channel.unary_unary(
+                _SERVICE + method,
+                request_serializer=request_type.SerializeToString,
+                response_deserializer=response_type.FromString)
+
+        self._create = unary("CreateLayer", pb.CreateLayerRequest, pb.Layer)
+        self._get = unary("GetLayer", pb.GetLayerRequest, pb.Layer)
+        self._list = unary("ListLayers", pb.ListLayersRequest,
+                           pb.ListLayersResponse)
+        self._delete = unary("DeleteLayer", pb.DeleteLayerRequest,
+                             pb.DeleteLayerResponse)
+        self._update_stats = unary("UpdateRunningStats",
+                                   pb.UpdateRunningStatsRequest,
+                                   pb.UpdateRunningStatsResponse)
+        self._step = unary("OptimizerStep", pb.OptimizerStepRequest,
+                           pb.OptimizerStepResponse)
+        self._set_params = unary("SetParameters", pb.SetParametersRequest,
+                                 pb.SetParametersResponse)
+        self._get_state = unary("GetState", pb.GetStateRequest,
+                                pb.GetStateResponse)
+        self._load_state = unary("LoadState", pb.LoadStateRequest,
+                                 pb.LoadStateResponse)
+        # Forward, Backward and Train carry tensors: requests arrive
+        # serialized (see _wire), responses are split around their data.
+        self._forward = self._channel.unary_unary(
+            _SERVICE + "Forward",
+            response_deserializer=_decode_with_data(pb.ForwardResponse,
+                                                    _FORWARD_DATA))
+        self._backward = self._channel.unary_unary(
+            _SERVICE + "Backward",
+            response_deserializer=_decode_with_data(pb.BackwardResponse,
+                                                    _BACKWARD_DATA))
+        self._train = self._channel.stream_stream(
+            _SERVICE + "Train",
+            response_deserializer=_decode_with_data(pb.TrainResponse,
+                                                    _TRAIN_DATA))
+
+    def __repr__(self):
+        return f"normserve.Client({self.address!r}, timeout={self.timeout!r})"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Closes the channel; later calls fail."""
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _call(self, callable_, request, method, timeout):
+        if timeout is _MISSING:
+            timeout = self.timeout
+        try:
+            return callable_(request, timeout=timeout,
+                             metadata=self._metadata or None,
+                             wait_for_ready=self._wait_for_ready)
+        except grpc.RpcError as err:
+            raise errors.error_from_rpc(err, method, self.address) from None
+        except ValueError:
+            if self._closed:
+                raise errors.error_from_code(
+                    grpc.StatusCode.CANCELLED, "the client was closed", method,
+                    self.address) from None
+            raise
+
+    def wait_ready(self, timeout=_MISSING):
+        """Waits until the channel connects; UnavailableError otherwise."""
+        if timeout is _MISSING:
+            timeout = self.timeout
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise errors.error_from_code(
+                grpc.StatusCode.UNAVAILABLE,
+                f"no connection within {timeout} s (is a normserve server "
+                f"running at {self.address}?)", "wait_ready",
+                self.address) from None
+
+    # -- layers ------------------------------------------------------------
+
+    def create_layer(self, num_features, *, layer_id=None, eps=1e-5,
+                     momentum=0.1, affine=True, track_running_stats=True,
+                     layout=None, dtype=None, spatial_dims=0, device=None,
+                     timeout=_MISSING) -> LayerInfo:
+        """Creates a BatchNorm layer (torch.nn.BatchNorm's arguments).
+
+        layer_id: "" or None lets the server choose; a taken id raises
+        AlreadyExistsError. momentum=None: cumulative average. layout/dtype:
+        defaults for requests that leave theirs unset. spatial_dims: 1, 2, 3
+        for BatchNorm1d/2d/3d input ranks, 0 for any.
+        """
+        request = _create_request(num_features, layer_id, eps, momentum,
+                                  affine, track_running_stats, layout, dtype,
+                                  spatial_dims, device)
+        return LayerInfo.from_proto(
+            self._call(self._create, request, "CreateLayer", timeout))
+
+    def get_layer(self, name, *, timeout=_MISSING) -> LayerInfo:
+        return LayerInfo.from_proto(
+            self._call(self._get, pb.GetLayerRequest(name=name),
+                       f"GetLayer({name})", timeout))
+
+    def list_layers(self, page_size=0, page_token="", *,
+                    timeout=_MISSING) -> LayerPage:
+        response = self._call(
+            self._list,
+            pb.ListLayersRequest(page_size=page_size, page_token=page_token),
+            "ListLayers", timeout)
+        return LayerPage([LayerInfo.from_proto(l) for l in response.layers],
+                         response.next_page_token)
+
+    def all_layers(self, *, timeout=_MISSING) -> List[LayerInfo]:
+        """Returns every layer, following pages."""
+        layers, token = [], ""
+        while True:
+            page = self.list_layers(1000, token, timeout=timeout)
+            layers.extend(page.layers)
+            token = page.next_page_token
+            if not token:
+                return layers
+
+    def delete_layer(self, name, *, timeout=_MISSING) -> None:
+        self._call(self._delete, pb.DeleteLayerRequest(name=name),
+                   f"DeleteLayer({name})", timeout)
+
+    # -- compute -----------------------------------------------------------
+
+    def forward(self, name, input, *, training=False, return_stats=False,
+                save_for_backward=None, dtype=None, layout=None,
+                timeout=_MISSING, raw=False) -> ForwardResult:
+        """Runs Forward on ``input`` (N, C, *spatial).
+
+        input: a numpy array (see tensor.from_numpy for dtype/layout; a
+        channels-last array goes as NHWC without a copy) or a WireTensor.
+        training: batch statistics and a running-stat update; else eval.
+        save_for_backward: None keeps the server's default (save, return a
+        handle); False saves nothing. raw=True returns the output as a
+        WireTensor over the reply's bytes.
+        """
+        wire = _as_wire(input, dtype, layout)
+        request = _forward_parts(name, wire, training, return_stats,
+                                 save_for_backward).join()
+        response, data = self._call(self._forward, request,
+                                    f"Forward({name})", timeout)
+        return _forward_result(response, data, raw)
+
+    def backward(self, name, handle, grad_output, *, accumulate_grad=False,
+                 retain_context=False, skip_grad_input=False, dtype=None,
+                 layout=None, timeout=_MISSING, raw=False) -> BackwardResult:
+        """Runs Backward for a Forward's handle.
+
+        grad_output must have the forward input's shape, dtype and layout
+        (pass dtype=/layout= to convert). accumulate_grad adds grad_weight and
+        grad_bias into the layer's gradients for optimizer_step();
+        retain_context keeps the handle usable (retain_graph).
+        """
+        wire = _as_wire(grad_output, dtype, layout)
+        request = _backward_parts(name, handle, wire, accumulate_grad,
+                                  retain_context, skip_grad_input).join()
+        response, data = self._call(self._backward, request,
+                                    f"Backward({name})", timeout)
+        return _backward_result(response, data, raw)
+
+    def update_running_stats(self, name, mean, var, count, *,
+                             timeout=_MISSING) -> RunningStatsResult:
+        """Folds a batch's per-channel mean and biased var (over ``count``
+        values per channel) into the running stats, as a forward would."""
+        request = pb.UpdateRunningStatsRequest(
+            name=name, mean=_per_channel(mean),
+            var=_per_channel(var), count=int(count))
+        response = self._call(self._update_stats, request,
+                              f"UpdateRunningStats({name})", timeout)
+        return RunningStatsResult(response.version,
+                                  response.num_batches_tracked)
+
+    def optimizer_step(self, name, *, lr, momentum=0.0, dampening=0.0,
+                       weight_decay=0.0, nesterov=False, keep_grad=False,
+                       timeout=_MISSING) -> int:
+        """torch.optim.SGD's step on the layer's accumulated gradients;
+        zeroes them unless keep_grad. Returns the layer's version."""
+        request = pb.OptimizerStepRequest(
+            name=name, sgd=_sgd(lr, momentum, dampening, weight_decay,
+                                nesterov), keep_grad=bool(keep_grad))
+        return self._call(self._step, request, f"OptimizerStep({name})",
+                          timeout).version
+
+    def set_parameters(self, name, weight=None, bias=None, *,
+                       timeout=_MISSING) -> int:
+        """Sets weight and/or bias ([C] each). Returns the version."""
+        request = pb.SetParametersRequest(
+            name=name, weight=_per_channel(weight),
+            bias=_per_channel(bias))
+        return self._call(self._set_params, request,
+                          f"SetParameters({name})", timeout).version
+
+    def get_state(self, name, *, timeout=_MISSING) -> LayerState:
+        """Returns the layer's state dict (PyTorch's names) as numpy arrays."""
+        response = self._call(self._get_state, pb.GetStateRequest(name=name),
+                              f"GetState({name})", timeout)
+        return LayerState(_state_from_proto(response.state), response.version)
+
+    def load_state(self, name, state, *, allow_missing=False,
+                   timeout=_MISSING) -> int:
+        """Loads a state dict (arrays, torch tensors or lists by PyTorch's
+        names; all-or-nothing). allow_missing: load_state_dict(strict=False)
+        for missing keys; unknown keys are always an error."""
+        request = pb.LoadStateRequest(name=name, state=_state_to_proto(state),
+                                      allow_missing=bool(allow_missing))
+        return self._call(self._load_state, request, f"LoadState({name})",
+                          timeout).version
+
+    def train(self, *, timeout=None) -> "TrainStream":
+        """Opens a Train stream (one training run; operations answered in
+        order). timeout: deadline of the whole stream (default: none)."""
+        return TrainStream(self, timeout)
+
+
+_END = object()
+
+
+class TrainStream:
+    """One Train stream: the unary calls' operations, answered in order.
+
+    Each ``op(...)`` blocks for its answer; ``op_async(...)`` returns a
+    concurrent.futures.Future at once, so several operations can be in
+    flight. A failed operation raises (or sets) its NormserveError and the
+    stream goes on. Use as a context manager or call close().
+    """
+
+    def __init__(self, client, timeout):
+        self._client = client
+        self._lock = threading.Lock()
+        self._pending = {}
+        self._next_id = 1
+        self._closing = False
+        self._ended = False
+        self._error = None
+        self._queue = queue.SimpleQueue()
+        try:
+            self._responses = client._train(
+                iter(self._queue.get, _END), timeout=timeout,
+                metadata=client._metadata or None,
+                wait_for_ready=client._wait_for_ready)
+        except grpc.RpcError as err:
+            raise errors.error_from_rpc(err, "Train", client.address) from None
+        self._reader = threading.Thread(target=self._read,
+                                        name="normserve-train", daemon=True)
+        self._reader.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _read(self):
+        error = None
+        try:
+            for response, data in self._responses:
+                with self._lock:
+                    entry = self._pending.pop(response.request_id, None)
+                if entry is None:
+                    continue
+                future, decode, method = entry
+                if response.status.code != 0:
+                    future.set_exception(errors.error_from_code(
+                        response.status.code, response.status.message, method,
+                        self._client.address))
+                    continue
+                try:
+                    future.set_result(decode(response, data))
+                except Exception as err:  # A malformed answer.
+                    future.set_exception(err)
+        except grpc.RpcError as err:
+            error = errors.error_from_rpc(err, "Train", self._client.address)
+        except Exception as err:
+            error = errors.error_from_code(grpc.StatusCode.INTERNAL,
+                                           f"Train stream failed: {err}",
+                                           "Train", self._client.address)
+        with self._lock:
+            self._ended = True
+            self._error = error
+            pending, self._pending = self._pending, {}
+        for future, _, method in pending.values():
+            future.set_exception(error or errors.error_from_code(
+                grpc.StatusCode.UNKNOWN,
+                "the Train stream ended before answering", method,
+                self._client.address))
+
+    def _submit(self, field, payload, decode, method):
+        future = concurrent.futures.Future()
+        with self._lock:
+            if self._ended or self._closing:
+                raise self._error or errors.error_from_code(
+                    grpc.StatusCode.CANCELLED, "the Train stream is closed",
+                    method, self._client.address)
+            request_id = self._next_id
+            self._next_id += 1
+            self._pending[request_id] = (future, decode, method)
+            message = _wire.Parts(
+                pb.TrainRequest(request_id=request_id).SerializeToString())
+            message.append_field(field, payload)
+            self._queue.put(message.join())
+        return future
+
+    def _wait(self, future, timeout, method):
+        if timeout is _MISSING:
+            timeout = self._client.timeout
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise errors.error_from_code(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no answer on the Train stream within {timeout} s", method,
+                self._client.address) from None
+
+    @staticmethod
+    def _message(message):
+        return _wire.Parts(message.SerializeToString())
+
+    # Each operation: NAME_async returns a Future; NAME waits for it.
+
+    def forward_async(self, name, input, *, training=False, return_stats=False,
+                      save_for_backward=None, dtype=None, layout=None,
+                      raw=False):
+        wire = _as_wire(input, dtype, layout)
+        return self._submit(
+            2, _forward_parts(name, wire, training, return_stats,
+                              save_for_backward),
+            lambda r, data: _forward_result(r.forward, data, raw),
+            f"Train.Forward({name})")
+
+    def forward(self, name, input, *, timeout=_MISSING, **kwargs):
+        return self._wait(self.forward_async(name, input, **kwargs), timeout,
+                          f"Train.Forward({name})")
+
+    def backward_async(self, name, handle, grad_output, *,
+                       accumulate_grad=False, retain_context=False,
+                       skip_grad_input=False, dtype=None, layout=None,
+                       raw=False):
+        wire = _as_wire(grad_output, dtype, layout)
+        return self._submit(
+            3, _backward_parts(name, handle, wire, accumulate_grad,
+                               retain_context, skip_grad_input),
+            lambda r, data: _backward_result(r.backward, data, raw),
+            f"Train.Backward({name})")
+
+    def backward(self, name, handle, grad_output, *, timeout=_MISSING,
+                 **kwargs):
+        return self._wait(
+            self.backward_async(name, handle, grad_output, **kwargs), timeout,
+            f"Train.Backward({name})")
+
+    def update_running_stats_async(self, name, mean, var, count):
+        request = pb.UpdateRunningStatsRequest(
+            name=name, mean=_per_channel(mean),
+            var=_per_channel(var), count=int(count))
+        return self._submit(
+            4, self._message(request),
+            lambda r, _: RunningStatsResult(
+                r.update_running_stats.version,
+                r.update_running_stats.num_batches_tracked),
+            f"Train.UpdateRunningStats({name})")
+
+    def update_running_stats(self, name, mean, var, count, *,
+                             timeout=_MISSING):
+        return self._wait(self.update_running_stats_async(name, mean, var,
+                                                          count), timeout,
+                          f"Train.UpdateRunningStats({name})")
+
+    def optimizer_step_async(self, name, *, lr, momentum=0.0, dampening=0.0,
+                             weight_decay=0.0, nesterov=False,
+                             keep_grad=False):
+        request = pb.OptimizerStepRequest(
+            name=name, sgd=_sgd(lr, momentum, dampening, weight_decay,
+                                nesterov), keep_grad=bool(keep_grad))
+        return self._submit(5, self._message(request),
+                            lambda r, _: r.optimizer_step.version,
+                            f"Train.OptimizerStep({name})")
+
+    def optimizer_step(self, name, *, timeout=_MISSING, **kwargs):
+        return self._wait(self.optimizer_step_async(name, **kwargs), timeout,
+                          f"Train.OptimizerStep({name})")
+
+    def set_parameters_async(self, name, weight=None, bias=None):
+        request = pb.SetParametersRequest(
+            name=name, weight=_per_channel(weight),
+            bias=_per_channel(bias))
+        return self._submit(6, self._message(request),
+                            lambda r, _: r.set_parameters.version,
+                            f"Train.SetParameters({name})")
+
+    def set_parameters(self, name, weight=None, bias=None, *,
+                       timeout=_MISSING):
+        return self._wait(self.set_parameters_async(name, weight, bias),
+                          timeout, f"Train.SetParameters({name})")
+
+    def get_state_async(self, name):
+        return self._submit(
+            7, self._message(pb.GetStateRequest(name=name)),
+            lambda r, _: LayerState(_state_from_proto(r.get_state.state),
+                                    r.get_state.version),
+            f"Train.GetState({name})")
+
+    def get_state(self, name, *, timeout=_MISSING):
+        return self._wait(self.get_state_async(name), timeout,
+                          f"Train.GetState({name})")
+
+    def load_state_async(self, name, state, *, allow_missing=False):
+        request = pb.LoadStateRequest(name=name, state=_state_to_proto(state),
+                                      allow_missing=bool(allow_missing))
+        return self._submit(8, self._message(request),
+                            lambda r, _: r.load_state.version,
+                            f"Train.LoadState({name})")
+
+    def load_state(self, name, state, *, allow_missing=False,
+                   timeout=_MISSING):
+        return self._wait(
+            self.load_state_async(name, state, allow_missing=allow_missing),
+            timeout, f"Train.LoadState({name})")
+
+    def get_layer_async(self, name):
+        return self._submit(9, self._message(pb.GetLayerRequest(name=name)),
+                            lambda r, _: LayerInfo.from_proto(r.get_layer),
+                            f"Train.GetLayer({name})")
+
+    def get_layer(self, name, *, timeout=_MISSING):
+        return self._wait(self.get_layer_async(name), timeout,
+                          f"Train.GetLayer({name})")
+
+    def close(self, timeout=_MISSING):
+        """Half-closes the stream and waits for the answers in flight."""
+        with self._lock:
+            if not self._closing:
+                self._closing = True
+                self._queue.put(_END)
+        if timeout is _MISSING:
+            timeout = self._client.timeout
+        self._reader.join(timeout)
+        if self._reader.is_alive():
+            self.cancel()
+            self._reader.join()
+
+    def cancel(self):
+        """Cancels the stream; operations in flight fail with CancelledError."""
+        self._responses.cancel()

@@ -1,0 +1,686 @@
+"""torch.nn.BatchNorm1d/2d/3d whose layer lives on a normserve server.
+
+    client = normserve.Client("127.0.0.1:50051")
+    bn = normserve.torch.BatchNorm2d(64, client=client)   # nn.BatchNorm2d's args
+    model = nn.Sequential(conv, bn, nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)      # works as usual
+
+Each module creates one server layer (or attaches to one with ``layer=``) and
+runs forward and backward there through a torch.autograd.Function. What
+lives where:
+
+- running_mean, running_var, num_batches_tracked: on the server. Reading
+  them (``bn.running_mean``) fetches them; assigning pushes them. They are
+  not module buffers, but ``state_dict()``/``load_state_dict()`` carry them
+  under PyTorch's keys, so a local nn.BatchNorm's state dict loads here and
+  ours loads there.
+- weight and bias, default: local nn.Parameters (so torch.optim works);
+  their gradients come from the server's backward, and the module pushes the
+  current values to the server (SetParameters) before a forward whenever they
+  changed.
+- weight and bias with ``server_parameters=True``: on the server only (for
+  clients sharing one layer). backward accumulates their gradients on the
+  server; :class:`ServerSGD` (or ``bn.server_step(...)``) applies
+  torch.optim.SGD's update there (OptimizerStep). ``bn.weight``/``bn.bias``
+  read them from the server.
+
+Inputs may be float32, float16 or bfloat16 (parameters and statistics stay
+float32, as in PyTorch's mixed-precision BatchNorm), contiguous or
+channels_last (sent as NHWC without a layout copy), on any device (moved
+through the CPU). With grad disabled, or when neither the input nor a
+parameter needs a gradient, the server keeps nothing for backward (run
+inference under torch.no_grad(); otherwise each forward's saved context waits
+on the server for a backward until the server evicts it).
+
+Limits: one backward per forward (no retain_graph: a second backward raises
+RuntimeError), no double backward, no torch.jit, no pickling of the module
+(save its state_dict); copy.deepcopy creates a new server layer with the same
+state. The layer's config (eps, momentum, affine, track_running_stats) is
+fixed when it is created.
+"""
+
+import os
+import threading
+import warnings
+import weakref
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from normserve import errors
+from normserve import tensor as _tensor
+from normserve.client import Client
+from normserve.tensor import WireTensor
+from normserve.v1 import normserve_pb2 as pb
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ServerSGD",
+           "default_client", "to_wire", "from_wire"]
+
+
+_WIRE_DTYPE = {torch.float32: pb.DTYPE_FLOAT32,
+               torch.float16: pb.DTYPE_FLOAT16,
+               torch.bfloat16: pb.DTYPE_BFLOAT16}
+_TORCH_DTYPE = {v: k for k, v in _WIRE_DTYPE.items()}
+# Same-size integer types: numpy has no bfloat16, so bytes go through these.
+_BITS = {torch.float32: torch.int32, torch.float16: torch.int16,
+         torch.bfloat16: torch.int16}
+_REMOTE_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+_PARAMS = ("weight", "bias")
+
+_frombuffer_warned = False
+_default_client = None
+_default_lock = threading.Lock()
+
+
+def default_client():
+    """Returns a shared Client for $NORMSERVE_ADDRESS (127.0.0.1:50051)."""
+    global _default_client
+    with _default_lock:
+        if _default_client is None:
+            _default_client = Client(
+                os.environ.get("NORMSERVE_ADDRESS", "127.0.0.1:50051"))
+        return _default_client
+
+
+def _channels_last_order(x):
+    return x.dim() >= 3 and x.movedim(1, -1).is_contiguous()
+
+
+def to_wire(x, layout=None):
+    """Returns a WireTensor over a CPU tensor's memory (N, C, *spatial).
+
+    layout None: NCHW when contiguous, NHWC when channels-last (no copy);
+    otherwise copies to NCHW. A given layout converts when needed.
+    """
+    if x.dtype not in _WIRE_DTYPE:
+        raise TypeError(f"normserve: {x.dtype} tensors cannot be sent; "
+                        "expected float32, float16 or bfloat16")
+    x = x.detach()
+    if layout is None or layout == pb.LAYOUT_UNSPECIFIED:
+        layout = (pb.LAYOUT_NHWC if not x.is_contiguous()
+                  and _channels_last_order(x) else pb.LAYOUT_NCHW)
+    if layout == pb.LAYOUT_NHWC and x.dim() >= 3:
+        memory = x.movedim(1, -1).contiguous()
+    else:
+        memory = x.contiguous()
+    if memory.numel() == 0:
+        data = b""
+    else:
+        data = memoryview(memory.view(_BITS[x.dtype]).numpy()).cast("B")
+    return WireTensor(tuple(x.shape), _WIRE_DTYPE[x.dtype], layout, data)
+
+
+def _frombuffer(data, dtype, count):
+    """torch.frombuffer without its one-time warning that the reply's bytes
+    are not writable: nothing else holds them (see from_wire)."""
+    global _frombuffer_warned
+    if _frombuffer_warned:
+        return torch.frombuffer(data, dtype=dtype, count=count)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out = torch.frombuffer(data, dtype=dtype, count=count)
+    _frombuffer_warned = True
+    return out
+
+
+def from_wire(wire, device=None):
+    """Returns a tensor over a WireTensor's bytes (no copy on the CPU).
+
+    An NHWC tensor comes back channels-last. The result is not a view (so
+    in-place ops after a custom Function are allowed). It shares memory with
+    ``wire.data``: for a reply that is the bytes object the gRPC runtime
+    created for this message alone and that only this tensor references, so
+    writing through the tensor is safe although Python bytes are immutable.
+    """
+    dtype = _TORCH_DTYPE[wire.dtype]
+    shape = tuple(wire.shape)
+    memory = _tensor.memory_shape(shape, wire.layout)
+    strides = [1] * len(memory)
+    for i in range(len(memory) - 2, -1, -1):
+        strides[i] = strides[i + 1] * memory[i + 1]
+    if wire.layout == pb.LAYOUT_NHWC and len(shape) >= 3:
+        strides.insert(1, strides.pop())
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel == 0:
+        out = torch.empty(shape, dtype=dtype)
+    else:
+        flat = _frombuffer(wire.data, dtype, numel)
+        out = torch.empty(0, dtype=dtype).set_(flat.storage(), 0, shape,
+                                               tuple(strides))
+    if device is not None and torch.device(device).type != "cpu":
+        out = out.to(device)
+    return out
+
+
+class _Remote:
+    """What the autograd Function needs to reach a layer."""
+
+    __slots__ = ("client", "name", "timeout", "server_parameters",
+                 "grad_pending")
+
+    def __init__(self, client, name, timeout, server_parameters):
+        self.client = client
+        self.name = name
+        self.timeout = timeout
+        self.server_parameters = server_parameters
+        self.grad_pending = False
+
+    def kwargs(self):
+        return {} if self.timeout is None else {"timeout": self.timeout}
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    """y = BatchNorm(x) on the server; backward calls the server's Backward.
+
+    Inputs: x, weight, bias (local parameters or None), anchor (a tensor that
+    requires grad so that backward runs for server-held parameters, or None),
+    the _Remote, training, save_for_backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, anchor, remote, training, save):
+        device = x.device
+        wire = to_wire(x.detach().cpu())
+        result = remote.client.forward(remote.name, wire, training=training,
+                                       save_for_backward=save, raw=True,
+                                       **remote.kwargs())
+        ctx.remote = remote
+        ctx.handle = result.handle
+        ctx.consumed = False
+        ctx.dtype = x.dtype
+        ctx.layout = wire.layout
+        ctx.device = device
+        ctx.param = (weight.dtype, weight.device) if weight is not None else (
+            torch.float32, device)
+        return from_wire(result.output, device)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        remote = ctx.remote
+        if ctx.consumed:
+            raise RuntimeError(
+                f"normserve: a second backward through {remote.name}; the "
+                "server frees what a forward saved at its first backward "
+                "(retain_graph=True is not supported)")
+        if not ctx.handle:
+            raise RuntimeError(
+                f"normserve: the forward of {remote.name} saved nothing for "
+                "backward (grad was disabled or nothing required grad then)")
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        accumulate = remote.server_parameters
+        if not (needs_input or needs_weight or needs_bias or accumulate):
+            return (None,) * 7
+        # The server wants grad_output in the forward input's dtype and layout.
+        grad = grad_output.detach().to(device="cpu", dtype=ctx.dtype)
+        wire = to_wire(grad, layout=ctx.layout)
+        ctx.consumed = True  # The server frees the context at this Backward.
+        result = remote.client.backward(remote.name, ctx.handle, wire,
+                                        accumulate_grad=accumulate,
+                                        skip_grad_input=not needs_input,
+                                        raw=True, **remote.kwargs())
+        if accumulate:
+            remote.grad_pending = True
+        grad_input = (from_wire(result.grad_input, ctx.device)
+                      if needs_input else None)
+        dtype, device = ctx.param
+        grad_weight = grad_bias = None
+        if needs_weight and result.grad_weight is not None:
+            grad_weight = torch.from_numpy(result.grad_weight).to(device,
+                                                                  dtype)
+        if needs_bias and result.grad_bias is not None:
+            grad_bias = torch.from_numpy(result.grad_bias).to(device, dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def _delete_layer_quietly(client, name):
+    try:
+        client.delete_layer(name, timeout=5)
+    except Exception:  # Best effort at garbage collection.
+        pass
+
+
+class _BatchNorm(nn.Module):
+    """Base of BatchNorm1d/2d/3d; see the module docstring."""
+
+    _version = 2  # nn.BatchNorm's state_dict version.
+    _spatial_dims = 0
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None, *,
+                 client=None, layer_id=None, layer=None,
+                 server_parameters=False, timeout=None):
+        """torch.nn.BatchNorm's arguments, plus:
+
+        client: a normserve.Client, an address, or None for default_client().
+        layer_id: id for the new server layer (None: the server picks one).
+        layer: attach to this existing layer ("layers/{id}" or "{id}")
+          instead of creating one; its config must match. An attached layer
+          is not deleted by close().
+        server_parameters: weight and bias live and are updated on the
+          server (see ServerSGD) instead of being local nn.Parameters.
+        timeout: deadline of each call in seconds (None: the client's).
+        """
+        super().__init__()
+        if client is None:
+            client = default_client()
+        elif isinstance(client, str):
+            client = Client(client)
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self._config = self._config_tuple()
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        if layer is None:
+            info = client.create_layer(
+                num_features, layer_id=layer_id, eps=eps, momentum=momentum,
+                affine=affine, track_running_stats=track_running_stats,
+                spatial_dims=self._spatial_dims, **kwargs)
+        else:
+            info = client.get_layer(layer, **kwargs)
+            self._check_attached(info)
+        self._remote = _Remote(client, info.name, timeout, server_parameters)
+        self._finalizer = None
+        if layer is None:
+            self._finalizer = weakref.finalize(self, _delete_layer_quietly,
+                                               client, info.name)
+            self._finalizer.atexit = False
+        self._pushed = None
+        self._anchor = None
+        factory_kwargs = {"device": device, "dtype": dtype}
+        if affine and not server_parameters:
+            self.weight = nn.Parameter(torch.ones(num_features,
+                                                  **factory_kwargs))
+            self.bias = nn.Parameter(torch.zeros(num_features,
+                                                 **factory_kwargs))
+            if layer is None:  # A new layer holds ones and zeros too.
+                self._pushed = self._parameter_values()
+            else:
+                state = client.get_state(info.name, **kwargs)
+                with torch.no_grad():
+                    self.weight.copy_(torch.from_numpy(state["weight"]))
+                    self.bias.copy_(torch.from_numpy(state["bias"]))
+                self._pushed = self._parameter_values()
+        elif affine:
+            # Makes backward run when only server-held parameters need it.
+            self._anchor = torch.zeros(0, requires_grad=True)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self._ready = True
+
+    # -- identity ------------------------------------------------------------
+
+    @property
+    def client(self):
+        return self._remote.client
+
+    @property
+    def layer_name(self):
+        """The server layer's name, "layers/{id}"."""
+        return self._remote.name
+
+    @property
+    def server_parameters(self):
+        return self._remote.server_parameters
+
+    def close(self):
+        """Deletes the server layer this module created (not an attached
+        one). The module is unusable afterwards."""
+        if self._finalizer is not None and self._finalizer.alive:
+            self._finalizer.detach()
+            self._remote.client.delete_layer(self._remote.name,
+                                             **self._remote.kwargs())
+
+    def extra_repr(self):
+        text = ("{num_features}, eps={eps}, momentum={momentum}, "
+                "affine={affine}, track_running_stats={track_running_stats}"
+                .format(**self.__dict__))
+        text += f", layer={self._remote.name}"
+        if self._remote.server_parameters:
+            text += ", server_parameters=True"
+        return text
+
+    def _config_tuple(self):
+        return (self.num_features, self.eps, self.momentum, self.affine,
+                self.track_running_stats)
+
+    def _check_attached(self, info):
+        momentum = info.momentum
+        mismatches = []
+        if info.num_features != self.num_features:
+            mismatches.append(f"num_features {info.num_features}")
+        if abs(info.eps - self.eps) > 1e-12 * max(1.0, abs(self.eps)):
+            mismatches.append(f"eps {info.eps}")
+        if (momentum is None) != (self.momentum is None) or (
+                momentum is not None and abs(momentum - self.momentum) > 1e-12):
+            mismatches.append(f"momentum {momentum}")
+        if info.affine != self.affine:
+            mismatches.append(f"affine {info.affine}")
+        if info.track_running_stats != self.track_running_stats:
+            mismatches.append(
+                f"track_running_stats {info.track_running_stats}")
+        if info.spatial_dims not in (0, self._spatial_dims):
+            mismatches.append(f"spatial_dims {info.spatial_dims}")
+        if mismatches:
+            raise ValueError(
+                f"normserve: layer {info.name} has " + ", ".join(mismatches)
+                + f"; this {type(self).__name__} was given "
+                + ", ".join(f"{k}={v}" for k, v in zip(
+                    ("num_features", "eps", "momentum", "affine",
+                     "track_running_stats"), self._config_tuple())))
+
+    # -- server-held attributes ----------------------------------------------
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if not self.__dict__.get("_ready"):
+                raise
+            if name in _REMOTE_BUFFERS:
+                if not self.track_running_stats:
+                    return None
+                return self._remote_state()[name]
+            if name in _PARAMS and self._remote.server_parameters:
+                return self._remote_state()[name]
+            raise
+
+    def __setattr__(self, name, value):
+        if self.__dict__.get("_ready") and (
+                name in _REMOTE_BUFFERS or
+                (name in _PARAMS and self._remote.server_parameters)):
+            self._write_remote(name, value)
+            return
+        super().__setattr__(name, value)
+
+    def _tensor_device(self):
+        weight = self._parameters.get("weight")
+        return weight.device if weight is not None else torch.device("cpu")
+
+    def _remote_state(self):
+        """Returns the server's state as tensors (PyTorch's names)."""
+        state = self._remote.client.get_state(self._remote.name,
+                                              **self._remote.kwargs())
+        device = self._tensor_device()
+        out = {}
+        for key, value in state.items():
+            if key == "num_batches_tracked":
+                out[key] = torch.tensor(int(value), dtype=torch.long,
+                                        device=device)
+            else:
+                out[key] = torch.from_numpy(value).to(device)
+        return out
+
+    def _write_remote(self, name, value):
+        if name in _REMOTE_BUFFERS and not self.track_running_stats:
+            if value is None:
+                return
+            raise AttributeError(
+                f"normserve: {name} cannot be set: the layer was created with "
+                "track_running_stats=False")
+        if name in _PARAMS:
+            if value is None:
+                raise AttributeError(f"normserve: {name} of a server-parameter "
+                                     "layer cannot be removed")
+            self._remote.client.set_parameters(self._remote.name,
+                                               **{name: value},
+                                               **self._remote.kwargs())
+            return
+        self._remote.client.load_state(self._remote.name, {name: value},
+                                       allow_missing=True,
+                                       **self._remote.kwargs())
+
+    def _parameter_values(self):
+        return (self.weight.detach().to("cpu", torch.float32).clone(),
+                self.bias.detach().to("cpu", torch.float32).clone())
+
+    def _push_parameters(self):
+        """Sends local weight/bias to the server when they changed since the
+        last push (compared by value: in-place updates through .data do not
+        bump the tensor version)."""
+        if not self.affine or self._remote.server_parameters:
+            return
+        weight, bias = self._parameter_values()
+        if (self._pushed is not None and torch.equal(weight, self._pushed[0])
+                and torch.equal(bias, self._pushed[1])):
+            return
+        self._remote.client.set_parameters(self._remote.name,
+                                           weight=weight.numpy(),
+                                           bias=bias.numpy(),
+                                           **self._remote.kwargs())
+        self._pushed = (weight, bias)
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self._remote.client.load_state(
+                self._remote.name,
+                {"running_mean": torch.zeros(self.num_features),
+                 "running_var": torch.ones(self.num_features),
+                 "num_batches_tracked": torch.tensor(0)},
+                allow_missing=True, **self._remote.kwargs())
+
+    def reset_parameters(self):
+        self.reset_running_stats()
+        if not self.affine:
+            return
+        if self._remote.server_parameters:
+            self._remote.client.set_parameters(
+                self._remote.name, weight=torch.ones(self.num_features),
+                bias=torch.zeros(self.num_features), **self._remote.kwargs())
+        else:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def server_step(self, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                    nesterov=False):
+        """Applies torch.optim.SGD's update to the server-held weight and bias
+        (OptimizerStep) and zeroes the gradients accumulated there."""
+        if not self._remote.server_parameters:
+            raise RuntimeError("normserve: server_step() needs "
+                               "server_parameters=True; use a torch.optim "
+                               "optimizer on the local parameters")
+        version = self._remote.client.optimizer_step(
+            self._remote.name, lr=lr, momentum=momentum, dampening=dampening,
+            weight_decay=weight_decay, nesterov=nesterov,
+            **self._remote.kwargs())
+        self._remote.grad_pending = False
+        return version
+
+    # -- state dict ----------------------------------------------------------
+
+    def _state_keys(self):
+        keys = list(_PARAMS) if self.affine else []
+        if self.track_running_stats:
+            keys += _REMOTE_BUFFERS
+        return keys
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        server_params = self.affine and self._remote.server_parameters
+        state = (self._remote_state()
+                 if self.track_running_stats or server_params else {})
+        for key in self._state_keys():
+            param = self._parameters.get(key)
+            if param is not None:
+                destination[prefix + key] = param if keep_vars else (
+                    param.detach())
+            else:
+                destination[prefix + key] = state[key]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        version = local_metadata.get("version", None)
+        nbt_key = prefix + "num_batches_tracked"
+        if ((version is None or version < 2) and self.track_running_stats
+                and nbt_key not in state_dict):
+            # As nn.BatchNorm: state dicts before version 2 lack the counter.
+            state_dict[nbt_key] = torch.tensor(0, dtype=torch.long)
+        keys = self._state_keys()
+        upload = {}
+        for key in keys:
+            full = prefix + key
+            if full not in state_dict:
+                missing_keys.append(full)
+                continue
+            value = state_dict[full]
+            if not torch.is_tensor(value):
+                error_msgs.append(
+                    f'While copying the parameter named "{full}", expected '
+                    "torch.Tensor or Tensor-like object from checkpoint but "
+                    f"received {type(value)}")
+                continue
+            want = () if key == "num_batches_tracked" else (
+                self.num_features,)
+            if tuple(value.shape) != want:
+                error_msgs.append(
+                    f"size mismatch for {full}: copying a param with shape "
+                    f"{value.shape} from checkpoint, the shape in current "
+                    f"model is {torch.Size(want)}.")
+                continue
+            param = self._parameters.get(key)
+            if param is not None:
+                with torch.no_grad():
+                    param.copy_(value)
+            upload[key] = value.detach().cpu()
+        if strict:
+            for full in state_dict:
+                if full.startswith(prefix) and full[len(prefix):].split(
+                        ".", 1)[0] not in keys:
+                    unexpected_keys.append(full)
+        if upload:
+            try:
+                self._remote.client.load_state(self._remote.name, upload,
+                                               allow_missing=True,
+                                               **self._remote.kwargs())
+            except errors.NormserveError as err:
+                error_msgs.append(str(err))
+                return
+            if self.affine and not self._remote.server_parameters:
+                self._pushed = self._parameter_values()
+
+    def __deepcopy__(self, memo):
+        copy = type(self)(self.num_features, self.eps, self.momentum,
+                          self.affine, self.track_running_stats,
+                          client=self._remote.client,
+                          server_parameters=self._remote.server_parameters,
+                          timeout=self._remote.timeout)
+        memo[id(self)] = copy
+        copy.train(self.training)
+        copy.load_state_dict(self.state_dict())
+        for key, param in self._parameters.items():
+            if param is not None:
+                copy._parameters[key].requires_grad_(param.requires_grad)
+        return copy
+
+    def __getstate__(self):
+        raise TypeError(
+            "normserve modules hold a server connection and cannot be "
+            "pickled; save module.state_dict() instead")
+
+    # -- compute -------------------------------------------------------------
+
+    def _check_input_dim(self, input):
+        raise NotImplementedError
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        if self._config_tuple() != self._config:
+            raise RuntimeError(
+                "normserve: num_features/eps/momentum/affine/"
+                "track_running_stats changed after the server layer was "
+                f"created (now {self._config_tuple()}, layer has "
+                f"{self._config}); create a new module instead")
+        if input.dtype not in _WIRE_DTYPE:
+            raise TypeError(f"normserve: input dtype {input.dtype} is not "
+                            "supported; expected float32, float16 or bfloat16")
+        self._push_parameters()
+        weight = self._parameters.get("weight")
+        bias = self._parameters.get("bias")
+        anchor = self._anchor
+        grad = torch.is_grad_enabled()
+        save = grad and (
+            input.requires_grad or anchor is not None
+            or any(p is not None and p.requires_grad for p in (weight, bias)))
+        return _BatchNormFunction.apply(input, weight, bias,
+                                        anchor if grad else None,
+                                        self._remote, self.training, save)
+
+
+class BatchNorm1d(_BatchNorm):
+    """torch.nn.BatchNorm1d on a normserve server: input (N, C) or (N, C, L)."""
+
+    _spatial_dims = 1
+
+    def _check_input_dim(self, input):
+        if input.dim() != 2 and input.dim() != 3:
+            raise ValueError(
+                f"expected 2D or 3D input (got {input.dim()}D input)")
+
+
+class BatchNorm2d(_BatchNorm):
+    """torch.nn.BatchNorm2d on a normserve server: input (N, C, H, W)."""
+
+    _spatial_dims = 2
+
+    def _check_input_dim(self, input):
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+class BatchNorm3d(_BatchNorm):
+    """torch.nn.BatchNorm3d on a normserve server: input (N, C, D, H, W)."""
+
+    _spatial_dims = 3
+
+    def _check_input_dim(self, input):
+        if input.dim() != 5:
+            raise ValueError(f"expected 5D input (got {input.dim()}D input)")
+
+
+class ServerSGD:
+    """torch.optim.SGD for the weight and bias of server_parameters modules.
+
+    step() runs OptimizerStep (the server applies SGD to the gradients
+    backward accumulated there, then zeroes them) on every module whose
+    backward ran since its last step. zero_grad() discards gradients
+    accumulated without a step. Use a torch.optim optimizer for the rest of
+    the model as usual.
+    """
+
+    def __init__(self, modules, lr, momentum=0.0, dampening=0.0,
+                 weight_decay=0.0, nesterov=False):
+        if isinstance(modules, nn.Module):
+            modules = modules.modules()
+        self.modules = [m for m in modules if isinstance(m, _BatchNorm)
+                        and m.affine and m.server_parameters]
+        if lr < 0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError(
+                "Nesterov momentum requires a momentum and zero dampening")
+        self.options = dict(lr=lr, momentum=momentum, dampening=dampening,
+                            weight_decay=weight_decay, nesterov=nesterov)
+
+    def step(self):
+        for module in self.modules:
+            if module._remote.grad_pending:
+                module.server_step(**self.options)
+
+    def zero_grad(self, set_to_none=True):
+        for module in self.modules:
+            remote = module._remote
+            if remote.grad_pending:
+                # A step with lr 0 and no momentum or decay leaves the
+                # parameters as they are and clears the gradients.
+                remote.client.optimizer_step(remote.name, lr=0.0,
+                                             **remote.kwargs())
+                remote.grad_pending = False

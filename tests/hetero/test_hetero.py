@@ -1,0 +1,220 @@
+"""Heterogeneous clients sharing one server layer.
+
+The C++ client (normserve-cli), the Python client and the Node client
+(tests/hetero/node_steps.js over client/node) take turns on one layer:
+C++ runs training forwards (NHWC), Python and Node run forward, backward with
+accumulate_grad and a server-side SGD step (NCHW). A single Python client
+then does the same steps on a fresh layer. The two layers' states (running
+statistics, num_batches_tracked, weight, bias, SGD momentum buffers) and
+every output must be identical, and both must match torch.
+
+Also runs the Node example client (client/node/example.js).
+
+Needs: NORMSERVE_CLI (normserve-cli), node (NORMSERVE_NODE) and the Node
+client's packages (`npm ci` in client/node, done by scripts/install-deps.sh).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from normserve_pytest import REPO
+
+SHAPE = (8, 4, 5, 5)
+LR, MOMENTUM = 0.05, 0.9
+# Who runs each step: the C++ CLI (forward only), Python, Node.
+SEQUENCE = ["cpp", "python", "node", "cpp", "python", "node", "node",
+            "python", "cpp"]
+
+
+def tool(env, default):
+    path = os.environ.get(env) or default
+    found = shutil.which(path) or (path if os.access(path, os.X_OK) else None)
+    if not found:
+        pytest.fail(f"{path} not found (set {env})")
+    return found
+
+
+@pytest.fixture(scope="module")
+def node():
+    binary = tool("NORMSERVE_NODE", "node")
+    client_dir = os.environ.get("NORMSERVE_NODE_CLIENT",
+                                os.path.join(REPO, "client", "node"))
+    for package in ("@grpc/grpc-js", "@grpc/proto-loader"):
+        if not os.path.isdir(os.path.join(client_dir, "node_modules",
+                                          package)):
+            pytest.fail(f"{package} is not installed in {client_dir}; run "
+                        "scripts/install-deps.sh (npm ci there)")
+    return binary, client_dir
+
+
+@pytest.fixture(scope="module")
+def cli():
+    return tool("NORMSERVE_CLI", os.path.join(REPO, "build", "bin",
+                                              "normserve-cli"))
+
+
+def run(args, timeout=60):
+    result = subprocess.run(args, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, (
+        f"{' '.join(args)} exited {result.returncode}\n"
+        f"stdout: {result.stdout}\nstderr: {result.stderr}")
+    return result.stdout
+
+
+def batches(count):
+    rng = np.random.default_rng(11)
+    per = np.arange(SHAPE[1], dtype=np.float32).reshape(1, -1, 1, 1)
+    xs = [(0.5 * per - 1 + (1 + 0.5 * per) * rng.standard_normal(SHAPE))
+          .astype(np.float32) for _ in range(count)]
+    gs = [rng.standard_normal(SHAPE).astype(np.float32) for _ in range(count)]
+    return xs, gs
+
+
+def nhwc_view(nhwc_bytes):
+    memory = np.frombuffer(nhwc_bytes, np.float32).reshape(
+        SHAPE[0], SHAPE[2], SHAPE[3], SHAPE[1])
+    return np.moveaxis(memory, -1, 1)
+
+
+def test_clients_share_one_layer(server, client, cli, node, tmp_path):
+    node_binary, node_dir = node
+    xs, gs = batches(len(SEQUENCE))
+    shared = client.create_layer(SHAPE[1], layer_id="hetero-shared",
+                                 momentum=0.1, spatial_dims=2).name
+    single = client.create_layer(SHAPE[1], layer_id="hetero-single",
+                                 momentum=0.1, spatial_dims=2).name
+    step_kwargs = dict(lr=LR, momentum=MOMENTUM)
+    for step, (who, x, g) in enumerate(zip(SEQUENCE, xs, gs)):
+        x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        # The single client: the same operation, the same layout.
+        if who == "cpp":
+            want = client.forward(single, np.moveaxis(x_nhwc, -1, 1),
+                                  training=True, save_for_backward=False)
+            want_dx = None
+        else:
+            want = client.forward(single, x, training=True)
+            want_dx = client.backward(single, want.handle, g,
+                                      accumulate_grad=True).grad_input
+            client.optimizer_step(single, **step_kwargs)
+
+        out = tmp_path / f"y{step}.bin"
+        if who == "cpp":
+            path = tmp_path / f"x{step}.bin"
+            path.write_bytes(x_nhwc.tobytes())
+            text = run([cli, f"--address={server.address}", "forward",
+                        "hetero-shared", "--shape=" + ",".join(map(str, SHAPE)),
+                        f"--input={path}", "--layout=nhwc", "--training",
+                        f"--output={out}"])
+            assert "mode: training" in text
+            got = nhwc_view(out.read_bytes())
+            got_dx = None
+        elif who == "python":
+            fwd = client.forward(shared, x, training=True)
+            got = fwd.output
+            got_dx = client.backward(shared, fwd.handle, g,
+                                     accumulate_grad=True).grad_input
+            client.optimizer_step(shared, **step_kwargs)
+        else:
+            paths = {k: tmp_path / f"{k}{step}.bin" for k in ("x", "g", "dx")}
+            paths["x"].write_bytes(x.tobytes())
+            paths["g"].write_bytes(g.tobytes())
+            text = run([node_binary, os.path.join(os.path.dirname(__file__),
+                                                  "node_steps.js"), node_dir,
+                        f"--address={server.address}", "--layer=hetero-shared",
+                        "--shape=" + ",".join(map(str, SHAPE)),
+                        f"--input={paths['x']}", f"--grad={paths['g']}",
+                        f"--output={out}", f"--grad_input={paths['dx']}",
+                        f"--lr={LR}", f"--momentum={MOMENTUM}"])
+            summary = json.loads(text)
+            assert summary["outputShape"] == list(SHAPE)
+            assert summary["outputDtype"] == "float32"
+            assert summary["numBatchesTracked"] == step + 1
+            got = np.frombuffer(out.read_bytes(), np.float32).reshape(SHAPE)
+            got_dx = np.frombuffer(paths["dx"].read_bytes(),
+                                   np.float32).reshape(SHAPE)
+        np.testing.assert_array_equal(got, want.output,
+                                      err_msg=f"step {step} ({who}) output")
+        if want_dx is not None:
+            np.testing.assert_array_equal(got_dx, want_dx,
+                                          err_msg=f"step {step} grad_input")
+
+    shared_state = client.get_state(shared)
+    single_state = client.get_state(single)
+    assert sorted(shared_state) == sorted(single_state) == [
+        "bias", "bias_momentum_buffer", "num_batches_tracked", "running_mean",
+        "running_var", "weight", "weight_momentum_buffer"]
+    for key in single_state:
+        np.testing.assert_array_equal(shared_state[key], single_state[key],
+                                      err_msg=key)
+    assert int(shared_state["num_batches_tracked"]) == len(SEQUENCE)
+
+    # And both equal torch doing the same steps.
+    ref = torch.nn.BatchNorm2d(SHAPE[1], momentum=0.1)
+    opt = torch.optim.SGD(ref.parameters(), **step_kwargs)
+    for who, x, g in zip(SEQUENCE, xs, gs):
+        y = ref(torch.from_numpy(x))
+        if who != "cpp":
+            y.backward(torch.from_numpy(g))
+            opt.step()
+            opt.zero_grad()
+    for key, value in ref.state_dict().items():
+        np.testing.assert_allclose(shared_state[key], value.numpy(),
+                                   rtol=1e-5, atol=1e-5, err_msg=key)
+    for name in (shared, single):
+        client.delete_layer(name)
+
+
+def test_node_example(server, client, node):
+    node_binary, node_dir = node
+    text = run([node_binary, os.path.join(node_dir, "example.js"),
+                f"--address={server.address}", "--steps=3"])
+    for line in ("created layers/node-example-", "step 1/3: output mean",
+                 "step 3/3", "grad_weight=", "eval forward",
+                 "num_batches_tracked = 3", "deleted layers/node-example-"):
+        assert line in text, text
+    # Training output is normalized in the first step.
+    first = text.split("step 1/3: output mean ")[1].split("\n")[0]
+    means = [float(v) for v in first.split("]")[0].strip("[").split(",")]
+    assert max(abs(m) for m in means) < 1e-3
+    assert not [l for l in client.all_layers()
+                if l.name.startswith("layers/node-example-")]
+
+
+def test_node_client_errors(server, node, tmp_path):
+    node_binary, node_dir = node
+    script = tmp_path / "errors.js"
+    script.write_text(f"""
+const {{ Client, tensor, status }} = require({json.dumps(node_dir)});
+(async () => {{
+  const out = {{}};
+  const c = new Client({json.dumps(server.address)}, {{ timeoutMs: 10000 }});
+  try {{ await c.getLayer('no-such-layer'); }}
+  catch (e) {{ out.notFound = [e.code === status.NOT_FOUND, e.codeName, e.details]; }}
+  const layer = await c.createLayer(3);
+  try {{ await c.forward(layer.name, tensor([2, 4], new Float32Array(8))); }}
+  catch (e) {{ out.shape = [e.codeName, e.details]; }}
+  const s = c.train();
+  try {{ await s.getLayer('gone'); }} catch (e) {{ out.stream = e.codeName; }}
+  out.after = (await s.getLayer(layer.name)).numFeatures;
+  await s.end();
+  await c.deleteLayer(layer.name);
+  const dead = new Client('127.0.0.1:1', {{ timeoutMs: 5000 }});
+  try {{ await dead.getLayer('x'); }} catch (e) {{ out.dead = e.codeName; }}
+  console.log(JSON.stringify(out));
+  c.close(); dead.close();
+}})().catch((e) => {{ console.error(e); process.exit(1); }});
+""")
+    out = json.loads(run([node_binary, str(script)]))
+    assert out["notFound"][:2] == [True, "NOT_FOUND"]
+    assert "no-such-layer" in out["notFound"][2]
+    assert out["shape"][0] == "INVALID_ARGUMENT"
+    assert "input has 4 channels" in out["shape"][1]
+    assert out["stream"] == "NOT_FOUND" and out["after"] == 3
+    assert out["dead"] == "UNAVAILABLE"
