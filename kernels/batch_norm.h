@@ -10,12 +10,14 @@
 //
 // Thread safety: a backend may be called from several threads at once on
 // disjoint outputs. `stream` is an opaque queue handle (cudaStream_t for
-// CUDA; ignored by the CPU backend, which finishes before returning).
+// CUDA, where null means the calling thread's own stream; ignored by the CPU
+// backend, which finishes before returning).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "absl/status/status.h"
 #include "kernels/types.h"
@@ -108,6 +110,13 @@ class Backend {
   virtual DeviceKind kind() const = 0;
   // Human-readable name, e.g. "cpu (2 threads)".
   virtual std::string name() const = 0;
+  // The device as --device and layer configs name it: "cpu" or "cuda:N".
+  virtual std::string device() const {
+    return kind() == DeviceKind::kCpu ? "cpu" : "cuda:0";
+  }
+  // True when kernel arguments may point into ordinary host memory (request
+  // and reply bytes), so callers need no staging copies.
+  virtual bool host_accessible() const { return kind() == DeviceKind::kCpu; }
 
   // Returns `bytes` of this backend's memory, or RESOURCE_EXHAUSTED.
   virtual absl::StatusOr<std::unique_ptr<Buffer>> Allocate(size_t bytes) = 0;

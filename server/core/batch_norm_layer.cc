@@ -74,7 +74,11 @@ absl::Status ValidateConfig(const BatchNormConfig& config) {
 BatchNormLayer::BatchNormLayer(std::string name, uint64_t uid,
                                const BatchNormConfig& config,
                                const LayerEnv& env)
-    : name_(std::move(name)), uid_(uid), config_(config), env_(env) {
+    : name_(std::move(name)),
+      uid_(uid),
+      config_(config),
+      env_(env),
+      resident_(*env.backend, config.num_features) {
   const size_t c = static_cast<size_t>(config.num_features);
   absl::MutexLock lock(&mu_);
   if (config.affine) {
@@ -116,12 +120,14 @@ double BatchNormLayer::MomentumFactor() const {
              : 1.0 / static_cast<double>(num_batches_tracked_);
 }
 
-const float* BatchNormLayer::WeightOrNull() const {
-  return config_.affine ? weight_.data() : nullptr;
+absl::StatusOr<const float*> BatchNormLayer::WeightOrNull() {
+  if (!config_.affine) return nullptr;
+  return resident_.Get(ResidentArrays::kWeight, weight_);
 }
 
-const float* BatchNormLayer::BiasOrNull() const {
-  return config_.affine ? bias_.data() : nullptr;
+absl::StatusOr<const float*> BatchNormLayer::BiasOrNull() {
+  if (!config_.affine) return nullptr;
+  return resident_.Get(ResidentArrays::kBias, bias_);
 }
 
 absl::StatusOr<BatchNormLayer::ResolvedTensor> BatchNormLayer::Resolve(
@@ -183,9 +189,13 @@ absl::StatusOr<ForwardResult> BatchNormLayer::Forward(const ForwardArgs& args) {
         absl::StrCat("could not allocate ", bytes, " bytes for the output"));
   }
 
-  // Prepare the saved context first: once running stats moved, nothing may
-  // fail.
+  // Prepare the saved context and every buffer first: once running stats
+  // moved, nothing may fail.
+  kernels::Backend& backend = *env_.backend;
   std::shared_ptr<SavedContext> context;
+  // After the context: on an error path its destructor waits for queued
+  // copies before the context's buffer can go back to the pool.
+  Staging staging(backend, *env_.pool);
   if (args.save_for_backward) {
     context = std::make_shared<SavedContext>();
     context->layer_uid = uid_;
@@ -203,42 +213,75 @@ absl::StatusOr<ForwardResult> BatchNormLayer::Forward(const ForwardArgs& args) {
     }
   }
 
+  // The saved copy of x already is backend memory; on the CPU the kernel
+  // reads the request's bytes in place.
+  const void* x = nullptr;
+  if (context != nullptr && context->x != nullptr && !staging.zero_copy()) {
+    x = context->x->data();
+  } else {
+    ASSIGN_OR_RETURN(x, staging.Input(args.input.data, bytes));
+  }
+  ASSIGN_OR_RETURN(void* y_out, staging.Output(y, bytes));
   const size_t c = static_cast<size_t>(config_.num_features);
   std::vector<float> mean(c), invstd(c);
-  kernels::Backend& backend = *env_.backend;
+  ASSIGN_OR_RETURN(float* invstd_out, staging.Output(invstd));
+  ASSIGN_OR_RETURN(const float* weight, WeightOrNull());
+  ASSIGN_OR_RETURN(const float* bias, BiasOrNull());
+  const size_t stat_bytes = c * sizeof(float);
   if (batch_stats) {
+    ASSIGN_OR_RETURN(float* mean_out, staging.Output(mean));
     kernels::BatchNormForwardTrainArgs k;
     k.shape = in.shape;
     k.dtype = in.dtype;
-    k.x = args.input.data;
-    k.y = y;
-    k.weight = WeightOrNull();
-    k.bias = BiasOrNull();
+    k.x = x;
+    k.y = y_out;
+    k.weight = weight;
+    k.bias = bias;
     k.eps = config_.eps;
-    k.save_mean = mean.data();
-    k.save_invstd = invstd.data();
+    k.save_mean = mean_out;
+    k.save_invstd = invstd_out;
     if (update) {
-      k.running_mean = running_mean_.data();
-      k.running_var = running_var_.data();
+      ASSIGN_OR_RETURN(
+          k.running_mean,
+          resident_.Get(ResidentArrays::kRunningMean, running_mean_));
+      ASSIGN_OR_RETURN(k.running_var, resident_.Get(ResidentArrays::kRunningVar,
+                                                    running_var_));
       k.momentum = config_.momentum.has_value()
                        ? *config_.momentum
                        : 1.0 / static_cast<double>(num_batches_tracked_ + 1);
+      // The kernel updates the device copies; bring them back with y.
+      staging.CopyBack(running_mean_.data(), k.running_mean, stat_bytes);
+      staging.CopyBack(running_var_.data(), k.running_var, stat_bytes);
     }
-    RETURN_IF_ERROR(backend.ForwardTrain(k, nullptr));
+    absl::Status status = backend.ForwardTrain(k, nullptr);
+    if (status.ok()) status = staging.Finish();
+    if (!status.ok()) {
+      if (update) {  // Host and device copies may disagree now.
+        resident_.Invalidate(ResidentArrays::kRunningMean);
+        resident_.Invalidate(ResidentArrays::kRunningVar);
+      }
+      return status;
+    }
   } else {
     mean = running_mean_;
-    RETURN_IF_ERROR(backend.InvStd(config_.num_features, running_var_.data(),
-                                   config_.eps, invstd.data(), nullptr));
+    ASSIGN_OR_RETURN(
+        const float* running_mean,
+        resident_.Get(ResidentArrays::kRunningMean, running_mean_));
+    ASSIGN_OR_RETURN(const float* running_var,
+                     resident_.Get(ResidentArrays::kRunningVar, running_var_));
+    RETURN_IF_ERROR(backend.InvStd(config_.num_features, running_var,
+                                   config_.eps, invstd_out, nullptr));
     kernels::BatchNormForwardEvalArgs k;
     k.shape = in.shape;
     k.dtype = in.dtype;
-    k.x = args.input.data;
-    k.y = y;
-    k.mean = mean.data();
-    k.invstd = invstd.data();
-    k.weight = WeightOrNull();
-    k.bias = BiasOrNull();
+    k.x = x;
+    k.y = y_out;
+    k.mean = running_mean;
+    k.invstd = invstd_out;
+    k.weight = weight;
+    k.bias = bias;
     RETURN_IF_ERROR(backend.ForwardEval(k, nullptr));
+    RETURN_IF_ERROR(staging.Finish());
   }
 
   ForwardResult result;
@@ -301,20 +344,27 @@ absl::StatusOr<BackwardResult> BatchNormLayer::Backward(
     result.grad_weight.assign(c, 0.0f);
     result.grad_bias.assign(c, 0.0f);
   }
+  kernels::Backend& backend = *env_.backend;
+  Staging staging(backend, *env_.pool);
   kernels::BatchNormBackwardArgs k;
   k.shape = context->shape;
   k.dtype = context->dtype;
-  k.x = context->x ? context->x->data() : nullptr;
-  k.dy = args.grad_output.data;
-  k.dx = dx;
-  k.mean = context->mean.data();
-  k.invstd = context->invstd.data();
-  k.weight = WeightOrNull();
-  k.grad_weight = config_.affine ? result.grad_weight.data() : nullptr;
-  k.grad_bias = config_.affine ? result.grad_bias.data() : nullptr;
-  kernels::Backend& backend = *env_.backend;
+  k.x = context->x ? context->x->data() : nullptr;  // Backend memory.
+  ASSIGN_OR_RETURN(
+      k.dy, staging.Input(args.grad_output.data, args.grad_output.bytes));
+  if (dx != nullptr) {
+    ASSIGN_OR_RETURN(k.dx, staging.Output(dx, args.grad_output.bytes));
+  }
+  ASSIGN_OR_RETURN(k.mean, staging.Input(context->mean));
+  ASSIGN_OR_RETURN(k.invstd, staging.Input(context->invstd));
+  ASSIGN_OR_RETURN(k.weight, WeightOrNull());
+  if (config_.affine) {
+    ASSIGN_OR_RETURN(k.grad_weight, staging.Output(result.grad_weight));
+    ASSIGN_OR_RETURN(k.grad_bias, staging.Output(result.grad_bias));
+  }
   RETURN_IF_ERROR(context->batch_stats ? backend.BackwardTrain(k, nullptr)
                                        : backend.BackwardEval(k, nullptr));
+  RETURN_IF_ERROR(staging.Finish());
 
   if (!args.retain_context) {
     env_.contexts->Take(args.handle, uid_, /*retain=*/false).IgnoreError();
@@ -353,17 +403,29 @@ absl::StatusOr<int64_t> BatchNormLayer::UpdateRunningStats(
         "; expected more than 1 value per channel (the running variance "
         "is unbiased: it divides by count - 1)"));
   }
+  Staging staging(*env_.backend, *env_.pool);
   kernels::RunningStatsUpdateArgs k;
   k.c = config_.num_features;
-  k.mean = args.mean.data();
-  k.var = args.var.data();
+  ASSIGN_OR_RETURN(k.mean, staging.Input(args.mean));
+  ASSIGN_OR_RETURN(k.var, staging.Input(args.var));
   k.count = args.count;
   k.momentum = config_.momentum.has_value()
                    ? *config_.momentum
                    : 1.0 / static_cast<double>(num_batches_tracked_ + 1);
-  k.running_mean = running_mean_.data();
-  k.running_var = running_var_.data();
-  RETURN_IF_ERROR(env_.backend->UpdateRunningStats(k, nullptr));
+  ASSIGN_OR_RETURN(k.running_mean,
+                   resident_.Get(ResidentArrays::kRunningMean, running_mean_));
+  ASSIGN_OR_RETURN(k.running_var,
+                   resident_.Get(ResidentArrays::kRunningVar, running_var_));
+  const size_t stat_bytes = args.mean.size() * sizeof(float);
+  staging.CopyBack(running_mean_.data(), k.running_mean, stat_bytes);
+  staging.CopyBack(running_var_.data(), k.running_var, stat_bytes);
+  absl::Status status = env_.backend->UpdateRunningStats(k, nullptr);
+  if (status.ok()) status = staging.Finish();
+  if (!status.ok()) {
+    resident_.Invalidate(ResidentArrays::kRunningMean);
+    resident_.Invalidate(ResidentArrays::kRunningVar);
+    return status;
+  }
   ++num_batches_tracked_;
   return Mutated();
 }
@@ -419,6 +481,8 @@ absl::StatusOr<int64_t> BatchNormLayer::OptimizerStep(const SgdArgs& args) {
   };
   step(weight_, grad_weight_, weight_momentum_);
   step(bias_, grad_bias_, bias_momentum_);
+  resident_.Invalidate(ResidentArrays::kWeight);
+  resident_.Invalidate(ResidentArrays::kBias);
   if (!args.keep_grad) {
     std::fill(grad_weight_.begin(), grad_weight_.end(), 0.0f);
     std::fill(grad_bias_.begin(), grad_bias_.end(), 0.0f);
@@ -444,8 +508,14 @@ absl::StatusOr<int64_t> BatchNormLayer::SetParameters(
   if (!bias.empty()) {
     RETURN_IF_ERROR(CheckPerChannel(bias, config_.num_features, "bias"));
   }
-  if (!weight.empty()) weight_ = weight;
-  if (!bias.empty()) bias_ = bias;
+  if (!weight.empty()) {
+    weight_ = weight;
+    resident_.Invalidate(ResidentArrays::kWeight);
+  }
+  if (!bias.empty()) {
+    bias_ = bias;
+    resident_.Invalidate(ResidentArrays::kBias);
+  }
   return Mutated();
 }
 
@@ -540,6 +610,7 @@ absl::StatusOr<int64_t> BatchNormLayer::LoadState(const StateDict& state,
   load("bias", bias_);
   load("running_mean", running_mean_);
   load("running_var", running_var_);
+  resident_.InvalidateAll();
   if (auto it = state.find("num_batches_tracked"); it != state.end()) {
     num_batches_tracked_ = it->second.int_value;
   }

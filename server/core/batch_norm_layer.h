@@ -4,7 +4,11 @@
 //
 // The core never sees protobuf: tensors arrive as TensorRef (pointer into the
 // request's bytes) and results are written through an OutputAllocator into
-// memory the caller owns (the reply's bytes).
+// memory the caller owns (the reply's bytes). On the CPU backend the kernels
+// read and write that memory directly; on a device backend each operation
+// stages it through pooled device buffers (server/core/staging.h), and the
+// per-channel parameters and running statistics stay resident on the device
+// between operations.
 //
 // Thread safety: all methods may be called from any thread; mutations are
 // serialized by an internal mutex. The server calls them on the layer's
@@ -24,6 +28,7 @@
 #include "kernels/batch_norm.h"
 #include "server/core/buffer_pool.h"
 #include "server/core/context_store.h"
+#include "server/core/staging.h"
 
 namespace normserve::server {
 
@@ -176,8 +181,10 @@ class BatchNormLayer {
   // Bumps the version and publishes a new Info snapshot.
   int64_t Mutated() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   double MomentumFactor() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  const float* WeightOrNull() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  const float* BiasOrNull() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Backend memory of weight and bias (null when affine is false).
+  absl::StatusOr<const float*> WeightOrNull()
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<const float*> BiasOrNull() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::string name_;
   const uint64_t uid_;
@@ -197,6 +204,8 @@ class BatchNormLayer {
   std::vector<float> weight_momentum_ ABSL_GUARDED_BY(mu_);
   std::vector<float> bias_momentum_ ABSL_GUARDED_BY(mu_);
   int64_t version_ ABSL_GUARDED_BY(mu_) = 1;
+  // Device copies of weight_, bias_, running_mean_, running_var_.
+  ResidentArrays resident_ ABSL_GUARDED_BY(mu_);
 
   mutable absl::Mutex info_mu_;
   LayerInfo info_ ABSL_GUARDED_BY(info_mu_);

@@ -16,6 +16,20 @@ absl::StatusOr<std::unique_ptr<kernels::Buffer>> BufferPool::Acquire(
       return buffer;
     }
   }
+  absl::StatusOr<std::unique_ptr<kernels::Buffer>> buffer =
+      backend_->Allocate(bytes);
+  if (buffer.status().code() != absl::StatusCode::kResourceExhausted) {
+    return buffer;
+  }
+  // Out of (device) memory: give back what the cache holds and try again.
+  std::multimap<size_t, std::unique_ptr<kernels::Buffer>> dropped;
+  {
+    absl::MutexLock lock(&mu_);
+    if (free_.empty()) return buffer;
+    dropped.swap(free_);
+    cached_bytes_ = 0;
+  }
+  dropped.clear();
   return backend_->Allocate(bytes);
 }
 

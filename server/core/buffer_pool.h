@@ -23,7 +23,9 @@ class BufferPool {
       : backend_(backend), max_cached_bytes_(max_cached_bytes) {}
 
   // Returns a buffer of at least `bytes`: the smallest cached one that fits
-  // and is no more than twice as large, or a new one.
+  // and is no more than twice as large, or a new one. When the backend is
+  // out of memory the cached buffers are freed and the allocation retried
+  // once; RESOURCE_EXHAUSTED if it still fails.
   absl::StatusOr<std::unique_ptr<kernels::Buffer>> Acquire(size_t bytes);
   // Gives `buffer` back for reuse; frees it (or older ones) when the cache
   // would exceed its bound.

@@ -71,11 +71,13 @@ Engine::~Engine() {
 
 absl::StatusOr<LayerInfo> Engine::CreateLayer(absl::string_view id,
                                               BatchNormConfig config) {
-  if (config.device.empty()) config.device = "cpu";
-  const std::string backend_device =
-      backend_->kind() == kernels::DeviceKind::kCpu ? "cpu" : "cuda";
-  if (config.device != backend_device &&
-      !(backend_device == "cuda" && absl::StartsWith(config.device, "cuda"))) {
+  // "" is the server's device; "cuda" is the server's GPU, if it has one.
+  const std::string server_device = backend_->device();
+  if (config.device.empty() ||
+      (config.device == "cuda" && absl::StartsWith(server_device, "cuda:"))) {
+    config.device = server_device;
+  }
+  if (config.device != server_device) {
     return absl::InvalidArgumentError(absl::StrCat(
         "device '", config.device, "' is not available; this server runs on ",
         backend_->name()));

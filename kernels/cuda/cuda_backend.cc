@@ -1,0 +1,658 @@
+// The CUDA backend: argument checks, per-stream resources (workspace for
+// split reductions, pinned staging buffers), copies, and the dtype and form
+// dispatch to the typed entry points of launch.h.
+#include "kernels/cuda/cuda_backend.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <thread>
+#include <utility>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "kernels/cuda/launch.h"
+#include "kernels/types.h"
+
+namespace normserve::kernels {
+namespace {
+
+// Returns OK, or the status for `err`: RESOURCE_EXHAUSTED when out of
+// memory, INTERNAL otherwise. Clears CUDA's last error when it is not
+// sticky, so that the next call does not report it again.
+absl::Status CudaStatus(cudaError_t err, absl::string_view what) {
+  if (err == cudaSuccess) return absl::OkStatus();
+  (void)cudaGetLastError();
+  if (err == cudaErrorMemoryAllocation) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(what, ": out of device memory"));
+  }
+  return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorName(err),
+                                          ": ", cudaGetErrorString(err)));
+}
+
+#define NORMSERVE_CUDA_RETURN_IF_ERROR(expr, what)                   \
+  do {                                                               \
+    absl::Status normserve_cuda_status_ = CudaStatus(expr, what);    \
+    if (!normserve_cuda_status_.ok()) return normserve_cuda_status_; \
+  } while (false)
+
+#define NORMSERVE_RETURN_IF_ERROR(expr) \
+  do {                                  \
+    absl::Status _status = (expr);      \
+    if (!_status.ok()) return _status;  \
+  } while (false)
+
+// ---------------------------------------------------------------------------
+// Argument checks (the CPU backend's rules, plus CUDA's grid limits).
+
+absl::Status CheckShape(const char* op, const BatchNormShape& shape,
+                        DType dtype) {
+  if (shape.n < 1 || shape.c < 1 || shape.s < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": shape (n=", shape.n, ", c=", shape.c,
+                     ", s=", shape.s, ") has an extent < 1"));
+  }
+  if (shape.n > std::numeric_limits<int64_t>::max() / shape.c ||
+      shape.n * shape.c > std::numeric_limits<int64_t>::max() / 4 / shape.s) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": shape (n=", shape.n, ", c=", shape.c,
+                     ", s=", shape.s, ") has too many elements"));
+  }
+  if (shape.c > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        op, ": ", shape.c, " channels; the CUDA backend takes at most ",
+        std::numeric_limits<int32_t>::max()));
+  }
+  if (shape.layout != Layout::kNCHW && shape.layout != Layout::kNHWC) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": unknown layout"));
+  }
+  if (dtype != DType::kFloat32 && dtype != DType::kFloat16 &&
+      dtype != DType::kBFloat16) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": unknown dtype"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckNotNull(const char* op, const void* p, const char* name) {
+  if (p == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": ", name, " is required but null"));
+  }
+  return absl::OkStatus();
+}
+
+std::string InputSizeString(const BatchNormShape& shape) {
+  std::vector<int64_t> dims = {shape.n, shape.c};
+  if (shape.s != 1) dims.push_back(shape.s);
+  return ShapeToString(dims);
+}
+
+// NCHW with spatial extent: planes; everything else is rows (launch_plan.h).
+bool IsPlanes(const BatchNormShape& shape) {
+  return shape.layout == Layout::kNCHW && shape.s > 1;
+}
+
+cuda::Extents ExtentsOf(const BatchNormShape& shape) {
+  return cuda::Extents{shape.n, shape.c, shape.s};
+}
+
+// Calls fn(T{}) with T the device storage type of `dtype`.
+template <typename Fn>
+cudaError_t ForDType(DType dtype, Fn fn) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return fn(float{});
+    case DType::kFloat16:
+      return fn(__half{});
+    case DType::kBFloat16:
+      return fn(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// ---------------------------------------------------------------------------
+// Device memory.
+
+class DeviceBuffer final : public Buffer {
+ public:
+  DeviceBuffer(int device, void* data, size_t size)
+      : device_(device), data_(data), size_(size) {}
+  ~DeviceBuffer() override {
+    cudaSetDevice(device_);
+    cudaFree(data_);
+  }
+  void* data() override { return data_; }
+  size_t size() const override { return size_; }
+
+ private:
+  const int device_;
+  void* const data_;
+  const size_t size_;
+};
+
+// Split-reduction scratch of one stream; grows, never shrinks. Growing frees
+// the old block with cudaFree, which waits for the device, so kernels still
+// using it finish first.
+class DeviceWorkspace final : public cuda::Workspace {
+ public:
+  explicit DeviceWorkspace(cudaStream_t stream) : stream_(stream) {}
+  ~DeviceWorkspace() override {
+    cudaFree(data_);
+    cudaFree(counters_);
+  }
+
+  cudaError_t Reserve(size_t bytes, int64_t counters, void** data,
+                      unsigned** counter_data) override {
+    if (bytes > data_bytes_) {
+      const size_t want = std::max(bytes, 2 * data_bytes_);
+      cudaFree(data_);
+      data_ = nullptr;
+      data_bytes_ = 0;
+      cudaError_t err = cudaMalloc(&data_, want);
+      if (err != cudaSuccess) return err;
+      data_bytes_ = want;
+    }
+    if (counters > counter_count_) {
+      const int64_t want = std::max(counters, 2 * counter_count_);
+      cudaFree(counters_);
+      counters_ = nullptr;
+      counter_count_ = 0;
+      void* p = nullptr;
+      cudaError_t err = cudaMalloc(&p, want * sizeof(unsigned));
+      if (err != cudaSuccess) return err;
+      counters_ = static_cast<unsigned*>(p);
+      err = cudaMemsetAsync(counters_, 0, want * sizeof(unsigned), stream_);
+      if (err != cudaSuccess) return err;
+      counter_count_ = want;
+    }
+    *data = data_;
+    *counter_data = counters_;
+    return cudaSuccess;
+  }
+
+ private:
+  const cudaStream_t stream_;
+  void* data_ = nullptr;
+  size_t data_bytes_ = 0;
+  unsigned* counters_ = nullptr;
+  int64_t counter_count_ = 0;
+};
+
+// Two pinned host buffers and their events: copies of one stream cut into
+// chunks, the CPU copying one chunk while the DMA engine moves the other.
+class PinnedStaging {
+ public:
+  explicit PinnedStaging(size_t chunk_bytes) : chunk_(chunk_bytes) {}
+  ~PinnedStaging() {
+    for (int b = 0; b < 2; ++b) {
+      if (done_[b] != nullptr) {
+        cudaEventSynchronize(done_[b]);
+        cudaEventDestroy(done_[b]);
+      }
+      cudaFreeHost(buffer_[b]);
+    }
+  }
+
+  // Allocates the buffers on first use; false when pinned memory is not
+  // available (callers then copy directly).
+  bool Ready() {
+    if (state_ == State::kUnset) {
+      state_ = State::kFailed;
+      for (int b = 0; b < 2; ++b) {
+        if (cudaHostAlloc(&buffer_[b], chunk_, cudaHostAllocDefault) !=
+                cudaSuccess ||
+            cudaEventCreateWithFlags(&done_[b], cudaEventDisableTiming) !=
+                cudaSuccess) {
+          (void)cudaGetLastError();
+          return false;
+        }
+      }
+      state_ = State::kReady;
+    }
+    return state_ == State::kReady;
+  }
+
+  // Returns once `src` has been read; the DMA may still be running.
+  cudaError_t ToDevice(char* dst, const char* src, size_t bytes,
+                       cudaStream_t stream) {
+    for (size_t off = 0, k = 0; off < bytes; ++k) {
+      const int b = static_cast<int>(k % 2);
+      const size_t len = std::min(chunk_, bytes - off);
+      cudaError_t err = cudaEventSynchronize(done_[b]);  // Buffer free again.
+      if (err != cudaSuccess) return err;
+      std::memcpy(buffer_[b], src + off, len);
+      err = cudaMemcpyAsync(dst + off, buffer_[b], len, cudaMemcpyHostToDevice,
+                            stream);
+      if (err != cudaSuccess) return err;
+      err = cudaEventRecord(done_[b], stream);
+      if (err != cudaSuccess) return err;
+      off += len;
+    }
+    return cudaSuccess;
+  }
+
+  // Returns once `dst` holds the data.
+  cudaError_t ToHost(char* dst, const char* src, size_t bytes,
+                     cudaStream_t stream) {
+    size_t prev_off = 0, prev_len = 0;
+    for (size_t off = 0, k = 0; off <= bytes; ++k) {
+      const int b = static_cast<int>(k % 2);
+      const size_t len = std::min(chunk_, bytes - off);
+      if (len > 0) {
+        cudaError_t err = cudaEventSynchronize(done_[b]);
+        if (err != cudaSuccess) return err;
+        err = cudaMemcpyAsync(buffer_[b], src + off, len,
+                              cudaMemcpyDeviceToHost, stream);
+        if (err != cudaSuccess) return err;
+        err = cudaEventRecord(done_[b], stream);
+        if (err != cudaSuccess) return err;
+      }
+      if (prev_len > 0) {  // Chunk k - 1 went into the other buffer.
+        const int pb = 1 - b;
+        const cudaError_t err = cudaEventSynchronize(done_[pb]);
+        if (err != cudaSuccess) return err;
+        std::memcpy(dst + prev_off, buffer_[pb], prev_len);
+      }
+      if (len == 0) break;
+      prev_off = off;
+      prev_len = len;
+      off += len;
+    }
+    return cudaSuccess;
+  }
+
+ private:
+  enum class State { kUnset, kReady, kFailed };
+  const size_t chunk_;
+  State state_ = State::kUnset;
+  void* buffer_[2] = {nullptr, nullptr};
+  cudaEvent_t done_[2] = {nullptr, nullptr};
+};
+
+// What one stream needs. Used by one thread at a time: the per-thread
+// streams by their thread, a caller's stream by whoever queues on it (the
+// caller serializes, as it must for the stream itself).
+struct StreamState {
+  StreamState(cudaStream_t s, bool own, size_t chunk_bytes)
+      : stream(s), owned(own), workspace(s), staging(chunk_bytes) {}
+  ~StreamState() {
+    cudaStreamSynchronize(stream);
+    if (owned) cudaStreamDestroy(stream);
+  }
+  cudaStream_t stream;
+  bool owned;
+  DeviceWorkspace workspace;
+  PinnedStaging staging;
+};
+
+// ---------------------------------------------------------------------------
+// The backend.
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(const CudaBackendOptions& options, const cudaDeviceProp& prop)
+      : options_(options),
+        device_(options.device),
+        sm_count_(prop.multiProcessorCount) {
+    name_ =
+        absl::StrFormat("cuda:%d (%s, %.1f GiB, sm_%d%d)", device_, prop.name,
+                        static_cast<double>(prop.totalGlobalMem) /
+                            static_cast<double>(1ull << 30),
+                        prop.major, prop.minor);
+  }
+
+  ~CudaBackend() override {
+    cudaSetDevice(device_);
+    absl::MutexLock lock(&mu_);
+    by_thread_.clear();
+    by_stream_.clear();
+  }
+
+  DeviceKind kind() const override { return DeviceKind::kCuda; }
+  std::string name() const override { return name_; }
+  std::string device() const override { return absl::StrCat("cuda:", device_); }
+  bool host_accessible() const override { return false; }
+
+  absl::StatusOr<std::unique_ptr<Buffer>> Allocate(size_t bytes) override {
+    NORMSERVE_RETURN_IF_ERROR(SetDevice());
+    void* p = nullptr;
+    const cudaError_t err = cudaMalloc(&p, std::max<size_t>(bytes, 1));
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      size_t free_bytes = 0, total_bytes = 0;
+      cudaMemGetInfo(&free_bytes, &total_bytes);
+      (void)cudaGetLastError();
+      if (err == cudaErrorMemoryAllocation) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "cannot allocate ", bytes, " bytes of device memory on ", device(),
+            " (", free_bytes >> 20, " MiB free of ", total_bytes >> 20,
+            " MiB)"));
+      }
+      return CudaStatus(err, "cudaMalloc");
+    }
+    return std::unique_ptr<Buffer>(new DeviceBuffer(device_, p, bytes));
+  }
+
+  absl::Status CopyToDevice(void* dst, const void* host_src, size_t bytes,
+                            Stream stream) override {
+    if (bytes == 0) return absl::OkStatus();
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull("CopyToDevice", dst, "destination"));
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull("CopyToDevice", host_src, "source"));
+    NORMSERVE_RETURN_IF_ERROR(SetDevice());
+    absl::StatusOr<StreamState*> st = State(stream);
+    if (!st.ok()) return st.status();
+    if (bytes >= options_.staging_threshold_bytes && (*st)->staging.Ready()) {
+      return CudaStatus(
+          (*st)->staging.ToDevice(static_cast<char*>(dst),
+                                  static_cast<const char*>(host_src), bytes,
+                                  (*st)->stream),
+          "CopyToDevice");
+    }
+    // Pageable source: the driver stages it before returning.
+    return CudaStatus(cudaMemcpyAsync(dst, host_src, bytes,
+                                      cudaMemcpyHostToDevice, (*st)->stream),
+                      "CopyToDevice");
+  }
+
+  absl::Status CopyToHost(void* host_dst, const void* src, size_t bytes,
+                          Stream stream) override {
+    if (bytes == 0) return absl::OkStatus();
+    NORMSERVE_RETURN_IF_ERROR(
+        CheckNotNull("CopyToHost", host_dst, "destination"));
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull("CopyToHost", src, "source"));
+    NORMSERVE_RETURN_IF_ERROR(SetDevice());
+    absl::StatusOr<StreamState*> st = State(stream);
+    if (!st.ok()) return st.status();
+    if (bytes >= options_.staging_threshold_bytes && (*st)->staging.Ready()) {
+      return CudaStatus((*st)->staging.ToHost(static_cast<char*>(host_dst),
+                                              static_cast<const char*>(src),
+                                              bytes, (*st)->stream),
+                        "CopyToHost");
+    }
+    NORMSERVE_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost,
+                        (*st)->stream),
+        "CopyToHost");
+    return CudaStatus(cudaStreamSynchronize((*st)->stream), "CopyToHost");
+  }
+
+  absl::Status Synchronize(Stream stream) override {
+    NORMSERVE_RETURN_IF_ERROR(SetDevice());
+    absl::StatusOr<StreamState*> st = State(stream);
+    if (!st.ok()) return st.status();
+    return CudaStatus(cudaStreamSynchronize((*st)->stream), "Synchronize");
+  }
+
+  absl::Status ForwardTrain(const BatchNormForwardTrainArgs& args,
+                            Stream stream) override {
+    constexpr const char* kOp = "ForwardTrain";
+    NORMSERVE_RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.save_mean, "save_mean"));
+    NORMSERVE_RETURN_IF_ERROR(
+        CheckNotNull(kOp, args.save_invstd, "save_invstd"));
+    if ((args.running_mean == nullptr) != (args.running_var == nullptr)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          kOp, ": running_mean and running_var go together (one is null)"));
+    }
+    if (args.running_mean != nullptr && args.shape.per_channel() <= 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "Expected more than 1 value per channel when training, got input "
+          "size ",
+          InputSizeString(args.shape)));
+    }
+    cuda::ForwardTrainParams p;
+    p.ext = ExtentsOf(args.shape);
+    p.x = args.x;
+    p.y = args.y;
+    p.weight = args.weight;
+    p.bias = args.bias;
+    p.eps = args.eps;
+    p.save_mean = args.save_mean;
+    p.save_invstd = args.save_invstd;
+    p.running_mean = args.running_mean;
+    p.running_var = args.running_var;
+    p.momentum = args.momentum;
+    const bool planes = IsPlanes(args.shape);
+    return Launch(kOp, stream, [&](const cuda::LaunchEnv& env) {
+      return ForDType(args.dtype, [&](auto tag) {
+        using T = decltype(tag);
+        return planes ? cuda::ForwardTrainPlanes<T>(p, env)
+                      : cuda::ForwardTrainRows<T>(p, env);
+      });
+    });
+  }
+
+  absl::Status ForwardEval(const BatchNormForwardEvalArgs& args,
+                           Stream stream) override {
+    constexpr const char* kOp = "ForwardEval";
+    NORMSERVE_RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.y, "y"));
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
+    cuda::ForwardEvalParams p;
+    p.ext = ExtentsOf(args.shape);
+    p.x = args.x;
+    p.y = args.y;
+    p.mean = args.mean;
+    p.invstd = args.invstd;
+    p.weight = args.weight;
+    p.bias = args.bias;
+    const bool planes = IsPlanes(args.shape);
+    return Launch(kOp, stream, [&](const cuda::LaunchEnv& env) {
+      return ForDType(args.dtype, [&](auto tag) {
+        using T = decltype(tag);
+        return planes ? cuda::ForwardEvalPlanes<T>(p, env)
+                      : cuda::ForwardEvalRows<T>(p, env);
+      });
+    });
+  }
+
+  absl::Status BackwardTrain(const BatchNormBackwardArgs& args,
+                             Stream stream) override {
+    constexpr const char* kOp = "BackwardTrain";
+    NORMSERVE_RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.dy, "dy"));
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
+    return Backward(kOp, args, /*train=*/true, stream);
+  }
+
+  absl::Status BackwardEval(const BatchNormBackwardArgs& args,
+                            Stream stream) override {
+    constexpr const char* kOp = "BackwardEval";
+    NORMSERVE_RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.dy, "dy"));
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
+    if (args.grad_weight != nullptr) {
+      NORMSERVE_RETURN_IF_ERROR(
+          CheckNotNull("BackwardEval with grad_weight", args.x, "x"));
+      NORMSERVE_RETURN_IF_ERROR(
+          CheckNotNull("BackwardEval with grad_weight", args.mean, "mean"));
+    }
+    return Backward(kOp, args, /*train=*/false, stream);
+  }
+
+  absl::Status UpdateRunningStats(const RunningStatsUpdateArgs& args,
+                                  Stream stream) override {
+    constexpr const char* kOp = "UpdateRunningStats";
+    if (args.c < 1 || args.c > std::numeric_limits<int32_t>::max()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(kOp, ": c = ", args.c, " must be in [1, 2^31)"));
+    }
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.var, "var"));
+    NORMSERVE_RETURN_IF_ERROR(
+        CheckNotNull(kOp, args.running_mean, "running_mean"));
+    NORMSERVE_RETURN_IF_ERROR(
+        CheckNotNull(kOp, args.running_var, "running_var"));
+    if (args.count <= 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "Expected more than 1 value per channel when training, got count ",
+          args.count));
+    }
+    return Launch(kOp, stream, [&](const cuda::LaunchEnv& env) {
+      return cuda::LaunchUpdateRunningStats(
+          args.c, args.mean, args.var, args.count, args.momentum,
+          args.running_mean, args.running_var, env.stream);
+    });
+  }
+
+  absl::Status InvStd(int64_t c, const float* var, double eps, float* invstd,
+                      Stream stream) override {
+    if (c < 1 || c > std::numeric_limits<int32_t>::max()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("InvStd: c = ", c, " must be in [1, 2^31)"));
+    }
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull("InvStd", var, "var"));
+    NORMSERVE_RETURN_IF_ERROR(CheckNotNull("InvStd", invstd, "invstd"));
+    return Launch("InvStd", stream, [&](const cuda::LaunchEnv& env) {
+      return cuda::LaunchInvStd(c, var, eps, invstd, env.stream);
+    });
+  }
+
+ private:
+  absl::Status SetDevice() const {
+    return CudaStatus(cudaSetDevice(device_), "cudaSetDevice");
+  }
+
+  // Returns the resources of `stream` (null: the calling thread's stream).
+  absl::StatusOr<StreamState*> State(Stream stream) {
+    absl::MutexLock lock(&mu_);
+    if (stream == nullptr) {
+      std::unique_ptr<StreamState>& st = by_thread_[std::this_thread::get_id()];
+      if (st == nullptr) {
+        cudaStream_t s = nullptr;
+        NORMSERVE_CUDA_RETURN_IF_ERROR(
+            cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking),
+            "cudaStreamCreate");
+        st = std::make_unique<StreamState>(s, /*own=*/true,
+                                           options_.staging_chunk_bytes);
+      }
+      return st.get();
+    }
+    std::unique_ptr<StreamState>& st = by_stream_[stream];
+    if (st == nullptr) {
+      st = std::make_unique<StreamState>(static_cast<cudaStream_t>(stream),
+                                         /*own=*/false,
+                                         options_.staging_chunk_bytes);
+    }
+    return st.get();
+  }
+
+  // Runs `launch` with the launch environment of `stream`.
+  template <typename Fn>
+  absl::Status Launch(const char* op, Stream stream, Fn launch) {
+    NORMSERVE_RETURN_IF_ERROR(SetDevice());
+    absl::StatusOr<StreamState*> st = State(stream);
+    if (!st.ok()) return st.status();
+    cuda::LaunchEnv env;
+    env.stream = (*st)->stream;
+    env.device = device_;
+    env.sm_count = sm_count_;
+    env.workspace = &(*st)->workspace;
+    return CudaStatus(launch(env), op);
+  }
+
+  absl::Status Backward(const char* op, const BatchNormBackwardArgs& args,
+                        bool train, Stream stream) {
+    cuda::BackwardParams p;
+    p.ext = ExtentsOf(args.shape);
+    p.train = train;
+    p.x = args.x;
+    p.dy = args.dy;
+    p.dx = args.dx;
+    p.mean = args.mean;
+    p.invstd = args.invstd;
+    p.weight = args.weight;
+    p.grad_weight = args.grad_weight;
+    p.grad_bias = args.grad_bias;
+    if (p.x == nullptr || p.mean == nullptr) {  // Eval: Σdy only.
+      p.x = nullptr;
+      p.mean = nullptr;
+    }
+    const bool planes = IsPlanes(args.shape);
+    return Launch(op, stream, [&](const cuda::LaunchEnv& env) {
+      return ForDType(args.dtype, [&](auto tag) {
+        using T = decltype(tag);
+        return planes ? cuda::BackwardPlanes<T>(p, env)
+                      : cuda::BackwardRows<T>(p, env);
+      });
+    });
+  }
+
+  const CudaBackendOptions options_;
+  const int device_;
+  const int sm_count_;
+  std::string name_;
+
+  absl::Mutex mu_;
+  absl::flat_hash_map<std::thread::id, std::unique_ptr<StreamState>> by_thread_
+      ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<Stream, std::unique_ptr<StreamState>> by_stream_
+      ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace
+
+absl::StatusOr<int> CudaDeviceCount() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return absl::FailedPreconditionError(
+        absl::StrCat("no usable CUDA device: ", cudaGetErrorName(err), " (",
+                     cudaGetErrorString(err), ")"));
+  }
+  return count;
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(
+    const CudaBackendOptions& options) {
+  absl::StatusOr<int> count = CudaDeviceCount();
+  if (!count.ok()) return count.status();
+  if (options.device < 0 || options.device >= *count) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "cuda:", options.device, " does not exist; this machine has ", *count,
+        " CUDA device", *count == 1 ? "" : "s",
+        *count > 0 ? absl::StrCat(" (cuda:0 to cuda:", *count - 1, ")") : ""));
+  }
+  auto unusable = [&](cudaError_t err, const char* what) {
+    (void)cudaGetLastError();
+    return absl::FailedPreconditionError(absl::StrCat(
+        "cuda:", options.device, " cannot be used: ", what, ": ",
+        cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
+  };
+  cudaError_t err = cudaSetDevice(options.device);
+  if (err != cudaSuccess) return unusable(err, "cudaSetDevice");
+  err = cudaFree(nullptr);  // Creates the context now, not mid-request.
+  if (err != cudaSuccess) return unusable(err, "context creation");
+  cudaDeviceProp prop;
+  err = cudaGetDeviceProperties(&prop, options.device);
+  if (err != cudaSuccess) return unusable(err, "cudaGetDeviceProperties");
+  err = cuda::ProbeKernelImage();
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return absl::FailedPreconditionError(absl::StrCat(
+        "cuda:", options.device, " (", prop.name, ", sm_", prop.major,
+        prop.minor, ") has no kernels in this build: ", cudaGetErrorString(err),
+        "; rebuild with -DCMAKE_CUDA_ARCHITECTURES=", prop.major, prop.minor));
+  }
+  if (options.staging_chunk_bytes == 0) {
+    return absl::InvalidArgumentError("staging_chunk_bytes must be > 0");
+  }
+  return std::unique_ptr<Backend>(new CudaBackend(options, prop));
+}
+
+}  // namespace normserve::kernels

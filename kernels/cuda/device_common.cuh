@@ -1,0 +1,162 @@
+// Device-side building blocks shared by the BatchNorm kernels: dtype
+// conversion, 16-byte vector loads and stores, group reductions over CUB,
+// and the occupancy query the launchers plan with.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cub/block/block_reduce.cuh>
+#include <cub/warp/warp_reduce.cuh>
+
+#include "kernels/cuda/launch.h"
+#include "kernels/cuda/launch_plan.h"
+
+namespace normserve::kernels::cuda {
+
+// ---------------------------------------------------------------------------
+// Conversions between the storage type T and the float accumulator.
+
+__device__ __forceinline__ float ToAcc(float v) { return v; }
+__device__ __forceinline__ float ToAcc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float ToAcc(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T FromAcc(float v);
+template <>
+__device__ __forceinline__ float FromAcc<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half FromAcc<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromAcc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// V consecutive elements, aligned so that one instruction moves them.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) VecOf {
+  T v[V];
+};
+
+// Loads V elements at `p` (aligned to sizeof(T) * V) into out[0..V).
+template <typename T, int V>
+__device__ __forceinline__ void LoadVec(const T* p, float* out) {
+  const VecOf<T, V> r = *reinterpret_cast<const VecOf<T, V>*>(p);
+#pragma unroll
+  for (int k = 0; k < V; ++k) out[k] = ToAcc(r.v[k]);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void StoreVec(T* p, const float* in) {
+  VecOf<T, V> r;
+#pragma unroll
+  for (int k = 0; k < V; ++k) r.v[k] = FromAcc<T>(in[k]);
+  *reinterpret_cast<VecOf<T, V>*>(p) = r;
+}
+
+__device__ __forceinline__ int64_t MinI64(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
+
+// Loads a value another block wrote during this kernel (through L2).
+__device__ __forceinline__ Welford LoadPartial(const Welford* p) {
+  return Welford{__ldcg(&p->mean), __ldcg(&p->m2), __ldcg(&p->count)};
+}
+__device__ __forceinline__ GradSums LoadPartial(const GradSums* p) {
+  return GradSums{__ldcg(&p->sum_dy), __ldcg(&p->sum_dy_xmu)};
+}
+
+// ---------------------------------------------------------------------------
+// Reductions over the kGroup threads that share a channel: a warp
+// (kGroup == kWarpThreads, kBlockThreads / kWarpThreads groups per block) or
+// the whole block. The result is valid in the group's first thread.
+
+template <typename U, int kGroup>
+struct GroupReducer;
+
+template <typename U>
+struct GroupReducer<U, kWarpThreads> {
+  using WarpReduce = cub::WarpReduce<U>;
+  struct TempStorage {
+    typename WarpReduce::TempStorage warp[kBlockThreads / kWarpThreads];
+  };
+  template <typename Op>
+  static __device__ __forceinline__ U Reduce(TempStorage& temp, U value,
+                                             Op op) {
+    return WarpReduce(temp.warp[threadIdx.x / kWarpThreads]).Reduce(value, op);
+  }
+  // Orders the group's shared-memory accesses.
+  static __device__ __forceinline__ void Sync() { __syncwarp(); }
+};
+
+template <typename U>
+struct GroupReducer<U, kBlockThreads> {
+  using BlockReduce = cub::BlockReduce<U, kBlockThreads>;
+  using TempStorage = typename BlockReduce::TempStorage;
+  template <typename Op>
+  static __device__ __forceinline__ U Reduce(TempStorage& temp, U value,
+                                             Op op) {
+    return BlockReduce(temp).Reduce(value, op);
+  }
+  static __device__ __forceinline__ void Sync() { __syncthreads(); }
+};
+
+// Called by thread 0 of a block after its partial is written (and fenced
+// by every writer): returns true in the block that arrives last among the
+// `expected` blocks sharing `*counter`, and resets the counter there.
+__device__ __forceinline__ bool ArriveLast(unsigned* counter,
+                                           unsigned expected) {
+  __threadfence();
+  const unsigned ticket = atomicAdd(counter, 1u);
+  if (ticket + 1 == expected) {
+    *counter = 0;  // No block of this launch touches it again.
+    __threadfence();
+    return true;
+  }
+  return false;
+}
+
+// ---------------------------------------------------------------------------
+// Host side.
+
+// Returns how many blocks of kBlockThreads threads of `kKernel` fit on one
+// multiprocessor of the current device (cached per device; at least 1).
+template <auto kKernel>
+int BlocksPerSm(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices];
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable) {
+    const int cached = cache[device].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &blocks, kKernel, kBlockThreads, 0) != cudaSuccess ||
+      blocks < 1) {
+    (void)cudaGetLastError();  // Not sticky; plan with one block per SM.
+    blocks = 1;
+  }
+  if (cacheable) cache[device].store(blocks, std::memory_order_relaxed);
+  return blocks;
+}
+
+// True when every non-null pointer is aligned to `bytes`.
+inline bool AllAligned(size_t bytes, const void* a, const void* b = nullptr,
+                       const void* c = nullptr) {
+  auto ok = [bytes](const void* p) {
+    return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
+  };
+  return ok(a) && ok(b) && ok(c);
+}
+
+}  // namespace normserve::kernels::cuda

@@ -1,0 +1,603 @@
+// The CUDA backend against the double-precision reference over shapes x
+// layouts x dtypes (the CPU backend's matrix plus shapes that force each
+// launch path: warp per channel, fused block per channel, split reductions
+// in both forms, vectorized and scalar), and its copies, streams, limits
+// and errors. Every test skips ("no CUDA device") without a GPU.
+//
+// Inputs are rounded to the dtype first; the reference runs on exactly those
+// values in double. Outputs start as NaN bytes. Tolerances: gpu_test_util.h.
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kernels/batch_norm.h"
+#include "kernels/cuda/cuda_backend.h"
+#include "kernels/reference/batch_norm_reference.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace normserve::kernels::gpu_test {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::StartsWith;
+
+constexpr double kEps = 1e-5;
+constexpr double kMomentum = 0.1;
+
+struct MatrixCase {
+  std::vector<int64_t> dims;
+  Layout layout;
+  DType dtype;
+};
+
+void PrintTo(const MatrixCase& c, std::ostream* os) {
+  *os << LayoutName(c.layout) << " " << DTypeName(c.dtype) << " "
+      << ShapeToString(c.dims);
+}
+
+std::string CaseName(const testing::TestParamInfo<MatrixCase>& info) {
+  return absl::StrCat(LayoutName(info.param.layout), "_",
+                      DTypeName(info.param.dtype), "_",
+                      absl::StrJoin(info.param.dims, "x"));
+}
+
+std::vector<MatrixCase> AllCases() {
+  const std::vector<std::vector<int64_t>> shapes = {
+      // The CPU backend's matrix.
+      {2, 1000},         // (N, C), many channels, few values each.
+      {64, 3},           // (N, C), few channels.
+      {37, 67},          // Odd (N, C).
+      {5, 1, 37},        // C = 1.
+      {4, 16, 33},       // (N, C, L).
+      {9, 3, 16},        // Short planes.
+      {1, 3, 13, 17},    // N = 1 with spatial extent.
+      {3, 7, 5, 11},     // Odd, prime extents.
+      {4, 257, 3, 3},    // Many channels, small planes: a warp each.
+      {16, 12, 2, 3},    // Short planes.
+      {6, 3, 7, 9},      // Few channels.
+      {2, 5, 3, 4, 6},   // (N, C, D, H, W).
+      {1, 2, 150, 151},  // Few, long planes: split reductions.
+      {8, 32, 64, 64},   // Moderately large.
+      // Launch paths on any GPU.
+      {2, 4100, 33, 17},  // NCHW: a block per channel, fused (c >> SMs).
+      {3, 2, 200, 304},   // NCHW: split, vectorized (304 % 8 == 0).
+      {4096, 24},         // Rows: split, vectorized.
+      {5000, 3},          // Rows: split, scalar, one tile.
+      {16, 40, 24, 24},   // NHWC: split across rows, several tiles (f32).
+      {3, 1100, 1, 7},    // Rows: many tiles, fused; NCHW: warps.
+  };
+  std::vector<MatrixCase> cases;
+  for (const auto& dims : shapes) {
+    for (Layout layout : {Layout::kNCHW, Layout::kNHWC}) {
+      for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+        cases.push_back({dims, layout, dtype});
+      }
+    }
+  }
+  return cases;
+}
+
+uint64_t SeedOf(const MatrixCase& c) {
+  uint64_t seed =
+      static_cast<uint64_t>(c.layout) * 31 + static_cast<uint64_t>(c.dtype);
+  for (int64_t d : c.dims) seed = seed * 1000003 + d;
+  return seed;
+}
+
+// Runs ForwardTrain and checks every output against `ref`.
+void CheckForwardTrain(Backend& backend, const Inputs& in,
+                       const reference::ForwardTrainResult& ref, bool affine,
+                       size_t offset_elements = 0) {
+  const int64_t c = in.shape.c;
+  DeviceTensor x(backend, in.dtype, in.x, offset_elements);
+  DeviceTensor y(backend, in.dtype, in.x.size(), offset_elements);
+  DeviceTensor weight(backend, DType::kFloat32, in.weight);
+  DeviceTensor bias(backend, DType::kFloat32, in.bias);
+  DeviceTensor save_mean(backend, DType::kFloat32, c);
+  DeviceTensor save_invstd(backend, DType::kFloat32, c);
+  DeviceTensor running_mean(backend, DType::kFloat32, in.running_mean);
+  DeviceTensor running_var(backend, DType::kFloat32, in.running_var);
+  BatchNormForwardTrainArgs args;
+  args.shape = in.shape;
+  args.dtype = in.dtype;
+  args.x = x.data();
+  args.y = y.data();
+  args.weight = affine ? weight.f32() : nullptr;
+  args.bias = affine ? bias.f32() : nullptr;
+  args.eps = kEps;
+  args.save_mean = save_mean.f32();
+  args.save_invstd = save_invstd.f32();
+  args.running_mean = running_mean.f32();
+  args.running_var = running_var.f32();
+  args.momentum = kMomentum;
+  const absl::Status status = backend.ForwardTrain(args, nullptr);
+  ASSERT_TRUE(status.ok()) << status;
+  const std::vector<double> sd = Sqrt(ref.var_biased);
+  ExpectActivationsNear(y.Read(), ref.y, in.dtype, "y");
+  ExpectChannelsNear(save_mean.Read(), ref.mean, 1e-6, Scaled(sd, 1e-5),
+                     "save_mean");
+  ExpectChannelsNear(save_invstd.Read(), ref.invstd, 1e-5, {}, "save_invstd");
+  ExpectChannelsNear(running_mean.Read(), ref.running_mean, 1e-6,
+                     Scaled(sd, 1e-5 * kMomentum), "running_mean");
+  ExpectChannelsNear(running_var.Read(), ref.running_var, 1e-5, {},
+                     "running_var");
+}
+
+class CudaMatrixTest : public testing::TestWithParam<MatrixCase> {
+ protected:
+  void SetUp() override { NORMSERVE_SKIP_WITHOUT_GPU(); }
+  Inputs MakeParamInputs() const {
+    return MakeInputs(GetParam().dims, GetParam().layout, GetParam().dtype,
+                      SeedOf(GetParam()));
+  }
+};
+
+TEST_P(CudaMatrixTest, ForwardTrain) {
+  const Inputs in = MakeParamInputs();
+  const reference::ForwardTrainResult ref =
+      reference::ForwardTrain(in.shape, in.x, in.weight, in.bias, kEps,
+                              in.running_mean, in.running_var, kMomentum);
+  CheckForwardTrain(CudaBackend(), in, ref, /*affine=*/true);
+}
+
+TEST_P(CudaMatrixTest, ForwardTrainWithoutAffine) {
+  const Inputs in = MakeParamInputs();
+  const reference::ForwardTrainResult ref = reference::ForwardTrain(
+      in.shape, in.x, {}, {}, kEps, in.running_mean, in.running_var, kMomentum);
+  CheckForwardTrain(CudaBackend(), in, ref, /*affine=*/false);
+}
+
+// Statistics only (y null), and no running statistics.
+TEST_P(CudaMatrixTest, StatisticsOnly) {
+  const Inputs in = MakeParamInputs();
+  const reference::ForwardTrainResult ref =
+      reference::ForwardTrain(in.shape, in.x, {}, {}, kEps, {}, {}, kMomentum);
+  Backend& backend = CudaBackend();
+  DeviceTensor x(backend, in.dtype, in.x);
+  DeviceTensor mean(backend, DType::kFloat32, in.shape.c);
+  DeviceTensor invstd(backend, DType::kFloat32, in.shape.c);
+  BatchNormForwardTrainArgs args;
+  args.shape = in.shape;
+  args.dtype = in.dtype;
+  args.x = x.data();
+  args.save_mean = mean.f32();
+  args.save_invstd = invstd.f32();
+  ASSERT_TRUE(backend.ForwardTrain(args, nullptr).ok());
+  ExpectChannelsNear(mean.Read(), ref.mean, 1e-6,
+                     Scaled(Sqrt(ref.var_biased), 1e-5), "mean");
+  ExpectChannelsNear(invstd.Read(), ref.invstd, 1e-5, {}, "invstd");
+}
+
+TEST_P(CudaMatrixTest, ForwardEval) {
+  const Inputs in = MakeParamInputs();
+  const std::vector<double> invstd =
+      ToFloatPrecision(reference::InvStd(in.running_var, kEps));
+  const std::vector<double> ref = reference::ForwardEval(
+      in.shape, in.x, in.running_mean, invstd, in.weight, in.bias);
+  Backend& backend = CudaBackend();
+  DeviceTensor x(backend, in.dtype, in.x);
+  DeviceTensor y(backend, in.dtype, in.x.size());
+  DeviceTensor mean(backend, DType::kFloat32, in.running_mean);
+  DeviceTensor var(backend, DType::kFloat32, in.running_var);
+  DeviceTensor inv(backend, DType::kFloat32, in.shape.c);
+  DeviceTensor weight(backend, DType::kFloat32, in.weight);
+  DeviceTensor bias(backend, DType::kFloat32, in.bias);
+  ASSERT_TRUE(
+      backend.InvStd(in.shape.c, var.f32(), kEps, inv.f32(), nullptr).ok());
+  ExpectChannelsNear(inv.Read(), invstd, 1.2e-7, {}, "invstd");
+  BatchNormForwardEvalArgs args;
+  args.shape = in.shape;
+  args.dtype = in.dtype;
+  args.x = x.data();
+  args.y = y.data();
+  args.mean = mean.f32();
+  args.invstd = inv.f32();
+  args.weight = weight.f32();
+  args.bias = bias.f32();
+  ASSERT_TRUE(backend.ForwardEval(args, nullptr).ok());
+  ExpectActivationsNear(y.Read(), ref, in.dtype, "y");
+}
+
+TEST_P(CudaMatrixTest, Backward) {
+  const Inputs in = MakeParamInputs();
+  const reference::ForwardTrainResult fwd = reference::ForwardTrain(
+      in.shape, in.x, in.weight, in.bias, kEps, {}, {}, kMomentum);
+  // The saved statistics a forward would have produced: float.
+  const std::vector<double> mean = ToFloatPrecision(fwd.mean);
+  const std::vector<double> invstd = ToFloatPrecision(fwd.invstd);
+  const reference::BackwardResult train =
+      reference::BackwardTrain(in.shape, in.x, in.dy, mean, invstd, in.weight);
+  const GradScales train_scales = MakeGradScales(in, mean, invstd);
+  const std::vector<double> eval_invstd =
+      ToFloatPrecision(reference::InvStd(in.running_var, kEps));
+  const reference::BackwardResult eval = reference::BackwardEval(
+      in.shape, in.x, in.dy, in.running_mean, eval_invstd, in.weight);
+  const GradScales eval_scales =
+      MakeGradScales(in, in.running_mean, eval_invstd);
+
+  Backend& backend = CudaBackend();
+  DeviceTensor x(backend, in.dtype, in.x);
+  DeviceTensor dy(backend, in.dtype, in.dy);
+  DeviceTensor dx(backend, in.dtype, in.x.size());
+  DeviceTensor weight(backend, DType::kFloat32, in.weight);
+  DeviceTensor grad_weight(backend, DType::kFloat32, in.shape.c);
+  DeviceTensor grad_bias(backend, DType::kFloat32, in.shape.c);
+  DeviceTensor saved_mean(backend, DType::kFloat32, mean);
+  DeviceTensor saved_invstd(backend, DType::kFloat32, invstd);
+  BatchNormBackwardArgs args;
+  args.shape = in.shape;
+  args.dtype = in.dtype;
+  args.x = x.data();
+  args.dy = dy.data();
+  args.dx = dx.data();
+  args.mean = saved_mean.f32();
+  args.invstd = saved_invstd.f32();
+  args.weight = weight.f32();
+  args.grad_weight = grad_weight.f32();
+  args.grad_bias = grad_bias.f32();
+  ASSERT_TRUE(backend.BackwardTrain(args, nullptr).ok());
+  ExpectActivationsNear(dx.Read(), train.dx, in.dtype, "train dx");
+  ExpectChannelsNear(grad_weight.Read(), train.grad_weight, 1e-5,
+                     Scaled(train_scales.sum_abs_dy_xmu, 1e-6),
+                     "train grad_weight");
+  ExpectChannelsNear(grad_bias.Read(), train.grad_bias, 1e-5,
+                     Scaled(train_scales.sum_abs_dy, 1e-6), "train grad_bias");
+
+  DeviceTensor eval_dx(backend, in.dtype, in.x.size());
+  DeviceTensor running_mean(backend, DType::kFloat32, in.running_mean);
+  DeviceTensor running_invstd(backend, DType::kFloat32, eval_invstd);
+  args.dx = eval_dx.data();
+  args.mean = running_mean.f32();
+  args.invstd = running_invstd.f32();
+  ASSERT_TRUE(backend.BackwardEval(args, nullptr).ok());
+  ExpectActivationsNear(eval_dx.Read(), eval.dx, in.dtype, "eval dx");
+  ExpectChannelsNear(grad_weight.Read(), eval.grad_weight, 1e-5,
+                     Scaled(eval_scales.sum_abs_dy_xmu, 1e-6),
+                     "eval grad_weight");
+  ExpectChannelsNear(grad_bias.Read(), eval.grad_bias, 1e-5,
+                     Scaled(eval_scales.sum_abs_dy, 1e-6), "eval grad_bias");
+
+  // Frozen statistics without x: dx and grad_bias only.
+  DeviceTensor dx2(backend, in.dtype, in.x.size());
+  DeviceTensor grad_bias2(backend, DType::kFloat32, in.shape.c);
+  args.x = nullptr;
+  args.mean = nullptr;
+  args.dx = dx2.data();
+  args.grad_weight = nullptr;
+  args.grad_bias = grad_bias2.f32();
+  ASSERT_TRUE(backend.BackwardEval(args, nullptr).ok());
+  ExpectActivationsNear(dx2.Read(), eval.dx, in.dtype, "eval dx without x");
+  ExpectChannelsNear(grad_bias2.Read(), eval.grad_bias, 1e-5,
+                     Scaled(eval_scales.sum_abs_dy, 1e-6),
+                     "eval grad_bias without x");
+
+  // dx only (no sums at all).
+  DeviceTensor dx3(backend, in.dtype, in.x.size());
+  args.dx = dx3.data();
+  args.grad_bias = nullptr;
+  ASSERT_TRUE(backend.BackwardEval(args, nullptr).ok());
+  ExpectActivationsNear(dx3.Read(), eval.dx, in.dtype, "eval dx only");
+}
+
+INSTANTIATE_TEST_SUITE_P(Matrix, CudaMatrixTest, testing::ValuesIn(AllCases()),
+                         CaseName);
+
+// ---------------------------------------------------------------------------
+// Numerics and memory layout.
+
+class CudaBackendTest : public testing::Test {
+ protected:
+  void SetUp() override { NORMSERVE_SKIP_WITHOUT_GPU(); }
+};
+
+// Mean 1e4 (and 1e6), standard deviation 0.5: the shift by each channel's
+// first value keeps the variance exact to float precision.
+TEST_F(CudaBackendTest, VarianceIsRobustToLargeOffsets) {
+  for (double offset : {1e4, 1e6}) {
+    for (Layout layout : {Layout::kNCHW, Layout::kNHWC}) {
+      for (const auto& dims : std::vector<std::vector<int64_t>>{
+               {8, 4, 32, 32}, {4096, 5}, {2, 3, 70, 70}, {2, 3000, 7, 7}}) {
+        SCOPED_TRACE(absl::StrCat(offset, " ", LayoutName(layout), " ",
+                                  ShapeToString(dims)));
+        const Inputs in = MakeInputs(dims, layout, DType::kFloat32, 99, offset,
+                                     /*spread=*/0.5);
+        const reference::ForwardTrainResult ref =
+            reference::ForwardTrain(in.shape, in.x, in.weight, in.bias, kEps,
+                                    in.running_mean, in.running_var, kMomentum);
+        CheckForwardTrain(CudaBackend(), in, ref, /*affine=*/true);
+      }
+    }
+  }
+}
+
+// Pointers off 16-byte alignment take the scalar path.
+TEST_F(CudaBackendTest, UnalignedPointers) {
+  for (Layout layout : {Layout::kNCHW, Layout::kNHWC}) {
+    for (DType dtype : {DType::kFloat32, DType::kFloat16}) {
+      SCOPED_TRACE(absl::StrCat(LayoutName(layout), " ", DTypeName(dtype)));
+      const Inputs in = MakeInputs({4, 16, 32, 32}, layout, dtype, 5);
+      const reference::ForwardTrainResult ref =
+          reference::ForwardTrain(in.shape, in.x, in.weight, in.bias, kEps,
+                                  in.running_mean, in.running_var, kMomentum);
+      CheckForwardTrain(CudaBackend(), in, ref, true, /*offset_elements=*/1);
+    }
+  }
+}
+
+// More than 2^31 elements (half precision, 4 GiB per tensor): offsets and
+// per-channel counts past int32. Each channel's values alternate -1, +1, so
+// its exact statistics are mean 0, variance 1, and y = ±1/sqrt(1 + eps).
+TEST_F(CudaBackendTest, HugeTensorsIndexPastInt32) {
+  size_t free_bytes = 0, total_bytes = 0;
+  ASSERT_EQ(cudaMemGetInfo(&free_bytes, &total_bytes), cudaSuccess);
+  const int64_t numel = (int64_t{1} << 31) + 64;
+  if (free_bytes < 2 * static_cast<size_t>(numel) * 2 + (size_t{1} << 30)) {
+    GTEST_SKIP() << "needs " << (2 * numel * 2 >> 30) << " GiB of free "
+                 << "device memory, has " << (free_bytes >> 30);
+  }
+  Backend& backend = CudaBackend();
+  auto x = *backend.Allocate(numel * 2);
+  auto y = *backend.Allocate(numel * 2);
+  std::vector<uint16_t> host(numel);
+  const uint16_t minus = FloatToHalfBits(-1.0f), plus = FloatToHalfBits(1.0f);
+  struct Case {
+    BatchNormShape shape;
+    int64_t period;  // Element i is +1 when (i / period) is odd.
+    const char* what;
+  };
+  for (const Case& k :
+       {Case{{1, 1, numel, Layout::kNCHW}, 1, "one channel, NCHW"},
+        Case{{1, 2, numel / 2, Layout::kNCHW}, 1, "two channels, NCHW"},
+        Case{{numel / 8, 8, 1, Layout::kNHWC}, 8, "rows of 8, NHWC"}}) {
+    SCOPED_TRACE(k.what);
+    const BatchNormShape& shape = k.shape;
+    for (int64_t i = 0; i < numel; ++i) {
+      host[i] = (i / k.period) % 2 ? plus : minus;
+    }
+    ASSERT_TRUE(
+        backend.CopyToDevice(x->data(), host.data(), numel * 2, nullptr).ok());
+    const int64_t c = shape.c;
+    DeviceTensor mean(backend, DType::kFloat32, c);
+    DeviceTensor invstd(backend, DType::kFloat32, c);
+    DeviceTensor grad_weight(backend, DType::kFloat32, c);
+    DeviceTensor grad_bias(backend, DType::kFloat32, c);
+    BatchNormForwardTrainArgs f;
+    f.shape = shape;
+    f.dtype = DType::kFloat16;
+    f.x = x->data();
+    f.y = y->data();
+    f.save_mean = mean.f32();
+    f.save_invstd = invstd.f32();
+    ASSERT_TRUE(backend.ForwardTrain(f, nullptr).ok());
+    const double want_invstd = 1.0 / std::sqrt(1.0 + kEps);
+    for (double m : mean.Read()) EXPECT_NEAR(m, 0.0, 1e-6);
+    for (double v : invstd.Read()) EXPECT_NEAR(v, want_invstd, 1e-6);
+    // Every element, the last ones past 2^31.
+    ASSERT_TRUE(
+        backend.CopyToHost(host.data(), y->data(), numel * 2, nullptr).ok());
+    const uint16_t yp = FloatToHalfBits(static_cast<float>(want_invstd));
+    const uint16_t ym = FloatToHalfBits(static_cast<float>(-want_invstd));
+    int64_t bad = 0;
+    for (int64_t i = 0; i < numel; ++i) {
+      const uint16_t want = (i / k.period) % 2 ? yp : ym;
+      if (host[i] != want && ++bad <= 5) {
+        ADD_FAILURE() << "y[" << i << "] = " << HalfBitsToFloat(host[i])
+                      << ", want " << HalfBitsToFloat(want);
+      }
+    }
+    EXPECT_EQ(bad, 0);
+    // Backward with dy = x: Σdy = 0 and Σdy·(x - 0) = count.
+    BatchNormBackwardArgs b;
+    b.shape = shape;
+    b.dtype = DType::kFloat16;
+    b.x = x->data();
+    b.dy = x->data();
+    b.mean = mean.f32();
+    b.invstd = invstd.f32();
+    b.grad_weight = grad_weight.f32();
+    b.grad_bias = grad_bias.f32();
+    ASSERT_TRUE(backend.BackwardTrain(b, nullptr).ok());
+    const double count = static_cast<double>(shape.per_channel());
+    for (double g : grad_bias.Read()) EXPECT_NEAR(g, 0.0, 1e-6 * count);
+    for (double g : grad_weight.Read()) {
+      EXPECT_NEAR(g, count * want_invstd, 1e-5 * count);
+    }
+  }
+}
+
+// Worker threads on their own streams at once; results stay right.
+TEST_F(CudaBackendTest, ConcurrentThreadsUseTheirOwnStreams) {
+  const std::vector<std::vector<int64_t>> shapes = {
+      {8, 32, 64, 64}, {4096, 24}, {2, 4100, 3, 5}, {3, 2, 200, 304}};
+  std::vector<std::thread> threads;
+  for (size_t t = 0; t < shapes.size(); ++t) {
+    threads.emplace_back([&, t] {
+      for (int round = 0; round < 4; ++round) {
+        const Layout layout = round % 2 ? Layout::kNHWC : Layout::kNCHW;
+        const Inputs in =
+            MakeInputs(shapes[t], layout, DType::kFloat32, 100 * t + round);
+        const reference::ForwardTrainResult ref =
+            reference::ForwardTrain(in.shape, in.x, in.weight, in.bias, kEps,
+                                    in.running_mean, in.running_var, kMomentum);
+        CheckForwardTrain(CudaBackend(), in, ref, true);
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+}
+
+// A caller's own stream.
+TEST_F(CudaBackendTest, ExplicitStream) {
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  Backend& backend = CudaBackend();
+  const Inputs in =
+      MakeInputs({8, 32, 64, 64}, Layout::kNHWC, DType::kBFloat16, 17);
+  const reference::ForwardTrainResult ref =
+      reference::ForwardTrain(in.shape, in.x, {}, {}, kEps, {}, {}, kMomentum);
+  const std::vector<uint8_t> bytes = Encode(in.x, in.dtype);
+  auto x = *backend.Allocate(bytes.size());
+  auto y = *backend.Allocate(bytes.size());
+  auto stats = *backend.Allocate(2 * in.shape.c * sizeof(float));
+  ASSERT_TRUE(
+      backend.CopyToDevice(x->data(), bytes.data(), bytes.size(), stream).ok());
+  BatchNormForwardTrainArgs args;
+  args.shape = in.shape;
+  args.dtype = in.dtype;
+  args.x = x->data();
+  args.y = y->data();
+  args.save_mean = static_cast<float*>(stats->data());
+  args.save_invstd = static_cast<float*>(stats->data()) + in.shape.c;
+  ASSERT_TRUE(backend.ForwardTrain(args, stream).ok());
+  std::vector<uint8_t> out(bytes.size());
+  ASSERT_TRUE(
+      backend.CopyToHost(out.data(), y->data(), out.size(), stream).ok());
+  ExpectActivationsNear(Decode(out, in.dtype), ref.y, in.dtype, "y");
+  ASSERT_TRUE(backend.Synchronize(stream).ok());
+  ASSERT_EQ(cudaStreamDestroy(stream), cudaSuccess);
+}
+
+// Copies below, at and above the staging threshold and across chunks.
+TEST_F(CudaBackendTest, CopiesRoundTrip) {
+  Backend& backend = CudaBackend();
+  for (size_t bytes :
+       {size_t{1}, size_t{4095}, (size_t{1} << 20) - 1, size_t{1} << 20,
+        (size_t{8} << 20) + 3, (size_t{37} << 20) + 5}) {
+    SCOPED_TRACE(bytes);
+    std::vector<uint8_t> in(bytes), out(bytes, 0);
+    std::mt19937 rng(static_cast<uint32_t>(bytes));
+    for (uint8_t& b : in) b = static_cast<uint8_t>(rng());
+    auto buffer = *backend.Allocate(bytes);
+    ASSERT_TRUE(
+        backend.CopyToDevice(buffer->data(), in.data(), bytes, nullptr).ok());
+    // The source may be reused at once.
+    std::vector<uint8_t> expected = in;
+    std::fill(in.begin(), in.end(), 0);
+    ASSERT_TRUE(
+        backend.CopyToHost(out.data(), buffer->data(), bytes, nullptr).ok());
+    EXPECT_TRUE(out == expected);
+  }
+}
+
+TEST_F(CudaBackendTest, OutOfMemoryIsResourceExhaustedAndRecoverable) {
+  Backend& backend = CudaBackend();
+  absl::StatusOr<std::unique_ptr<Buffer>> huge =
+      backend.Allocate(size_t{1} << 50);
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(huge.status().message(), HasSubstr("device memory"));
+  // The next operation is unaffected.
+  const Inputs in =
+      MakeInputs({4, 8, 16, 16}, Layout::kNCHW, DType::kFloat32, 3);
+  const reference::ForwardTrainResult ref =
+      reference::ForwardTrain(in.shape, in.x, in.weight, in.bias, kEps,
+                              in.running_mean, in.running_var, kMomentum);
+  CheckForwardTrain(backend, in, ref, true);
+}
+
+TEST_F(CudaBackendTest, ArgumentErrors) {
+  Backend& backend = CudaBackend();
+  DeviceTensor x(backend, DType::kFloat32, 64);
+  DeviceTensor stats(backend, DType::kFloat32, 64);
+  BatchNormForwardTrainArgs args;
+  args.shape = {1, 4, 1, Layout::kNCHW};
+  args.x = x.data();
+  args.save_mean = stats.f32();
+  args.save_invstd = stats.f32() + 8;
+  args.running_mean = stats.f32() + 16;
+  args.running_var = stats.f32() + 24;
+  absl::Status s = backend.ForwardTrain(args, nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(),
+              HasSubstr("Expected more than 1 value per channel when "
+                        "training, got input size [1, 4]"));
+  args.shape = {2, 4, 1, Layout::kNCHW};
+  args.x = nullptr;
+  s = backend.ForwardTrain(args, nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("x is required but null"));
+  args.x = x.data();
+  args.shape = {1, int64_t{1} << 32, 1, Layout::kNHWC};
+  s = backend.ForwardTrain(args, nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("channels"));
+  BatchNormBackwardArgs b;
+  b.shape = {2, 4, 1, Layout::kNCHW};
+  b.dy = x.data();
+  b.invstd = stats.f32();
+  b.grad_weight = stats.f32();
+  s = backend.BackwardEval(b, nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("x is required"));
+}
+
+TEST_F(CudaBackendTest, RunningStatsUpdateAndInvStd) {
+  Backend& backend = CudaBackend();
+  const std::vector<double> mean = {1.0, -2.0, 0.5};
+  const std::vector<double> var = {4.0, 0.25, 1e-3};
+  const std::vector<double> rm = {0.0, 1.0, 2.0};
+  const std::vector<double> rv = {1.0, 2.0, 3.0};
+  DeviceTensor dmean(backend, DType::kFloat32, mean);
+  DeviceTensor dvar(backend, DType::kFloat32, var);
+  DeviceTensor drm(backend, DType::kFloat32, rm);
+  DeviceTensor drv(backend, DType::kFloat32, rv);
+  RunningStatsUpdateArgs args;
+  args.c = 3;
+  args.mean = dmean.f32();
+  args.var = dvar.f32();
+  args.count = 10;
+  args.momentum = 0.25;
+  args.running_mean = drm.f32();
+  args.running_var = drv.f32();
+  ASSERT_TRUE(backend.UpdateRunningStats(args, nullptr).ok());
+  const reference::RunningStats ref =
+      reference::UpdateRunningStats(mean, var, 10, 0.25, rm, rv);
+  ExpectChannelsNear(drm.Read(), ref.mean, 1.2e-7, {}, "running_mean");
+  ExpectChannelsNear(drv.Read(), ref.var, 1.2e-7, {}, "running_var");
+  args.count = 1;
+  EXPECT_EQ(backend.UpdateRunningStats(args, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(CudaBackendTest, Identity) {
+  Backend& backend = CudaBackend();
+  EXPECT_EQ(backend.kind(), DeviceKind::kCuda);
+  EXPECT_EQ(backend.device(), "cuda:0");
+  EXPECT_FALSE(backend.host_accessible());
+  EXPECT_THAT(backend.name(), StartsWith("cuda:0 ("));
+  EXPECT_THAT(backend.name(), HasSubstr("GiB"));
+}
+
+// Runs everywhere: without a GPU, creating the backend fails cleanly.
+TEST(CudaBackendCreateTest, FailsCleanlyOrNamesTheDevice) {
+  absl::StatusOr<int> count = CudaDeviceCount();
+  absl::StatusOr<std::unique_ptr<Backend>> backend =
+      CreateCudaBackend(CudaBackendOptions{});
+  if (!count.ok() || *count == 0) {
+    EXPECT_EQ(backend.status().code(), absl::StatusCode::kFailedPrecondition)
+        << backend.status();
+    if (!count.ok()) {
+      EXPECT_THAT(count.status().message(), HasSubstr("no usable CUDA device"));
+    }
+    GTEST_SKIP() << "no CUDA device (" << count.status() << ")";
+  }
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  CudaBackendOptions missing;
+  missing.device = *count;
+  absl::StatusOr<std::unique_ptr<Backend>> none = CreateCudaBackend(missing);
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(none.status().message(), HasSubstr("does not exist"));
+}
+
+}  // namespace
+}  // namespace normserve::kernels::gpu_test
