@@ -473,9 +473,11 @@ TEST_F(IntegrationTest, ConcurrentClientsOnDifferentLayers) {
 
 // Several clients update one layer at once. Each call is atomic and calls
 // are serialized, so the final running mean must be that of some serial
-// order of the calls; with momentum 0.5 every order gives a different result,
-// so we find the one that matches.
+// order of the calls (keeping each client's own order). The batch means are
+// generic values, so a torn or lost update matches no order.
 TEST_F(IntegrationTest, ConcurrentClientsOnOneLayerMatchASerialOrder) {
+  // Call j's batch mean: no sum of a few of them equals another's.
+  auto BatchMean = [](int j) { return static_cast<float>(std::sqrt(2.0 + j)); };
   constexpr int kClients = 3;
   constexpr int kCallsEach = 2;
   Create("shared", 1, /*momentum=*/0.5);
@@ -485,7 +487,7 @@ TEST_F(IntegrationTest, ConcurrentClientsOnOneLayerMatchASerialOrder) {
       for (int k = 0; k < kCallsEach; ++k) {
         v1::UpdateRunningStatsRequest update;
         update.set_name("shared");
-        update.add_mean(static_cast<float>(1 << (i * kCallsEach + k)));
+        update.add_mean(BatchMean(i * kCallsEach + k));
         update.add_var(1.0f);
         update.set_count(2);
         ASSERT_TRUE(client_->UpdateRunningStats(update).ok());
@@ -505,12 +507,11 @@ TEST_F(IntegrationTest, ConcurrentClientsOnOneLayerMatchASerialOrder) {
     std::vector<int> next(kClients, 0);
     double mean = 0;
     for (int i : order) {
-      mean = 0.5 * mean +
-             0.5 * static_cast<double>(1 << (i * kCallsEach + next[i]++));
+      mean = 0.5 * mean + 0.5 * double{BatchMean(i * kCallsEach + next[i]++)};
     }
     if (std::abs(mean - got) <= 1e-6 * std::abs(mean)) ++matches;
   } while (std::next_permutation(order.begin(), order.end()));
-  EXPECT_EQ(matches, 1) << "running_mean " << got
+  EXPECT_GE(matches, 1) << "running_mean " << got
                         << " is not the result of a serial order";
   EXPECT_EQ(client_->GetLayer("shared")->num_batches_tracked(),
             kClients * kCallsEach);
