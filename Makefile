@@ -6,7 +6,7 @@ JOBS ?= $(shell nproc)
 ADDRESS ?= 127.0.0.1:50051
 DEVICE ?= auto
 
-.PHONY: all deps configure build demo serve test clean format
+.PHONY: all deps configure build demo serve test image-test clean format
 
 all: build
 
@@ -32,6 +32,12 @@ serve: build
 
 test: build
 	@cd $(BUILD_DIR) && ctest --output-on-failure -j$(JOBS) --timeout 600
+
+# Builds the cpu container image with podman from a local Debian 12 base and
+# checks its server and CLI (deploy/docker/image_test.sh; root; about 5
+# minutes cold, not part of `make test`).
+image-test:
+	@BUILD_DIR=$(BUILD_DIR) deploy/docker/image_test.sh
 
 format:
 	@git ls-files '*.cc' '*.h' | xargs clang-format -i

@@ -13,6 +13,8 @@ PACKAGES=(
   # and its tests, for Debian's /usr/bin/python3.
   python3-grpcio python3-protobuf python3-numpy python3-pytest python3-torch
   python3-sklearn
+  # tests/deploy: reads the rendered Kubernetes manifests.
+  python3-yaml
 )
 # Node client: Debian's node and npm unless both are already on PATH (e.g.
 # from NodeSource, whose nodejs package conflicts with Debian's npm).

@@ -1,0 +1,494 @@
+#!/usr/bin/python3
+"""Renders deploy/k8s with `kubectl kustomize` and checks what issue 7 promises.
+
+usage: manifests_test.py --server PATH/normserve [--load PATH/normserve-load]
+                         [--kubectl PATH]
+
+For each overlay (cpu, gpu), on the rendered YAML:
+  - a StatefulSet, a headless and a ClusterIP Service, a ConfigMap of flags,
+    a PodDisruptionBudget, all selecting the same pods;
+  - native gRPC startup, readiness and liveness probes on the container's
+    gRPC port, which is also the port of --address and of both Services;
+    a startup budget with room for CUDA initialisation in the gpu overlay;
+  - every arg is a flag `normserve --help` lists, every $(VAR) comes from the
+    ConfigMap, and the server starts with those args and stops on SIGTERM;
+  - preStop plus --shutdown_grace_s fit in terminationGracePeriodSeconds;
+  - non-root, read-only root filesystem, no privilege escalation, all
+    capabilities dropped, seccomp RuntimeDefault;
+  - the volumeClaimTemplate is mounted at the state dir the image prepares
+    and the state-dir component passes;
+  - CPU and memory requests and limits; threads fit the CPU limit; the memory
+    limit fits the saved-input and message limits;
+  - nvidia.com/gpu: 1 in the gpu overlay's limits, nowhere in the cpu one;
+  - no metrics annotations unless the server has a metrics flag.
+Also: each overlay with the components that are waiting for issue 6 renders,
+and the flags they add are the only ones the server lacks; the load Job
+targets a replica through the headless Service with flags normserve-load
+lists; the Dockerfile agrees with the manifests (user, port, state dir,
+HEALTHCHECK, targets).
+
+Exits 77 (skipped) when kubectl is missing.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+K8S = os.path.join(REPO, "deploy", "k8s")
+DOCKERFILE = os.path.join(REPO, "deploy", "docker", "Dockerfile")
+OVERLAYS = ("cpu", "gpu")
+# Components that pass flags the server gets in issue 6 (state dir, TLS).
+COMPONENTS = ("state-dir", "tls")
+PENDING_FLAGS = {"state_dir", "tls_cert", "tls_key", "tls_client_ca"}
+STATE_DIR = "/var/lib/normserve"
+RUN_AS = 10001
+# Startup budget (s): the gpu overlay leaves room for CUDA initialisation.
+MIN_STARTUP_S = {"cpu": 30, "gpu": 240}
+# Final flush after the drain, once the server has a state dir.
+FLUSH_MARGIN_S = 10
+
+failures = []
+
+
+def check(ok, what):
+    """Records WHAT as a failure unless OK; returns OK."""
+    if not ok:
+        failures.append(what)
+    return ok
+
+
+def kustomize(kubectl, path):
+    """The objects `kubectl kustomize PATH` renders; its warnings fail."""
+    proc = subprocess.run([kubectl, "kustomize", path], capture_output=True,
+                          text=True, timeout=120)
+    if proc.returncode != 0:
+        raise SystemExit(f"FAIL: kubectl kustomize {path}:\n{proc.stderr}")
+    check(not proc.stderr.strip(),
+          f"kubectl kustomize {path} warned:\n{proc.stderr}")
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def server_flags(server):
+    """Flag names that `SERVER --help` lists, and the help text."""
+    out = subprocess.run([server, "--help"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    return set(re.findall(r"^\s+--([a-z0-9_]+)", out, re.M)), out
+
+
+def parse_quantity(q):
+    """CPU in cores or memory in bytes, from a Kubernetes quantity."""
+    q = str(q)
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+             "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    for suffix in sorted(units, key=len, reverse=True):
+        if q.endswith(suffix):
+            return float(q[:-len(suffix)]) * units[suffix]
+    return float(q)
+
+
+def one(docs, kind, pred=lambda d: True, what=None):
+    """The one object of KIND matching PRED ({} and a failure otherwise)."""
+    found = [d for d in docs if d.get("kind") == kind and pred(d)]
+    check(len(found) == 1, f"{what or kind}: want exactly one, found {len(found)}")
+    return found[0] if found else {}
+
+
+def selects(selector, labels):
+    """Whether a matchLabels SELECTOR picks pods with LABELS."""
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def expand_args(container, configmap, name):
+    """The container's args with $(VAR) expanded from its ConfigMap envFrom."""
+    env = {}
+    for src in container.get("envFrom", []):
+        ref = src.get("configMapRef", {}).get("name")
+        check(ref == configmap["metadata"]["name"],
+              f"{name}: envFrom names ConfigMap {ref}, rendered "
+              f"{configmap['metadata']['name']}")
+        env.update(configmap.get("data", {}))
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+    expanded = []
+    for arg in container.get("args", []):
+        for var in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", arg):
+            # Kubernetes leaves an undefined $(VAR) as it is: a silent bug.
+            check(var in env, f"{name}: arg {arg} uses $({var}), not in the ConfigMap")
+        expanded.append(re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                               lambda m: env.get(m.group(1), m.group(0)), arg))
+    return expanded
+
+
+def flags_of(args, name):
+    """{flag: value} from --flag=value args."""
+    flags = {}
+    for arg in args:
+        m = re.fullmatch(r"--([a-z0-9_]+)=(.*)", arg)
+        if check(m, f"{name}: arg {arg!r} is not --flag=value"):
+            check(m.group(1) not in flags, f"{name}: --{m.group(1)} given twice")
+            flags[m.group(1)] = m.group(2)
+    return flags
+
+
+def int_flag(flags, flag, default, name):
+    """--FLAG's value as an integer (DEFAULT when absent or not a number)."""
+    value = flags.get(flag, str(default))
+    if check(re.fullmatch(r"[0-9]+", value), f"{name}: --{flag}={value} is not a number"):
+        return int(value)
+    return default
+
+
+def start_server(server, flags, name):
+    """Starts the server with FLAGS on loopback, then stops it with SIGTERM."""
+    flags = dict(flags)
+    flags["address"] = "127.0.0.1:0"
+    if flags.get("device", "").startswith("cuda"):
+        flags["device"] = "cpu"  # No GPU here; the value itself is checked.
+    args = [server] + [f"--{k}={v}" for k, v in flags.items()]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        if not line.startswith("normserve listening on 127.0.0.1:"):
+            if not line:  # The server exited; its reason is on stderr.
+                proc.wait(timeout=30)
+                line = proc.stderr.read().strip()
+            check(False, f"{name}: the server rejects the rendered args: {line}")
+            return
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+        check(rc == 0, f"{name}: server exited {rc} after SIGTERM")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def check_overlay(overlay, docs, server, known_flags, help_text, image_facts):
+    name = f"overlay {overlay}"
+    sts = one(docs, "StatefulSet", what=f"{name}: StatefulSet")
+    headless = one(docs, "Service", lambda d: d["spec"].get("clusterIP") == "None",
+                   f"{name}: headless Service")
+    cluster = one(docs, "Service",
+                  lambda d: d["spec"].get("clusterIP") != "None"
+                  and d["spec"].get("type", "ClusterIP") == "ClusterIP",
+                  f"{name}: ClusterIP Service")
+    configmap = one(docs, "ConfigMap", what=f"{name}: ConfigMap")
+    pdb = one(docs, "PodDisruptionBudget", what=f"{name}: PodDisruptionBudget")
+    if failures:
+        return
+
+    spec = sts["spec"]
+    pod = spec["template"]["spec"]
+    labels = spec["template"]["metadata"]["labels"]
+    check(selects(spec["selector"]["matchLabels"], labels),
+          f"{name}: StatefulSet selector does not match its pods")
+    check(spec.get("serviceName") == headless["metadata"]["name"],
+          f"{name}: serviceName {spec.get('serviceName')} is not the headless Service")
+    for svc in (headless, cluster):
+        check(selects(svc["spec"].get("selector", {}), labels),
+              f"{name}: Service {svc['metadata']['name']} does not select the pods")
+    check(selects(pdb["spec"]["selector"]["matchLabels"], labels),
+          f"{name}: PodDisruptionBudget does not select the pods")
+    check("maxUnavailable" in pdb["spec"] or "minAvailable" in pdb["spec"],
+          f"{name}: PodDisruptionBudget sets no budget")
+
+    containers = pod["containers"]
+    check(len(containers) == 1, f"{name}: want one container")
+    c = containers[0]
+    cname = f"{name}: container {c['name']}"
+    check(":" in c["image"].rsplit("/", 1)[-1] and "/" in c["image"],
+          f"{cname}: image {c['image']} is the base's placeholder")
+
+    # Port: container, --address, probes, Services.
+    ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+    port = ports.get("grpc")
+    check(port is not None, f"{cname}: no port named grpc")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        p = c.get(probe)
+        if not check(p, f"{cname}: no {probe}"):
+            continue
+        check("grpc" in p and not {"httpGet", "tcpSocket", "exec"} & set(p),
+              f"{cname}: {probe} is not a native gRPC probe")
+        check(p.get("grpc", {}).get("port") == port,
+              f"{cname}: {probe} port {p.get('grpc', {}).get('port')} is not "
+              f"the gRPC port {port}")
+        check(p.get("grpc", {}).get("service", "") == "",
+              f"{cname}: {probe} checks a named service; the server reports ''")
+    startup = c.get("startupProbe", {})
+    budget = (startup.get("initialDelaySeconds", 0)
+              + startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3))
+    check(budget >= MIN_STARTUP_S[overlay],
+          f"{cname}: startup probe allows {budget}s, want >= {MIN_STARTUP_S[overlay]}s")
+    for svc in (headless, cluster):
+        sp = svc["spec"]["ports"]
+        check(len(sp) == 1 and sp[0].get("targetPort") in ("grpc", port)
+              and sp[0]["port"] == port,
+              f"{name}: Service {svc['metadata']['name']} ports {sp} do not "
+              f"lead to the gRPC port {port}")
+
+    # Args: known flags, values from the ConfigMap, the server accepts them.
+    args = expand_args(c, configmap, cname)
+    check(not c.get("command"), f"{cname}: command overrides the image's ENTRYPOINT")
+    flags = flags_of(args, cname)
+    unknown = set(flags) - known_flags
+    check(not unknown, f"{cname}: flags {sorted(unknown)} are not in `normserve --help`")
+    address = flags.get("address", "")
+    check(address in (f"0.0.0.0:{port}", f"[::]:{port}"),
+          f"{cname}: --address={address}, want 0.0.0.0:{port}")
+    device = flags.get("device", "")
+    check(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", device),
+          f"{cname}: --device={device} is not auto|cpu|cuda[:N]")
+    if not unknown:
+        start_server(server, flags, cname)
+
+    # Shutdown: preStop, then SIGTERM and the drain, within the grace period.
+    pre_stop = c.get("lifecycle", {}).get("preStop", {})
+    sleep_s = 0
+    if "exec" in pre_stop:
+        cmd = pre_stop["exec"]["command"]
+        check(cmd[0].startswith("/") and cmd[0].endswith("/sleep"),
+              f"{cname}: preStop {cmd} is not an absolute sleep")
+        sleep_s = int(cmd[-1]) if str(cmd[-1]).isdigit() else 0
+    elif "sleep" in pre_stop:
+        sleep_s = int(pre_stop["sleep"].get("seconds", 0))
+    check(sleep_s > 0, f"{cname}: no preStop delay before SIGTERM")
+    grace = int_flag(flags, "shutdown_grace_s", 10, cname)
+    period = pod.get("terminationGracePeriodSeconds", 30)
+    check(period >= sleep_s + grace + FLUSH_MARGIN_S,
+          f"{name}: terminationGracePeriodSeconds {period} < preStop {sleep_s}s + "
+          f"--shutdown_grace_s {grace}s + {FLUSH_MARGIN_S}s flush")
+
+    # Security context.
+    psc = pod.get("securityContext", {})
+    csc = c.get("securityContext", {})
+    check(psc.get("runAsNonRoot") is True or csc.get("runAsNonRoot") is True,
+          f"{name}: runAsNonRoot is not set")
+    uid = csc.get("runAsUser", psc.get("runAsUser"))
+    check(uid == image_facts["uid"],
+          f"{name}: runAsUser {uid} is not the image's user {image_facts['uid']}")
+    check(psc.get("fsGroup") == image_facts["gid"],
+          f"{name}: fsGroup {psc.get('fsGroup')} cannot write the image's state dir")
+    check(csc.get("allowPrivilegeEscalation") is False,
+          f"{cname}: allowPrivilegeEscalation is not false")
+    check(csc.get("readOnlyRootFilesystem") is True,
+          f"{cname}: readOnlyRootFilesystem is not true")
+    check(csc.get("privileged") is not True, f"{cname}: privileged")
+    check("ALL" in csc.get("capabilities", {}).get("drop", []),
+          f"{cname}: capabilities are not all dropped")
+    check(csc.get("capabilities", {}).get("add") in (None, []),
+          f"{cname}: adds capabilities")
+    seccomp = csc.get("seccompProfile", psc.get("seccompProfile", {}))
+    check(seccomp.get("type") == "RuntimeDefault", f"{name}: seccomp is not RuntimeDefault")
+    for host in ("hostNetwork", "hostPID", "hostIPC"):
+        check(not pod.get(host), f"{name}: {host}")
+    check(pod.get("automountServiceAccountToken") is False,
+          f"{name}: the service account token is mounted")
+
+    # State volume, at the directory the image prepares.
+    claims = {t["metadata"]["name"]: t for t in spec.get("volumeClaimTemplates", [])}
+    mounts = {m["name"]: m for m in c.get("volumeMounts", [])}
+    state = [n for n, m in mounts.items() if m["mountPath"] == STATE_DIR]
+    check(state and state[0] in claims,
+          f"{cname}: no volumeClaimTemplate mounted at {STATE_DIR}")
+    if state and state[0] in claims:
+        check(not mounts[state[0]].get("readOnly"), f"{cname}: state volume is read-only")
+        check(claims[state[0]]["spec"].get("resources", {}).get("requests", {}).get("storage"),
+              f"{name}: the state claim requests no storage")
+    check(image_facts["state_dir"] == STATE_DIR,
+          f"Dockerfile prepares {image_facts['state_dir']}, manifests mount {STATE_DIR}")
+    tmp = mounts.get("tmp", {})
+    check(tmp.get("mountPath") == "/tmp", f"{cname}: no writable /tmp on the read-only root")
+
+    # Resources.
+    res = c.get("resources", {})
+    req, lim = res.get("requests", {}), res.get("limits", {})
+    for r in ("cpu", "memory"):
+        if check(r in req and r in lim, f"{cname}: {r} request and limit not both set"):
+            check(parse_quantity(req[r]) <= parse_quantity(lim[r]),
+                  f"{cname}: {r} request above its limit")
+    if "cpu" in lim:
+        cpus = parse_quantity(lim["cpu"])
+        for f in ("cpu_threads", "workers"):
+            n = int_flag(flags, f, 0, cname)
+            check(1 <= n <= max(1, cpus),
+                  f"{cname}: --{f}={n}; want 1..{cpus:g} (0 means every core of the node)")
+    if "memory" in lim:
+        need = (int_flag(flags, "max_saved_mb", 2048, cname)
+                + 2 * int_flag(flags, "max_message_mb", 512, cname) + 512) * 2**20
+        check(parse_quantity(lim["memory"]) >= need,
+              f"{cname}: memory limit {lim['memory']} < saved + 2 x message + 512 MiB "
+              f"({need >> 20} MiB)")
+    gpus = lim.get("nvidia.com/gpu")
+    rendered = yaml.safe_dump_all(docs)
+    if overlay == "gpu":
+        check(str(gpus) == "1", f"{cname}: limits nvidia.com/gpu is {gpus}, want 1")
+        check(device.startswith("cuda"), f"{cname}: --device={device}, want cuda")
+        check(pod.get("nodeSelector") or pod.get("tolerations") or pod.get("affinity", {}).get("nodeAffinity"),
+              f"{name}: no node selector, affinity or tolerations for GPU nodes")
+    else:
+        check("nvidia.com/gpu" not in rendered.replace("nvidia.com/gpu.present", ""),
+              f"{name}: mentions nvidia.com/gpu")
+        check(device in ("cpu", "auto"), f"{cname}: --device={device}")
+
+    # Metrics: only if the server exports some.
+    has_metrics = "metrics" in help_text
+    annotated = "prometheus.io/" in rendered or any(
+        d.get("kind") == "ServiceMonitor" for d in docs)
+    check(has_metrics or not annotated,
+          f"{name}: metrics annotations, but the server exports no metrics")
+    return flags
+
+
+def check_components(kubectl, server, known_flags):
+    """Each overlay plus the issue-6 components renders; only their flags are new.
+
+    Once the server has --state_dir, it must also start with the state-dir
+    component's flags (the state dir moved to a temporary one).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        # kustomize takes only relative paths, inside a copy of the tree.
+        k8s = os.path.join(tmp, "k8s")
+        shutil.copytree(K8S, k8s)
+        for overlay in OVERLAYS:
+            variant = os.path.join(k8s, "variants", overlay)
+            os.makedirs(variant)
+            with open(os.path.join(variant, "kustomization.yaml"), "w") as f:
+                yaml.safe_dump({
+                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                    "kind": "Kustomization",
+                    "resources": [f"../../overlays/{overlay}"],
+                    "components": [f"../../components/{c}" for c in COMPONENTS],
+                }, f)
+            docs = kustomize(kubectl, variant)
+            sts = one(docs, "StatefulSet")
+            configmap = one(docs, "ConfigMap")
+            c = sts["spec"]["template"]["spec"]["containers"][0]
+            name = f"overlay {overlay} + components {', '.join(COMPONENTS)}"
+            flags = flags_of(expand_args(c, configmap, name), name)
+            missing = set(flags) - known_flags
+            check(missing <= PENDING_FLAGS,
+                  f"{name}: flags {sorted(missing - PENDING_FLAGS)} are unknown to the server")
+            check(flags.get("state_dir") == STATE_DIR,
+                  f"{name}: --state_dir={flags.get('state_dir')}, the volume is at {STATE_DIR}")
+            mounts = {m["mountPath"] for m in c["volumeMounts"]}
+            for f in ("tls_cert", "tls_key"):
+                check(os.path.dirname(flags.get(f, "")) in mounts,
+                      f"{name}: --{f} is not on a mounted volume")
+            if "state_dir" in known_flags and not missing:
+                state = dict((k, v) for k, v in flags.items() if not k.startswith("tls_"))
+                state["state_dir"] = os.path.join(tmp, f"state-{overlay}")
+                os.makedirs(state["state_dir"])
+                start_server(server, state, f"{name} (without TLS)")
+            if overlay == OVERLAYS[0]:
+                print(f"ok: components render; flags still missing from the server "
+                      f"(issue 6): {sorted(missing) or 'none'}")
+
+
+def check_load_job(kubectl, sts, port, load_binary):
+    docs = kustomize(kubectl, os.path.join(K8S, "load"))
+    job = one(docs, "Job", what="load: Job")
+    if not job:
+        return
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    check(c.get("command", [""])[0] == "/usr/local/bin/normserve-load",
+          f"load: command {c.get('command')} is not the image's normserve-load")
+    addresses = [a.split("=", 1)[1] for a in c.get("args", []) if a.startswith("--address=")]
+    want = f"{sts['metadata']['name']}-0.{sts['spec']['serviceName']}:{port}"
+    check(addresses == [want], f"load: --address {addresses}, want {want}")
+    check(pod.get("restartPolicy") == "Never", "load: restartPolicy is not Never")
+    check(pod.get("securityContext", {}).get("runAsNonRoot") is True, "load: runAsNonRoot")
+    csc = c.get("securityContext", {})
+    check(csc.get("allowPrivilegeEscalation") is False and csc.get("readOnlyRootFilesystem") is True
+          and "ALL" in csc.get("capabilities", {}).get("drop", []),
+          "load: container security context")
+    check(c.get("resources", {}).get("limits"), "load: no limits")
+    if load_binary:  # Its flags may change: the Job must keep up.
+        known, _ = server_flags(load_binary)
+        unknown = set(flags_of(c.get("args", []), "load")) - known
+        check(not unknown, f"load: flags {sorted(unknown)} are not in `normserve-load --help`")
+    with open(os.path.join(REPO, "deploy", "docker", "stage-runtime.sh")) as f:
+        check("normserve-load" in f.read(), "load: the image does not stage normserve-load")
+
+
+def image_facts():
+    """What the Dockerfile's cpu and gpu runtime stages promise."""
+    with open(DOCKERFILE) as f:
+        text = f.read()
+    stages = re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", text, re.M | re.I)
+    check(stages[:2] == ["cpu-build", "cpu"] and {"gpu-build", "gpu"} <= set(stages),
+          f"Dockerfile stages {stages}: want cpu-build, cpu first, then gpu-build, gpu")
+    users = set(re.findall(r"^USER\s+(\d+):(\d+)\s*$", text, re.M))
+    check(len(users) == 1, f"Dockerfile USER lines {users}: want one numeric uid:gid")
+    uid, gid = map(int, next(iter(users))) if users else (None, None)
+    check(uid == RUN_AS, f"Dockerfile USER {uid}, want {RUN_AS}")
+    exposed = set(re.findall(r"^EXPOSE\s+(\d+)", text, re.M))
+    check(exposed == {"50051"}, f"Dockerfile EXPOSE {exposed}, want 50051")
+    health = re.findall(r'HEALTHCHECK[^\n]*\\\n\s*CMD \[([^\]]*)\]', text)
+    check(len(health) == 2 and all('normserve-cli' in h and '"health"' in h
+                                   and "127.0.0.1:50051" in h for h in health),
+          f"Dockerfile HEALTHCHECKs {health}: want normserve-cli health on :50051")
+    dirs = re.findall(r"install -d -o (\d+) -g (\d+) -m 0750 (\S+)", text)
+    check(len(set(dirs)) == 1, f"Dockerfile state dirs {dirs}: want one")
+    state_dir = dirs[0][2] if dirs else None
+    with open(os.path.join(REPO, ".dockerignore")) as f:
+        ignore = f.read().split()
+    for script in re.findall(r"^COPY (deploy/docker/\S+)", text, re.M) + [
+            "deploy/docker/stage-runtime.sh"]:
+        check("!" + script in ignore,
+              f".dockerignore leaves {script} out of the build context")
+        check(os.access(os.path.join(REPO, script), os.X_OK), f"{script} is not executable")
+    return {"uid": uid, "gid": gid, "state_dir": state_dir}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--server", required=True, help="the normserve binary")
+    parser.add_argument("--load", help="the normserve-load binary, if built")
+    parser.add_argument("--kubectl", default=shutil.which("kubectl") or "/usr/bin/kubectl")
+    opts = parser.parse_args()
+    if not os.access(opts.kubectl, os.X_OK):
+        print(f"SKIP: no kubectl ({opts.kubectl}); `kubectl kustomize` renders the overlays")
+        return 77
+
+    known_flags, help_text = server_flags(opts.server)
+    facts = image_facts()
+    cpu_sts = None
+    for overlay in OVERLAYS:
+        before = len(failures)
+        docs = kustomize(opts.kubectl, os.path.join(K8S, "overlays", overlay))
+        flags = check_overlay(overlay, docs, opts.server, known_flags, help_text, facts)
+        if overlay == "cpu":
+            cpu_sts = one(docs, "StatefulSet")
+        if len(failures) == before:
+            print(f"ok: overlay {overlay}: {len(docs)} objects; flags "
+                  + " ".join(f"--{k}={v}" for k, v in (flags or {}).items()))
+    check_components(opts.kubectl, opts.server, known_flags)
+    if cpu_sts:
+        port = cpu_sts["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+        check_load_job(opts.kubectl, cpu_sts, port, opts.load)
+
+    for f in failures:
+        print("FAIL: " + f)
+    checks = "overlays, components, load Job, Dockerfile"
+    if failures:
+        print(f"{len(failures)} problem(s) in deploy/")
+        return 1
+    print(f"PASS: {checks}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
