@@ -6,7 +6,7 @@ JOBS ?= $(shell nproc)
 ADDRESS ?= 127.0.0.1:50051
 DEVICE ?= auto
 
-.PHONY: all deps configure build demo serve test image-test clean format
+.PHONY: all deps configure build demo serve test image-test clean format bench load
 
 all: build
 
@@ -32,6 +32,18 @@ serve: build
 
 test: build
 	@cd $(BUILD_DIR) && ctest --output-on-failure -j$(JOBS) --timeout 600
+
+# Benchmarks, not part of `make test`: kernels against PyTorch and copy
+# bandwidth, the service against a plain gRPC echo under each allocator
+# (bench/run_bench.py; BENCH_ARGS=--quick for a short run).
+bench: build
+	@/usr/bin/python3 bench/run_bench.py --bin $(BUILD_DIR)/bin \
+	  --out $(BUILD_DIR)/reports $(BENCH_ARGS)
+
+# A short load sweep against a server it starts; leaves load.json, load.csv
+# and load.png in $(BUILD_DIR)/reports (LOAD_ARGS adds normserve-load flags).
+load: build
+	@bench/load/run_load.sh $(BUILD_DIR)/bin $(BUILD_DIR)/reports $(LOAD_ARGS)
 
 # Builds the cpu container image with podman from a local Debian 12 base and
 # checks its server and CLI (deploy/docker/image_test.sh; root; about 5

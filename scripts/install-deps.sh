@@ -15,6 +15,10 @@ PACKAGES=(
   python3-sklearn
   # tests/deploy: reads the rendered Kubernetes manifests.
   python3-yaml
+  # bench/ and tests/load: the load report's plot, and the allocators the
+  # service benchmark compares (tcmalloc is linked into the server when
+  # found, see server/CMakeLists.txt).
+  python3-matplotlib libgoogle-perftools-dev libjemalloc2
 )
 # Node client: Debian's node and npm unless both are already on PATH (e.g.
 # from NodeSource, whose nodejs package conflicts with Debian's npm).

@@ -1,0 +1,260 @@
+// normserve-kernel-bench: Google Benchmark over the CPU backend on the
+// standard shapes, beside this machine's copy bandwidth.
+//
+// Cases (names OP/SHAPE/LAYOUT/tTHREADS, e.g.
+// forward_train/32x64x56x56/nchw/t2):
+//   forward_train   statistics, y and the running-stat update
+//   forward_eval    y from given statistics
+//   backward_train  dx, grad_weight, grad_bias
+//   copy/SIZE/tT    memcpy split over T threads (the bandwidth yardstick)
+// for float32 shapes 32x64x56x56, 8x32x224x224, 256x2048x7x7 (NCHW and
+// NHWC) and 4096x1024 (N, C), on 1 thread and on every core. Times are
+// wall-clock. Each case reports the counter "traffic_bytes": the minimum
+// bytes it must move (DESIGN.md §5): forward_train 2 reads + 1 write,
+// forward_eval and copy 1 read + 1 write, backward_train 4 reads + 1 write
+// (dy and x twice, dx once); GB/s = traffic_bytes / time.
+//
+// Inputs are allocated and touched once, before any timing. Besides Google
+// Benchmark's flags: --isa=generic runs the baseline (SSE2) kernels instead
+// of the best the CPU has; --threads=LIST overrides the thread counts.
+// `make bench` runs this and bench/kernels/torch_bench.py in rounds and
+// compares them (bench/run_bench.py).
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "kernels/batch_norm.h"
+#include "kernels/cpu/batch_norm_cpu.h"
+#include "kernels/cpu/parallel.h"
+
+namespace nk = normserve::kernels;
+
+namespace {
+
+struct StandardShape {
+  const char* name;
+  int64_t n, c, s;
+  bool spatial;  // Has spatial dimensions, so NHWC differs from NCHW.
+};
+
+constexpr StandardShape kShapes[] = {
+    {"32x64x56x56", 32, 64, 56 * 56, true},
+    {"8x32x224x224", 8, 32, 224 * 224, true},
+    {"256x2048x7x7", 256, 2048, 7 * 7, true},
+    {"4096x1024", 4096, 1024, 1, false},
+};
+
+// Buffers large enough for every shape, filled once.
+struct Buffers {
+  std::vector<float> x, y, dy, dx;
+  std::vector<float> weight, bias, mean, invstd, running_mean, running_var,
+      grad_weight, grad_bias;
+
+  explicit Buffers(int64_t numel, int64_t channels) {
+    for (auto* v : {&x, &y, &dy, &dx}) v->resize(numel);
+    uint64_t state = 88172645463325252ull;
+    auto next = [&state] {  // xorshift64: fast, and enough for timing data.
+      state ^= state << 13;
+      state ^= state >> 7;
+      state ^= state << 17;
+      return static_cast<float>(state >> 40) / 16777216.0f - 0.5f;
+    };
+    for (int64_t i = 0; i < numel; ++i) {
+      x[i] = 2.0f * (next() + next() + next()) + 0.5f;
+      dy[i] = next() + next();
+      y[i] = 0;
+      dx[i] = 0;
+    }
+    weight.assign(channels, 1.25f);
+    bias.assign(channels, -0.5f);
+    mean.assign(channels, 0.5f);
+    invstd.assign(channels, 0.8f);
+    running_mean.assign(channels, 0.0f);
+    running_var.assign(channels, 1.0f);
+    grad_weight.assign(channels, 0.0f);
+    grad_bias.assign(channels, 0.0f);
+  }
+};
+
+Buffers& SharedBuffers() {
+  static Buffers* buffers = [] {
+    int64_t numel = 0, channels = 0;
+    for (const StandardShape& s : kShapes) {
+      numel = std::max(numel, s.n * s.c * s.s);
+      channels = std::max(channels, s.c);
+    }
+    return new Buffers(numel, channels);
+  }();
+  return *buffers;
+}
+
+nk::CpuIsa g_isa = nk::CpuIsa::kAuto;
+
+nk::Backend* BackendFor(int threads) {
+  static std::vector<std::unique_ptr<nk::Backend>>* backends =
+      new std::vector<std::unique_ptr<nk::Backend>>(65);
+  auto& slot = (*backends)[std::clamp(threads, 1, 64)];
+  if (slot == nullptr) {
+    nk::CpuBackendOptions options;
+    options.num_threads = threads;
+    nk::CpuBackendTuning tuning;
+    tuning.isa = g_isa;
+    slot = nk::CreateCpuBackendWithTuning(options, tuning);
+  }
+  return slot.get();
+}
+
+void Check(const absl::Status& status, benchmark::State& state) {
+  if (!status.ok()) state.SkipWithError(status.ToString().c_str());
+}
+
+void BM_Kernel(benchmark::State& state, std::string op, StandardShape shape,
+               nk::Layout layout, int threads) {
+  Buffers& b = SharedBuffers();
+  nk::Backend* backend = BackendFor(threads);
+  const nk::BatchNormShape bn{shape.n, shape.c, shape.s, layout};
+  const double bytes = static_cast<double>(bn.numel()) * sizeof(float);
+  double traffic = 0;
+  if (op == "forward_train") {
+    nk::BatchNormForwardTrainArgs a;
+    a.shape = bn;
+    a.x = b.x.data();
+    a.y = b.y.data();
+    a.weight = b.weight.data();
+    a.bias = b.bias.data();
+    a.save_mean = b.mean.data();
+    a.save_invstd = b.invstd.data();
+    a.running_mean = b.running_mean.data();
+    a.running_var = b.running_var.data();
+    traffic = 3 * bytes;
+    for (auto _ : state) Check(backend->ForwardTrain(a, nullptr), state);
+  } else if (op == "forward_eval") {
+    nk::BatchNormForwardEvalArgs a;
+    a.shape = bn;
+    a.x = b.x.data();
+    a.y = b.y.data();
+    a.mean = b.mean.data();
+    a.invstd = b.invstd.data();
+    a.weight = b.weight.data();
+    a.bias = b.bias.data();
+    traffic = 2 * bytes;
+    for (auto _ : state) Check(backend->ForwardEval(a, nullptr), state);
+  } else {
+    nk::BatchNormBackwardArgs a;
+    a.shape = bn;
+    a.x = b.x.data();
+    a.dy = b.dy.data();
+    a.dx = b.dx.data();
+    a.mean = b.mean.data();
+    a.invstd = b.invstd.data();
+    a.weight = b.weight.data();
+    a.grad_weight = b.grad_weight.data();
+    a.grad_bias = b.grad_bias.data();
+    traffic = 5 * bytes;
+    for (auto _ : state) Check(backend->BackwardTrain(a, nullptr), state);
+  }
+  state.counters["traffic_bytes"] = traffic;
+  state.counters["GB/s"] = benchmark::Counter(
+      traffic / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_Copy(benchmark::State& state, int64_t bytes, int threads) {
+  Buffers& b = SharedBuffers();
+  const char* src = reinterpret_cast<const char*>(b.x.data());
+  char* dst = reinterpret_cast<char*>(b.y.data());
+  std::unique_ptr<nk::cpu::ThreadPool> pool;
+  if (threads > 1) pool = std::make_unique<nk::cpu::ThreadPool>(threads);
+  for (auto _ : state) {
+    if (pool == nullptr) {
+      std::memcpy(dst, src, bytes);
+    } else {
+      pool->Run(threads, [&](int task) {
+        const int64_t chunk = (bytes / threads + 63) / 64 * 64;
+        const int64_t begin = std::min<int64_t>(task * chunk, bytes);
+        const int64_t end = std::min<int64_t>(begin + chunk, bytes);
+        std::memcpy(dst + begin, src + begin, end - begin);
+      });
+    }
+    benchmark::ClobberMemory();
+  }
+  state.counters["traffic_bytes"] = 2.0 * bytes;
+  state.counters["GB/s"] = benchmark::Counter(
+      2.0 * bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+std::vector<int> DefaultThreads() {
+  const int cores =
+      std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  return cores == 1 ? std::vector<int>{1} : std::vector<int>{1, cores};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<int> threads = DefaultThreads();
+  std::vector<char*> rest;
+  for (int i = 0; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--isa=generic") {
+      g_isa = nk::CpuIsa::kGeneric;
+    } else if (arg.rfind("--threads=", 0) == 0) {
+      threads.clear();
+      for (absl::string_view t : absl::StrSplit(arg.substr(10), ',')) {
+        int v = 0;
+        if (!absl::SimpleAtoi(t, &v) || v < 1) {
+          std::fprintf(stderr, "bad %s\n", arg.c_str());
+          return 2;
+        }
+        threads.push_back(v);
+      }
+    } else {
+      rest.push_back(argv[i]);
+    }
+  }
+  int rest_argc = static_cast<int>(rest.size());
+
+  int64_t largest = 0;
+  for (const StandardShape& s : kShapes) {
+    largest = std::max(largest, s.n * s.c * s.s);
+  }
+  for (int t : threads) {
+    benchmark::RegisterBenchmark(
+        absl::StrCat("copy/", largest * 4 >> 20, "MiB/t", t).c_str(), BM_Copy,
+        largest * 4, t)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    for (const StandardShape& shape : kShapes) {
+      for (nk::Layout layout : {nk::Layout::kNCHW, nk::Layout::kNHWC}) {
+        if (!shape.spatial && layout == nk::Layout::kNHWC) continue;
+        const char* layout_name = !shape.spatial                ? "nc"
+                                  : layout == nk::Layout::kNCHW ? "nchw"
+                                                                : "nhwc";
+        for (const char* op :
+             {"forward_train", "forward_eval", "backward_train"}) {
+          benchmark::RegisterBenchmark(
+              absl::StrCat(op, "/", shape.name, "/", layout_name, "/t", t)
+                  .c_str(),
+              BM_Kernel, std::string(op), shape, layout, t)
+              ->UseRealTime()
+              ->Unit(benchmark::kMillisecond);
+        }
+      }
+    }
+  }
+  benchmark::Initialize(&rest_argc, rest.data());
+  if (benchmark::ReportUnrecognizedArguments(rest_argc, rest.data())) return 2;
+  SharedBuffers();  // Allocate and touch before the first timing.
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

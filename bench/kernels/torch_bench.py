@@ -1,0 +1,110 @@
+#!/usr/bin/python3
+"""PyTorch's CPU batch_norm on the same cases as normserve-kernel-bench.
+
+usage: torch_bench.py [--threads 1,2] [--min_time_s 0.3] [--filter REGEX]
+                      [--json OUT]
+
+Times torch.nn.functional.batch_norm (training with the running-stat update,
+and eval) and aten's native_batch_norm_backward (the kernel autograd calls,
+without autograd's bookkeeping) on float32 32x64x56x56, 8x32x224x224,
+256x2048x7x7 (contiguous = nchw and channels_last = nhwc) and 4096x1024,
+with torch.set_num_threads(T). Case names match the kernel bench:
+OP/SHAPE/LAYOUT/tT. Writes {"torch_version", "cases": {name: {"ms": mean
+per call (as Google Benchmark reports), "min_ms", "iterations"}}}. Uses Debian's python3-torch (/usr/bin/python3).
+"""
+import argparse
+import json
+import re
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [
+    ("32x64x56x56", (32, 64, 56, 56)),
+    ("8x32x224x224", (8, 32, 224, 224)),
+    ("256x2048x7x7", (256, 2048, 7, 7)),
+    ("4096x1024", (4096, 1024)),
+]
+OPS = ["forward_train", "forward_eval", "backward_train"]
+
+
+def time_case(fn, min_time_s):
+    fn()  # Warm-up: first-touch of outputs, kernel selection.
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 5 or time.perf_counter() - start < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    # The mean, as Google Benchmark reports for the kernel bench.
+    return sum(times) / len(times) * 1e3, min(times) * 1e3, len(times)
+
+
+def make_case(op, shape, layout):
+    c = shape[1]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen) * 2 + 0.5
+    dy = torch.randn(shape, generator=gen)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    w = torch.full((c,), 1.25)
+    b = torch.full((c,), -0.5)
+    rm = torch.zeros(c)
+    rv = torch.ones(c)
+    if op == "forward_train":
+        return lambda: F.batch_norm(x, rm, rv, w, b, training=True,
+                                    momentum=0.1, eps=1e-5)
+    if op == "forward_eval":
+        return lambda: F.batch_norm(x, rm, rv, w, b, training=False,
+                                    eps=1e-5)
+    _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+        x, w, b, rm, rv, True, 0.1, 1e-5)
+    return lambda: torch.ops.aten.native_batch_norm_backward(
+        dy, x, w, rm, rv, save_mean, save_invstd, True, 1e-5,
+        [True, True, True])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", default=None)
+    parser.add_argument("--min_time_s", type=float, default=0.3)
+    parser.add_argument("--filter", default="")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    import os
+    cores = os.cpu_count() or 1
+    threads = ([int(t) for t in args.threads.split(",")] if args.threads
+               else sorted({1, cores}))
+    pattern = re.compile(args.filter)
+    cases = {}
+    with torch.no_grad():
+        for t in threads:
+            torch.set_num_threads(t)
+            for shape_name, shape in SHAPES:
+                layouts = ["nchw", "nhwc"] if len(shape) == 4 else ["nc"]
+                for layout in layouts:
+                    for op in OPS:
+                        name = f"{op}/{shape_name}/{layout}/t{t}"
+                        if not pattern.search(name):
+                            continue
+                        fn = make_case(op, shape, layout)
+                        ms, min_ms, n = time_case(fn, args.min_time_s)
+                        cases[name] = {"ms": ms, "min_ms": min_ms,
+                                       "iterations": n}
+                        print(f"{name:40s} {ms:9.3f} ms", file=sys.stderr)
+                        del fn
+    out = {"torch_version": torch.__version__, "cases": cases}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    else:
+        json.dump(out, sys.stdout, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
