@@ -6,7 +6,7 @@ JOBS ?= $(shell nproc)
 ADDRESS ?= 127.0.0.1:50051
 DEVICE ?= auto
 
-.PHONY: all deps configure build demo serve test image-test clean format bench load
+.PHONY: all deps configure build demo serve test image-test clean format bench load fuzz test-asan soak
 
 all: build
 
@@ -30,8 +30,16 @@ demo: build
 serve: build
 	$(BUILD_DIR)/bin/normserve --address $(ADDRESS) --device $(DEVICE) $(ARGS)
 
+# The fuzzer's bounded run first, so ctest's summary is the last line.
 test: build
+	@scripts/fuzz.sh $(FUZZ_TEST_SECONDS)
 	@cd $(BUILD_DIR) && ctest --output-on-failure -j$(JOBS) --timeout 600
+
+# The request fuzzer's bounded run in `make test` (seconds); `make fuzz`
+# runs it for FUZZ_SECONDS (scripts/fuzz.sh; clang 14, ASan, UBSan,
+# build-fuzz/).
+FUZZ_TEST_SECONDS ?= 45
+FUZZ_SECONDS ?= 600
 
 # Benchmarks, not part of `make test`: kernels against PyTorch and copy
 # bandwidth, the service against a plain gRPC echo under each allocator
@@ -56,3 +64,21 @@ format:
 
 clean:
 	rm -rf $(BUILD_DIR)
+
+# --- reliability and security (issue 6) -----------------------------------
+
+fuzz: deps
+	@scripts/fuzz.sh $(FUZZ_SECONDS)
+
+# The in-process server tests again under ASan and UBSan (build-asan/, CPU
+# only, only the targets it runs; scripts/test-asan.sh). Run by .ci/run.
+test-asan: deps
+	@scripts/test-asan.sh
+
+# Ten minutes of load with create/delete churn, cancellations and
+# timeouts against a real server; reports its RSS growth after warm-up
+# (scripts/soak.sh; SOAK_SECONDS). Not in CI.
+SOAK_SECONDS ?= 600
+soak: build
+	@scripts/soak.sh $(BUILD_DIR)/bin $(SOAK_SECONDS)
+

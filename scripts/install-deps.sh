@@ -19,6 +19,9 @@ PACKAGES=(
   # service benchmark compares (tcmalloc is linked into the server when
   # found, see server/CMakeLists.txt).
   python3-matplotlib libgoogle-perftools-dev libjemalloc2
+  # tests/server/security_test makes its certificates; scripts/fuzz.sh
+  # builds the libFuzzer target with clang 14.
+  openssl clang-14 libclang-rt-14-dev
 )
 # Node client: Debian's node and npm unless both are already on PATH (e.g.
 # from NodeSource, whose nodejs package conflicts with Debian's npm).

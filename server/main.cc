@@ -2,7 +2,10 @@
 //
 //   normserve [--address HOST:PORT] [--device auto|cpu|cuda[:N]]
 //             [--max_message_mb N] [--max_saved_mb N] [--max_layers N]
-//             [--cpu_threads N] [--shutdown_grace_s S]
+//             [--cpu_threads N] [--shutdown_grace_s S] [--max_streams N]
+//             [--max_layers_per_tenant N] [--max_state_mb N]
+//             [--tls_cert F --tls_key F [--tls_client_ca F]]
+//             [--auth_tokens F]
 #include <pthread.h>
 #include <signal.h>
 
@@ -36,10 +39,34 @@ flags:
                           (default 2048); oldest evicted first
   --max_saved_contexts N  saved forward contexts kept (default 1024)
   --max_layers N          layers held at once (default 10000)
+  --max_layers_per_tenant N
+                          layers one tenant holds at once (default 0 = only
+                          --max_layers applies)
+  --max_state_mb N        memory for layer state (parameters, statistics,
+                          gradients, optimizer buffers) of all layers, in MiB
+                          (default 0 = no limit)
+  --max_streams N         Train streams open at once (default 0 = no limit)
+  --tls_cert FILE         PEM certificate chain: serve TLS (with --tls_key)
+  --tls_key FILE          PEM private key of --tls_cert
+  --tls_client_ca FILE    PEM CA bundle: require client certificates signed
+                          by it (mutual TLS)
+  --auth_tokens FILE      bearer tokens, one 'TOKEN TENANT' a line ('#'
+                          comments); every call but health checks then needs
+                          'authorization: Bearer TOKEN', and layers belong to
+                          the tenant that created them
   --cpu_threads N         threads per CPU kernel (default 0 = every core)
   --workers N             executor threads (default 0 = every core)
   --shutdown_grace_s S    on SIGTERM/SIGINT, time for in-flight calls to
                           finish (default 10)
+  --state_dir DIR         keep every layer durable in DIR (write-ahead log
+                          and snapshots; README, Persistence); without it
+                          state lives in memory and a restart loses it
+  --fsync POLICY          always (default: fsync before each mutation is
+                          acknowledged, group commit) | interval (fsync
+                          every --fsync_interval_ms; a machine crash may lose
+                          that window, a process crash loses nothing)
+  --fsync_interval_ms N   the interval for --fsync interval (default 100)
+  --snapshot_every N      log records between snapshots (default 10000)
   --help                  print this and exit
 )";
 
@@ -108,12 +135,46 @@ int main(int argc, char** argv) {
           ParseNumber("max_saved_contexts", value, 1);
     } else if (ParseFlag(argc, argv, &i, "max_layers", &value)) {
       options.engine.max_layers = ParseNumber("max_layers", value, 1);
+    } else if (ParseFlag(argc, argv, &i, "max_layers_per_tenant", &value)) {
+      options.engine.max_layers_per_tenant =
+          ParseNumber("max_layers_per_tenant", value, 0);
+    } else if (ParseFlag(argc, argv, &i, "max_state_mb", &value)) {
+      options.engine.max_state_bytes =
+          static_cast<size_t>(ParseNumber("max_state_mb", value, 0)) << 20;
+    } else if (ParseFlag(argc, argv, &i, "max_streams", &value)) {
+      options.max_streams = ParseNumber("max_streams", value, 0);
+    } else if (ParseFlag(argc, argv, &i, "tls_cert", &value)) {
+      options.tls_cert_file = value;
+    } else if (ParseFlag(argc, argv, &i, "tls_key", &value)) {
+      options.tls_key_file = value;
+    } else if (ParseFlag(argc, argv, &i, "tls_client_ca", &value)) {
+      options.tls_client_ca_file = value;
+    } else if (ParseFlag(argc, argv, &i, "auth_tokens", &value)) {
+      options.auth_tokens_file = value;
     } else if (ParseFlag(argc, argv, &i, "cpu_threads", &value)) {
       options.cpu_threads =
           static_cast<int>(ParseNumber("cpu_threads", value, 0));
     } else if (ParseFlag(argc, argv, &i, "workers", &value)) {
       options.engine.num_workers =
           static_cast<int>(ParseNumber("workers", value, 0));
+    } else if (ParseFlag(argc, argv, &i, "state_dir", &value)) {
+      options.journal.dir = value;
+    } else if (ParseFlag(argc, argv, &i, "fsync", &value)) {
+      if (value == "always") {
+        options.journal.fsync = normserve::server::FsyncPolicy::kAlways;
+      } else if (value == "interval") {
+        options.journal.fsync = normserve::server::FsyncPolicy::kInterval;
+      } else {
+        std::fprintf(stderr,
+                     "normserve: --fsync %s: expected always or interval\n",
+                     value.c_str());
+        return 2;
+      }
+    } else if (ParseFlag(argc, argv, &i, "fsync_interval_ms", &value)) {
+      options.journal.fsync_interval_ms =
+          static_cast<int>(ParseNumber("fsync_interval_ms", value, 1));
+    } else if (ParseFlag(argc, argv, &i, "snapshot_every", &value)) {
+      options.journal.snapshot_every = ParseNumber("snapshot_every", value, 1);
     } else if (ParseFlag(argc, argv, &i, "shutdown_grace_s", &value)) {
       grace_s = ParseNumber("shutdown_grace_s", value, 0);
     } else {
@@ -135,6 +196,23 @@ int main(int argc, char** argv) {
       (*server)->address().c_str(), (*server)->device_name().c_str(),
       options.max_message_bytes >> 20, engine.max_saved_bytes >> 20,
       engine.max_saved_contexts, engine.max_layers);
+  std::printf("normserve: %s, %s\n",
+              options.tls_client_ca_file.empty()
+                  ? ((*server)->tls() ? "TLS" : "plaintext (no TLS)")
+                  : "mutual TLS",
+              (*server)->num_tokens() > 0
+                  ? absl::StrCat("bearer tokens for tenants (",
+                                 (*server)->num_tokens(), " tokens)")
+                        .c_str()
+                  : "no authentication");
+  if (options.journal.dir.empty()) {
+    std::printf(
+        "normserve: state in memory only (no --state_dir): a restart loses "
+        "every layer\n");
+  }
+  for (const std::string& line : (*server)->journal().report()) {
+    std::printf("normserve: %s\n", line.c_str());
+  }
   std::fflush(stdout);
 
   std::thread signal_waiter([&] {

@@ -28,7 +28,9 @@ struct CommandSpec {
 
 const std::vector<FlagSpec>& GlobalFlags() {
   static const auto* const kFlags = new std::vector<FlagSpec>{
-      {"address", false}, {"timeout_ms", false}, {"help", true}};
+      {"address", false},    {"timeout_ms", false}, {"tls_ca", false},
+      {"tls_cert", false},   {"tls_key", false},    {"tls", true},
+      {"token_file", false}, {"help", true}};
   return *kFlags;
 }
 
@@ -139,6 +141,12 @@ Commands:
 Global flags:
   --address=HOST:PORT  server address (default 127.0.0.1:50051)
   --timeout_ms=N       deadline of each call (default 30000)
+  --tls                connect with TLS, trusting the system's CAs
+  --tls_ca=FILE        connect with TLS, trusting the CAs in this PEM file
+  --tls_cert=FILE      client certificate (PEM) for mutual TLS; needs
+  --tls_key=FILE       its private key (PEM); both imply --tls
+  --token_file=FILE    file holding a bearer token for servers started with
+                       --auth_tokens (kept out of the command line)
   --help               print this text
 
 Exit status: 0 on success, 1 when a call fails (prints
@@ -247,6 +255,23 @@ absl::StatusOr<ClientOptions> ClientOptionsFromFlags(const CommandLine& line) {
           absl::StrCat("--timeout_ms must be positive, got ", ms));
     }
     options.timeout = absl::Milliseconds(ms);
+  }
+  const std::string* ca = GetFlag(line, "tls_ca");
+  const std::string* cert = GetFlag(line, "tls_cert");
+  const std::string* key = GetFlag(line, "tls_key");
+  const std::string* tls = GetFlag(line, "tls");
+  bool use_tls = ca != nullptr || cert != nullptr || key != nullptr;
+  if (tls != nullptr) {
+    ASSIGN_OR_RETURN(bool on, ParseBool(*tls));
+    use_tls = use_tls || on;
+  }
+  if (use_tls) {
+    ASSIGN_OR_RETURN(options.credentials,
+                     TlsCredentialsFromFiles(ca ? *ca : "", cert ? *cert : "",
+                                             key ? *key : ""));
+  }
+  if (const std::string* token_file = GetFlag(line, "token_file")) {
+    ASSIGN_OR_RETURN(options.bearer_token, ReadTokenFile(*token_file));
   }
   return options;
 }

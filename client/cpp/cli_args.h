@@ -39,7 +39,8 @@ const char* UsageText();
 absl::StatusOr<CommandLine> ParseCommandLine(
     const std::vector<std::string>& args);
 
-// Builds the client options from --address and --timeout_ms.
+// Builds the client options from --address, --timeout_ms, the TLS flags
+// (reading their PEM files) and --token_file.
 absl::StatusOr<ClientOptions> ClientOptionsFromFlags(const CommandLine& line);
 
 // Builds a CreateLayer request from the create command's flags.

@@ -1,7 +1,10 @@
 #include "client/cpp/client.h"
 
+#include <fstream>
+#include <sstream>
 #include <utility>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/create_channel.h"
@@ -103,6 +106,55 @@ Client::Client(ClientOptions options, std::shared_ptr<grpc::Channel> channel)
 
 void Client::PrepareContext(grpc::ClientContext& context) const {
   context.set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
+  if (!options_.bearer_token.empty()) {
+    context.AddMetadata("authorization",
+                        absl::StrCat("Bearer ", options_.bearer_token));
+  }
+}
+
+namespace {
+
+absl::StatusOr<std::string> ReadWholeFile(const std::string& path,
+                                          absl::string_view what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::NotFoundError(absl::StrCat("cannot read ", what, " ", path));
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>>
+TlsCredentialsFromFiles(const std::string& ca_file,
+                        const std::string& cert_file,
+                        const std::string& key_file) {
+  if (cert_file.empty() != key_file.empty()) {
+    return absl::InvalidArgumentError(
+        "a client certificate needs its key, and a key its certificate");
+  }
+  grpc::SslCredentialsOptions ssl;
+  if (!ca_file.empty()) {
+    ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadWholeFile(ca_file, "CA file"));
+  }
+  if (!cert_file.empty()) {
+    ASSIGN_OR_RETURN(ssl.pem_cert_chain,
+                     ReadWholeFile(cert_file, "certificate file"));
+    ASSIGN_OR_RETURN(ssl.pem_private_key, ReadWholeFile(key_file, "key file"));
+  }
+  return grpc::SslCredentials(ssl);
+}
+
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
+  ASSIGN_OR_RETURN(std::string token, ReadWholeFile(path, "token file"));
+  absl::string_view stripped = absl::StripAsciiWhitespace(token);
+  if (stripped.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("token file ", path, " is empty"));
+  }
+  return std::string(stripped);
 }
 
 absl::StatusOr<v1::Layer> Client::CreateLayer(
@@ -260,6 +312,10 @@ absl::StatusOr<std::unique_ptr<TrainingStream>> Client::StartTraining() {
   if (options_.stream_timeout != absl::InfiniteDuration()) {
     context->set_deadline(
         absl::ToChronoTime(absl::Now() + options_.stream_timeout));
+  }
+  if (!options_.bearer_token.empty()) {
+    context->AddMetadata("authorization",
+                         absl::StrCat("Bearer ", options_.bearer_token));
   }
   std::unique_ptr<TrainingStream::Stream> stream = stub_->Train(context.get());
   if (stream == nullptr) {

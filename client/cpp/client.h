@@ -52,9 +52,24 @@ struct ClientOptions {
   // (--max_message_mb, default 512) applies as well.
   int max_message_bytes = 512 << 20;
   // Channel credentials; null means insecure (plaintext). Pass
-  // grpc::SslCredentials(...) for TLS.
+  // grpc::SslCredentials(...) or TlsCredentialsFromFiles(...) for TLS.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
+  // Bearer token sent as "authorization: Bearer TOKEN" on every call and
+  // stream (servers started with --auth_tokens); "" sends none.
+  std::string bearer_token;
 };
+
+// Builds TLS channel credentials from PEM files: `ca_file` the CA bundle
+// that signed the server's certificate ("" = the system's roots);
+// `cert_file` and `key_file` the client's certificate and key for mutual TLS
+// (both or neither). NOT_FOUND / INVALID_ARGUMENT for unreadable files.
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>>
+TlsCredentialsFromFiles(const std::string& ca_file,
+                        const std::string& cert_file,
+                        const std::string& key_file);
+
+// Reads a bearer token from `path` (surrounding whitespace dropped).
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path);
 
 // Returns `status` as an absl::Status with the same code and message.
 absl::Status FromGrpcStatus(const grpc::Status& status);

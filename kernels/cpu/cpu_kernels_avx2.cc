@@ -8,7 +8,10 @@
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/half.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// GCC only: clang 14 (the fuzz and sanitizer builds, scripts/fuzz.sh) has
+// neither `#pragma GCC target` nor __builtin_cpu_supports("f16c"); it gets
+// the generic kernels.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 
 #pragma GCC push_options
@@ -36,7 +39,7 @@ const KernelTable* Avx2Kernels() {
 
 }  // namespace normserve::kernels::cpu
 
-#else  // Not x86-64: only the generic kernels exist.
+#else  // Not x86-64 with GCC: only the generic kernels exist.
 
 namespace normserve::kernels::cpu {
 

@@ -93,6 +93,7 @@ BatchNormLayer::BatchNormLayer(std::string name, uint64_t uid,
   }
   absl::MutexLock info_lock(&info_mu_);
   info_.name = name_;
+  info_.uid = uid_;
   info_.config = config_;
   info_.version = version_;
 }
@@ -622,6 +623,80 @@ absl::StatusOr<int64_t> BatchNormLayer::LoadState(const StateDict& state,
     bias_momentum_.clear();
   }
   return Mutated();
+}
+
+}  // namespace normserve::server
+
+namespace normserve::server {
+
+DurableLayerState InitialDurableState(const BatchNormConfig& config) {
+  const size_t c = static_cast<size_t>(config.num_features);
+  DurableLayerState state;
+  if (config.affine) {
+    state.weight.assign(c, 1.0f);
+    state.bias.assign(c, 0.0f);
+    state.grad_weight.assign(c, 0.0f);
+    state.grad_bias.assign(c, 0.0f);
+  }
+  if (config.track_running_stats) {
+    state.running_mean.assign(c, 0.0f);
+    state.running_var.assign(c, 1.0f);
+  }
+  return state;
+}
+
+DurableLayerState BatchNormLayer::ExportDurable() const {
+  absl::MutexLock lock(&mu_);
+  DurableLayerState state;
+  state.weight = weight_;
+  state.bias = bias_;
+  state.running_mean = running_mean_;
+  state.running_var = running_var_;
+  state.num_batches_tracked = num_batches_tracked_;
+  state.grad_weight = grad_weight_;
+  state.grad_bias = grad_bias_;
+  state.has_grad = has_grad_;
+  state.weight_momentum = weight_momentum_;
+  state.bias_momentum = bias_momentum_;
+  state.version = version_;
+  return state;
+}
+
+absl::Status BatchNormLayer::RestoreDurable(const DurableLayerState& state) {
+  const size_t c = static_cast<size_t>(config_.num_features);
+  const size_t affine = config_.affine ? c : 0;
+  const size_t tracked = config_.track_running_stats ? c : 0;
+  auto fits = [](const std::vector<float>& v, size_t n, bool may_be_empty) {
+    return v.size() == n || (may_be_empty && v.empty());
+  };
+  if (!fits(state.weight, affine, false) || !fits(state.bias, affine, false) ||
+      !fits(state.grad_weight, affine, false) ||
+      !fits(state.grad_bias, affine, false) ||
+      !fits(state.running_mean, tracked, false) ||
+      !fits(state.running_var, tracked, false) ||
+      !fits(state.weight_momentum, affine, true) ||
+      !fits(state.bias_momentum, affine, true) ||
+      state.weight_momentum.size() != state.bias_momentum.size() ||
+      state.num_batches_tracked < 0 || state.version < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("durable state of ", name_, " does not fit its config (",
+                     config_.num_features, " channels)"));
+  }
+  absl::MutexLock lock(&mu_);
+  weight_ = state.weight;
+  bias_ = state.bias;
+  running_mean_ = state.running_mean;
+  running_var_ = state.running_var;
+  num_batches_tracked_ = state.num_batches_tracked;
+  grad_weight_ = state.grad_weight;
+  grad_bias_ = state.grad_bias;
+  has_grad_ = state.has_grad;
+  weight_momentum_ = state.weight_momentum;
+  bias_momentum_ = state.bias_momentum;
+  resident_.InvalidateAll();
+  version_ = state.version - 1;
+  Mutated();  // Publishes Info with version_ == state.version.
+  return absl::OkStatus();
 }
 
 }  // namespace normserve::server

@@ -132,11 +132,27 @@ using StateDict = std::map<std::string, StateEntry>;
 
 struct LayerInfo {
   std::string name;  // "layers/{id}"
+  uint64_t uid = 0;  // Unique per server process (a re-created id differs).
   BatchNormConfig config;
   int64_t version = 0;
   int64_t num_batches_tracked = 0;
   bool has_accumulated_grad = false;
 };
+
+// Everything about a layer that survives a restart (server/core/journal.h):
+// the state dict's arrays, accumulated gradients, SGD momentum buffers and
+// the version. Arrays are empty where the config has none.
+struct DurableLayerState {
+  std::vector<float> weight, bias, running_mean, running_var;
+  int64_t num_batches_tracked = 0;
+  std::vector<float> grad_weight, grad_bias;
+  bool has_grad = false;
+  std::vector<float> weight_momentum, bias_momentum;
+  int64_t version = 1;
+};
+
+// Returns the state a new layer with `config` starts in (version 1).
+DurableLayerState InitialDurableState(const BatchNormConfig& config);
 
 // Shared resources every layer of a server uses.
 struct LayerEnv {
@@ -170,6 +186,13 @@ class BatchNormLayer {
   absl::StatusOr<StateDict> GetState(int64_t* version) const;
   // All-or-nothing: validates every entry before changing anything.
   absl::StatusOr<int64_t> LoadState(const StateDict& state, bool allow_missing);
+
+  // Returns the durable state, consistent with Info().version.
+  DurableLayerState ExportDurable() const;
+  // Replaces the whole state, version included (restore after a restart).
+  // INVALID_ARGUMENT, changing nothing, when an array does not fit the
+  // config.
+  absl::Status RestoreDurable(const DurableLayerState& state);
 
  private:
   struct ResolvedTensor {

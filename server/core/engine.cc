@@ -13,6 +13,8 @@ namespace {
 constexpr absl::string_view kNamePrefix = "layers/";
 constexpr int kDefaultPageSize = 100;
 constexpr int kMaxPageSize = 1000;
+// Channels of one layer (4 GiB of float32 state); more is a malformed config.
+constexpr int64_t kMaxNumFeatures = int64_t{1} << 27;
 
 bool IsValidId(absl::string_view id) {
   if (id.empty() || id.size() > 63) return false;
@@ -37,6 +39,21 @@ absl::StatusOr<std::string> ParseLayerName(absl::string_view name) {
                      "[a-z0-9][a-z0-9_.-]{0,62}"));
   }
   return std::string(id);
+}
+
+std::string LayerKey(absl::string_view tenant, absl::string_view id) {
+  if (tenant.empty()) return std::string(id);
+  return absl::StrCat(tenant, "/", id);
+}
+
+size_t Engine::StateBytes(const BatchNormConfig& config) {
+  // weight, bias, running_mean, running_var, grad_weight, grad_bias and two
+  // momentum buffers, float32 each, plus a fixed overhead per layer.
+  constexpr size_t kPerChannel = 8 * sizeof(float);
+  constexpr size_t kPerLayer = 1024;
+  return kPerLayer +
+         static_cast<size_t>(std::max<int64_t>(config.num_features, 0)) *
+             kPerChannel;
 }
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
@@ -70,7 +87,8 @@ Engine::~Engine() {
 }
 
 absl::StatusOr<LayerInfo> Engine::CreateLayer(absl::string_view id,
-                                              BatchNormConfig config) {
+                                              BatchNormConfig config,
+                                              absl::string_view tenant) {
   // "" is the server's device; "cuda" is the server's GPU, if it has one.
   const std::string server_device = backend_->device();
   if (config.device.empty() ||
@@ -88,17 +106,42 @@ absl::StatusOr<LayerInfo> Engine::CreateLayer(absl::string_view id,
     ASSIGN_OR_RETURN(layer_id, ParseLayerName(id));
   }
 
+  if (config.num_features > kMaxNumFeatures) {
+    // Checked before anything is allocated for the layer: a huge count must
+    // be an error, not an allocation failure that aborts the server.
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_features is ", config.num_features,
+                     "; expected at most ", kMaxNumFeatures));
+  }
+  const size_t state_bytes = StateBytes(config);
+
   absl::MutexLock lock(&mu_);
   if (layers_.size() >= options_.max_layers) {
     return absl::ResourceExhaustedError(
         absl::StrCat("the server holds ", layers_.size(),
                      " layers, its limit (--max_layers); delete some first"));
   }
+  size_t& tenant_layers = tenant_layers_[std::string(tenant)];
+  if (options_.max_layers_per_tenant > 0 &&
+      tenant_layers >= options_.max_layers_per_tenant) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "this tenant holds ", tenant_layers,
+        " layers, its limit (--max_layers_per_tenant); delete some first"));
+  }
+  if (options_.max_state_bytes > 0 &&
+      state_bytes_.load() + state_bytes > options_.max_state_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "a layer of ", config.num_features, " features needs ", state_bytes,
+        " bytes of state; the server holds ", state_bytes_.load(), " of ",
+        options_.max_state_bytes, " (--max_state_mb); delete some first"));
+  }
   const uint64_t uid = next_uid_++;
   if (layer_id.empty()) {
     layer_id = absl::StrCat("bn-", uid);
-    while (layers_.count(layer_id)) layer_id = absl::StrCat("bn-", next_uid_++);
-  } else if (layers_.count(layer_id)) {
+    while (layers_.count(LayerKey(tenant, layer_id))) {
+      layer_id = absl::StrCat("bn-", next_uid_++);
+    }
+  } else if (layers_.count(LayerKey(tenant, layer_id))) {
     return absl::AlreadyExistsError(
         absl::StrCat("layer layers/", layer_id, " already exists"));
   }
@@ -111,29 +154,34 @@ absl::StatusOr<LayerInfo> Engine::CreateLayer(absl::string_view id,
   entry->layer = std::make_unique<BatchNormLayer>(
       absl::StrCat(kNamePrefix, layer_id), uid, config, env);
   entry->strand = std::make_shared<Strand>(executor_.get());
+  entry->tenant = std::string(tenant);
+  entry->state_bytes = state_bytes;
   LayerInfo info = entry->layer->Info();
-  layers_.emplace(layer_id, std::move(entry));
+  layers_.emplace(LayerKey(tenant, layer_id), std::move(entry));
+  ++tenant_layers;
+  state_bytes_ += state_bytes;
   return info;
 }
 
 absl::StatusOr<std::shared_ptr<Engine::Entry>> Engine::Find(
-    absl::string_view name) {
+    absl::string_view name, absl::string_view tenant) {
   ASSIGN_OR_RETURN(std::string id, ParseLayerName(name));
   absl::MutexLock lock(&mu_);
-  auto it = layers_.find(id);
+  auto it = layers_.find(LayerKey(tenant, id));
   if (it == layers_.end()) {
     return absl::NotFoundError(absl::StrCat("layer layers/", id, " not found"));
   }
   return it->second;
 }
 
-absl::StatusOr<LayerInfo> Engine::GetLayer(absl::string_view name) {
-  ASSIGN_OR_RETURN(std::shared_ptr<Entry> entry, Find(name));
+absl::StatusOr<LayerInfo> Engine::GetLayer(absl::string_view name,
+                                           absl::string_view tenant) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Entry> entry, Find(name, tenant));
   return entry->layer->Info();
 }
 
 absl::StatusOr<ListLayersResult> Engine::ListLayers(
-    int page_size, absl::string_view page_token) {
+    int page_size, absl::string_view page_token, absl::string_view tenant) {
   if (page_size < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("page_size is ", page_size, "; expected >= 0"));
@@ -142,33 +190,46 @@ absl::StatusOr<ListLayersResult> Engine::ListLayers(
   page_size = std::min(page_size, kMaxPageSize);
   ListLayersResult result;
   absl::MutexLock lock(&mu_);
-  // The token is the id of the last layer of the previous page.
-  auto it = page_token.empty() ? layers_.begin()
-                               : layers_.upper_bound(std::string(page_token));
-  for (; it != layers_.end() &&
-         static_cast<int>(result.layers.size()) < page_size;
-       ++it) {
+  // The token is the id of the last layer of the previous page. A tenant's
+  // keys share the prefix "tenant/" and sort together.
+  const std::string prefix = LayerKey(tenant, "");
+  auto it = page_token.empty()
+                ? layers_.lower_bound(prefix)
+                : layers_.upper_bound(LayerKey(tenant, page_token));
+  std::string last_id;
+  bool more = false;
+  for (; it != layers_.end(); ++it) {
+    if (!absl::StartsWith(it->first, prefix)) break;
+    if (it->second->tenant != tenant) continue;  // "" sees only its own.
+    if (static_cast<int>(result.layers.size()) == page_size) {
+      more = true;
+      break;
+    }
     result.layers.push_back(it->second->layer->Info());
+    last_id = it->first.substr(prefix.size());
   }
-  if (it != layers_.end() && !result.layers.empty()) {
-    result.next_page_token =
-        std::prev(it)->first;  // Resume after the last one returned.
-  }
+  if (more) result.next_page_token = last_id;  // Resume after it.
   return result;
 }
 
-absl::Status Engine::DeleteLayer(absl::string_view name) {
+absl::Status Engine::DeleteLayer(absl::string_view name,
+                                 absl::string_view tenant) {
   ASSIGN_OR_RETURN(std::string id, ParseLayerName(name));
   std::shared_ptr<Entry> entry;
   {
     absl::MutexLock lock(&mu_);
-    auto it = layers_.find(id);
+    auto it = layers_.find(LayerKey(tenant, id));
     if (it == layers_.end()) {
       return absl::NotFoundError(
           absl::StrCat("layer layers/", id, " not found"));
     }
     entry = std::move(it->second);
     layers_.erase(it);
+    auto count = tenant_layers_.find(entry->tenant);
+    if (count != tenant_layers_.end() && --count->second == 0) {
+      tenant_layers_.erase(count);
+    }
+    state_bytes_ -= entry->state_bytes;
   }
   entry->deleted.store(true);
   // Saved contexts go now; the layer itself when its last queued job ends.

@@ -28,6 +28,7 @@
 #include "server/core/buffer_pool.h"
 #include "server/core/context_store.h"
 #include "server/core/executor.h"
+#include "server/core/journal.h"
 
 namespace normserve::server {
 
@@ -41,7 +42,16 @@ struct EngineOptions {
   size_t max_saved_bytes = size_t{2} << 30;
   // Layers the server holds at once.
   size_t max_layers = 10000;
+  // Layers one tenant holds at once; 0 = no limit beyond max_layers.
+  size_t max_layers_per_tenant = 0;
+  // Bytes of layer state (parameters, running stats, gradients, optimizer
+  // buffers; StateBytes) held by all layers together; 0 = no limit.
+  size_t max_state_bytes = 0;
 };
+
+// Layers belong to a tenant: the one whose token created them. "" is the
+// tenant of a server without authentication. Every lookup takes the caller's
+// tenant; another tenant's layer is NOT_FOUND and absent from lists.
 
 struct ListLayersResult {
   std::vector<LayerInfo> layers;
@@ -58,16 +68,22 @@ class Engine {
   // Creates a layer with the client's `id` ("" lets the server choose).
   // INVALID_ARGUMENT for a bad id or config, ALREADY_EXISTS for a taken id,
   // RESOURCE_EXHAUSTED at the layer limit.
+  // RESOURCE_EXHAUSTED at the layer, per-tenant or state-bytes limit.
   absl::StatusOr<LayerInfo> CreateLayer(absl::string_view id,
-                                        BatchNormConfig config);
+                                        BatchNormConfig config,
+                                        absl::string_view tenant = "");
   // `name` is "layers/{id}" or "{id}"; NOT_FOUND when there is none.
-  absl::StatusOr<LayerInfo> GetLayer(absl::string_view name);
-  // Layers ordered by name; `page_size` 0 means 100, at most 1000.
+  absl::StatusOr<LayerInfo> GetLayer(absl::string_view name,
+                                     absl::string_view tenant = "");
+  // The tenant's layers ordered by name; `page_size` 0 means 100, at most
+  // 1000.
   absl::StatusOr<ListLayersResult> ListLayers(int page_size,
-                                              absl::string_view page_token);
+                                              absl::string_view page_token,
+                                              absl::string_view tenant = "");
   // Removes the layer; operations already queued on it fail with NOT_FOUND,
   // one already running completes.
-  absl::Status DeleteLayer(absl::string_view name);
+  absl::Status DeleteLayer(absl::string_view name,
+                           absl::string_view tenant = "");
 
   // Runs `op` on the layer's strand, then `done` with its result, on an
   // executor thread. When the layer does not exist `done` runs at once on the
@@ -75,22 +91,36 @@ class Engine {
   template <typename T>
   void RunOnLayer(absl::string_view name,
                   std::function<absl::StatusOr<T>(BatchNormLayer&)> op,
-                  std::function<void(absl::StatusOr<T>)> done);
+                  std::function<void(absl::StatusOr<T>)> done,
+                  absl::string_view tenant = "");
+
+  // Bytes of state a layer with `config` holds (StateBytes's estimate:
+  // weight, bias, running stats, two gradients, momentum buffers).
+  static size_t StateBytes(const BatchNormConfig& config);
+  // Bytes of layer state held now by all layers.
+  size_t state_bytes() const { return state_bytes_.load(); }
 
   kernels::Backend& backend() { return *backend_; }
   const EngineOptions& options() const { return options_; }
   ContextStore& contexts() { return contexts_; }
+  // Durable state and request ids (server/core/journal.h); null when the
+  // server keeps none. Not owned; set once before serving.
+  Journal* journal() const { return journal_; }
+  void set_journal(Journal* journal) { journal_ = journal; }
 
  private:
   struct Entry {
     std::unique_ptr<BatchNormLayer> layer;
     std::shared_ptr<Strand> strand;
     std::atomic<bool> deleted{false};
+    std::string tenant;
+    size_t state_bytes = 0;
   };
 
   Engine(const EngineOptions& options,
          std::unique_ptr<kernels::Backend> backend);
-  absl::StatusOr<std::shared_ptr<Entry>> Find(absl::string_view name);
+  absl::StatusOr<std::shared_ptr<Entry>> Find(absl::string_view name,
+                                              absl::string_view tenant);
 
   const EngineOptions options_;
   std::unique_ptr<kernels::Backend> backend_;
@@ -100,6 +130,10 @@ class Engine {
   absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<Entry>> layers_ ABSL_GUARDED_BY(mu_);
   uint64_t next_uid_ ABSL_GUARDED_BY(mu_) = 1;
+  // Layers per tenant, for max_layers_per_tenant.
+  std::map<std::string, size_t> tenant_layers_ ABSL_GUARDED_BY(mu_);
+  std::atomic<size_t> state_bytes_{0};
+  Journal* journal_ = nullptr;
 
   // Declared last: destroyed first, so queued jobs finish while the layers
   // and shared resources still exist.
@@ -109,11 +143,16 @@ class Engine {
 // Returns the id in "layers/{id}" or "{id}", or INVALID_ARGUMENT.
 absl::StatusOr<std::string> ParseLayerName(absl::string_view name);
 
+// Returns the registry key of layer `id` of `tenant`: the id itself without
+// a tenant, else "tenant/id" (ids never hold '/').
+std::string LayerKey(absl::string_view tenant, absl::string_view id);
+
 template <typename T>
 void Engine::RunOnLayer(absl::string_view name,
                         std::function<absl::StatusOr<T>(BatchNormLayer&)> op,
-                        std::function<void(absl::StatusOr<T>)> done) {
-  absl::StatusOr<std::shared_ptr<Entry>> entry = Find(name);
+                        std::function<void(absl::StatusOr<T>)> done,
+                        absl::string_view tenant) {
+  absl::StatusOr<std::shared_ptr<Entry>> entry = Find(name, tenant);
   if (!entry.ok()) {
     done(entry.status());
     return;

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/status_macros.h"
 #include "server/grpc/convert.h"
+#include "server/grpc/journaled.h"
 
 namespace normserve::server {
 namespace {
@@ -22,6 +23,16 @@ void SetFloats(const std::vector<T>& in,
   out->Assign(in.begin(), in.end());
 }
 
+template <typename Request>
+std::optional<int64_t> ExpectedVersion(const Request& request) {
+  if (!request.has_expected_version()) return std::nullopt;
+  return request.expected_version();
+}
+
+absl::StatusOr<int64_t> ReplayVersion(const RequestResult& prior) {
+  return prior.version;
+}
+
 }  // namespace
 
 absl::Status Operations::CreateLayer(const pb::CreateLayerRequest& request,
@@ -33,14 +44,18 @@ absl::Status Operations::CreateLayer(const pb::CreateLayerRequest& request,
   ASSIGN_OR_RETURN(BatchNormConfig config,
                    ConfigFromProto(request.batch_norm()));
   ASSIGN_OR_RETURN(LayerInfo info,
-                   engine_->CreateLayer(request.layer_id(), config));
+                   engine_->CreateLayer(request.layer_id(), config, tenant_));
+  if (Journal* journal = engine_->journal()) {
+    RETURN_IF_ERROR(
+        journal->LogCreate(tenant_, info, InitialDurableState(info.config)));
+  }
   LayerInfoToProto(info, response);
   return absl::OkStatus();
 }
 
 absl::Status Operations::GetLayer(const pb::GetLayerRequest& request,
                                   pb::Layer* response) {
-  ASSIGN_OR_RETURN(LayerInfo info, engine_->GetLayer(request.name()));
+  ASSIGN_OR_RETURN(LayerInfo info, engine_->GetLayer(request.name(), tenant_));
   LayerInfoToProto(info, response);
   return absl::OkStatus();
 }
@@ -49,7 +64,7 @@ absl::Status Operations::ListLayers(const pb::ListLayersRequest& request,
                                     pb::ListLayersResponse* response) {
   ASSIGN_OR_RETURN(
       ListLayersResult result,
-      engine_->ListLayers(request.page_size(), request.page_token()));
+      engine_->ListLayers(request.page_size(), request.page_token(), tenant_));
   for (const LayerInfo& info : result.layers) {
     LayerInfoToProto(info, response->add_layers());
   }
@@ -58,7 +73,12 @@ absl::Status Operations::ListLayers(const pb::ListLayersRequest& request,
 }
 
 absl::Status Operations::DeleteLayer(const pb::DeleteLayerRequest& request) {
-  return engine_->DeleteLayer(request.name());
+  RETURN_IF_ERROR(engine_->DeleteLayer(request.name(), tenant_));
+  if (Journal* journal = engine_->journal()) {
+    ASSIGN_OR_RETURN(std::string id, ParseLayerName(request.name()));
+    return journal->LogDelete(tenant_, absl::StrCat("layers/", id));
+  }
+  return absl::OkStatus();
 }
 
 void Operations::Forward(const pb::ForwardRequest& request,
@@ -73,11 +93,15 @@ void Operations::Forward(const pb::ForwardRequest& request,
   args.save_for_backward =
       !request.has_save_for_backward() || request.save_for_backward();
   args.output = TensorOutput(response->mutable_output());
-  engine_->RunOnLayer<ForwardResult>(
+  RunOnLayer<ForwardResult>(
       request.name(),
-      [args = std::move(args)](BatchNormLayer& layer) {
-        return layer.Forward(args);
-      },
+      Journaled<ForwardResult>(
+          engine_->journal(), tenant_, OpKind::kForward, request.request_id(),
+          ExpectedVersion(request),
+          [args = std::move(args)](BatchNormLayer& layer) {
+            return layer.Forward(args);
+          },
+          nullptr),
       [&request, response, done](absl::StatusOr<ForwardResult> result) {
         if (!result.ok()) return done(result.status());
         SetTensorMeta(
@@ -103,11 +127,15 @@ void Operations::Backward(const pb::BackwardRequest& request,
   args.retain_context = request.retain_context();
   args.skip_grad_input = request.skip_grad_input();
   args.grad_input = TensorOutput(response->mutable_grad_input());
-  engine_->RunOnLayer<BackwardResult>(
+  RunOnLayer<BackwardResult>(
       request.name(),
-      [args = std::move(args)](BatchNormLayer& layer) {
-        return layer.Backward(args);
-      },
+      Journaled<BackwardResult>(
+          engine_->journal(), tenant_, OpKind::kBackward, request.request_id(),
+          ExpectedVersion(request),
+          [args = std::move(args)](BatchNormLayer& layer) {
+            return layer.Backward(args);
+          },
+          nullptr),
       [&request, response, done](absl::StatusOr<BackwardResult> result) {
         if (!result.ok()) return done(result.status());
         if (result->has_grad_input) {
@@ -132,13 +160,22 @@ void Operations::UpdateRunningStats(
   args.mean = ToVector(request.mean());
   args.var = ToVector(request.var());
   args.count = request.count();
-  engine_->RunOnLayer<LayerInfo>(
+  RunOnLayer<LayerInfo>(
       request.name(),
-      [args = std::move(args)](
-          BatchNormLayer& layer) -> absl::StatusOr<LayerInfo> {
-        RETURN_IF_ERROR(layer.UpdateRunningStats(args).status());
-        return layer.Info();
-      },
+      Journaled<LayerInfo>(
+          engine_->journal(), tenant_, OpKind::kUpdateRunningStats,
+          request.request_id(), ExpectedVersion(request),
+          [args = std::move(args)](
+              BatchNormLayer& layer) -> absl::StatusOr<LayerInfo> {
+            RETURN_IF_ERROR(layer.UpdateRunningStats(args).status());
+            return layer.Info();
+          },
+          [](const RequestResult& prior) -> absl::StatusOr<LayerInfo> {
+            LayerInfo info;
+            info.version = prior.version;
+            info.num_batches_tracked = prior.num_batches_tracked;
+            return info;
+          }),
       [response, done](absl::StatusOr<LayerInfo> info) {
         if (!info.ok()) return done(info.status());
         response->set_version(info->version);
@@ -160,9 +197,13 @@ void Operations::OptimizerStep(const pb::OptimizerStepRequest& request,
   args.weight_decay = request.sgd().weight_decay();
   args.nesterov = request.sgd().nesterov();
   args.keep_grad = request.keep_grad();
-  engine_->RunOnLayer<int64_t>(
+  RunOnLayer<int64_t>(
       request.name(),
-      [args](BatchNormLayer& layer) { return layer.OptimizerStep(args); },
+      Journaled<int64_t>(
+          engine_->journal(), tenant_, OpKind::kOptimizerStep,
+          request.request_id(), ExpectedVersion(request),
+          [args](BatchNormLayer& layer) { return layer.OptimizerStep(args); },
+          ReplayVersion),
       [response, done](absl::StatusOr<int64_t> version) {
         if (!version.ok()) return done(version.status());
         response->set_version(*version);
@@ -172,10 +213,16 @@ void Operations::OptimizerStep(const pb::OptimizerStepRequest& request,
 
 void Operations::SetParameters(const pb::SetParametersRequest& request,
                                pb::SetParametersResponse* response, Done done) {
-  engine_->RunOnLayer<int64_t>(
+  RunOnLayer<int64_t>(
       request.name(),
-      [weight = ToVector(request.weight()), bias = ToVector(request.bias())](
-          BatchNormLayer& layer) { return layer.SetParameters(weight, bias); },
+      Journaled<int64_t>(
+          engine_->journal(), tenant_, OpKind::kSetParameters,
+          request.request_id(), ExpectedVersion(request),
+          [weight = ToVector(request.weight()),
+           bias = ToVector(request.bias())](BatchNormLayer& layer) {
+            return layer.SetParameters(weight, bias);
+          },
+          ReplayVersion),
       [response, done](absl::StatusOr<int64_t> version) {
         if (!version.ok()) return done(version.status());
         response->set_version(*version);
@@ -185,7 +232,7 @@ void Operations::SetParameters(const pb::SetParametersRequest& request,
 
 void Operations::GetState(const pb::GetStateRequest& request,
                           pb::GetStateResponse* response, Done done) {
-  engine_->RunOnLayer<int64_t>(
+  RunOnLayer<int64_t>(
       request.name(),
       [response](BatchNormLayer& layer) -> absl::StatusOr<int64_t> {
         int64_t version = 0;
@@ -204,12 +251,16 @@ void Operations::LoadState(const pb::LoadStateRequest& request,
                            pb::LoadStateResponse* response, Done done) {
   absl::StatusOr<StateDict> state = StateDictFromProto(request.state());
   if (!state.ok()) return done(state.status());
-  engine_->RunOnLayer<int64_t>(
+  RunOnLayer<int64_t>(
       request.name(),
-      [state = *std::move(state),
-       allow_missing = request.allow_missing()](BatchNormLayer& layer) {
-        return layer.LoadState(state, allow_missing);
-      },
+      Journaled<int64_t>(
+          engine_->journal(), tenant_, OpKind::kLoadState, request.request_id(),
+          ExpectedVersion(request),
+          [state = *std::move(state),
+           allow_missing = request.allow_missing()](BatchNormLayer& layer) {
+            return layer.LoadState(state, allow_missing);
+          },
+          ReplayVersion),
       [response, done](absl::StatusOr<int64_t> version) {
         if (!version.ok()) return done(version.status());
         response->set_version(*version);

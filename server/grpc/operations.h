@@ -5,11 +5,19 @@
 // `done` runs exactly once, on an executor thread or, for quick calls and
 // early errors, on the caller's thread. Request and response must stay alive
 // until then. No method blocks on compute.
+//
+// An Operations is cheap: the front end makes one per call (or per Train
+// stream) carrying the caller's tenant and its call context. Compute that
+// has not started when the call is cancelled or its deadline passes is
+// dropped (CANCELLED / DEADLINE_EXCEEDED) instead of run.
 #pragma once
 
 #include <functional>
+#include <string>
+#include <utility>
 
 #include "absl/status/status.h"
+#include "absl/time/time.h"
 #include "normserve/v1/normserve.pb.h"
 #include "server/core/engine.h"
 
@@ -21,7 +29,14 @@ class Operations {
  public:
   using Done = std::function<void(absl::Status)>;
 
-  explicit Operations(Engine* engine) : engine_(engine) {}
+  // Whether the call may still use compute: OK, or why not.
+  using Admission = std::function<absl::Status()>;
+
+  explicit Operations(Engine* engine, std::string tenant = "",
+                      Admission admission = nullptr)
+      : engine_(engine),
+        tenant_(std::move(tenant)),
+        admission_(std::move(admission)) {}
 
   absl::Status CreateLayer(const pb::CreateLayerRequest& request,
                            pb::Layer* response);
@@ -51,7 +66,32 @@ class Operations {
                 Done done);
 
  private:
+  // Engine::RunOnLayer for the caller's tenant; `op` is skipped when the
+  // call is no longer admitted by the time it would start.
+  template <typename T>
+  void RunOnLayer(const std::string& name,
+                  std::function<absl::StatusOr<T>(BatchNormLayer&)> op,
+                  std::function<void(absl::StatusOr<T>)> done);
+
   Engine* const engine_;
+  const std::string tenant_;
+  const Admission admission_;
 };
+
+template <typename T>
+void Operations::RunOnLayer(
+    const std::string& name,
+    std::function<absl::StatusOr<T>(BatchNormLayer&)> op,
+    std::function<void(absl::StatusOr<T>)> done) {
+  if (admission_ != nullptr) {
+    op = [admission = admission_,
+          op = std::move(op)](BatchNormLayer& layer) -> absl::StatusOr<T> {
+      absl::Status admitted = admission();
+      if (!admitted.ok()) return admitted;
+      return op(layer);
+    };
+  }
+  engine_->RunOnLayer<T>(name, std::move(op), std::move(done), tenant_);
+}
 
 }  // namespace normserve::server

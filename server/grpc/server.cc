@@ -3,11 +3,14 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <fstream>
+#include <sstream>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/status_macros.h"
 #include "server/core/device.h"
+#include "server/core/recovery.h"
 
 namespace normserve::server {
 namespace {
@@ -15,6 +18,54 @@ namespace {
 // Headroom for everything in a request besides its tensor bytes, so that a
 // tensor just over the limit gets our message naming the flag.
 constexpr int kMessageOverheadBytes = 1 << 20;
+
+absl::StatusOr<std::string> ReadPem(const std::string& path,
+                                    absl::string_view what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::NotFoundError(absl::StrCat("cannot read ", what, " ", path));
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  if (text.str().find("-----BEGIN") == std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " ", path, " is not a PEM file"));
+  }
+  return text.str();
+}
+
+// Plaintext, TLS or mutual TLS, from the options' files.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(
+    const ServerOptions& options) {
+  const bool tls =
+      !options.tls_cert_file.empty() || !options.tls_key_file.empty();
+  if (!tls) {
+    if (!options.tls_client_ca_file.empty()) {
+      return absl::InvalidArgumentError(
+          "--tls_client_ca needs --tls_cert and --tls_key");
+    }
+    return grpc::InsecureServerCredentials();
+  }
+  if (options.tls_cert_file.empty() || options.tls_key_file.empty()) {
+    return absl::InvalidArgumentError(
+        "TLS needs both --tls_cert and --tls_key");
+  }
+  grpc::SslServerCredentialsOptions ssl(
+      options.tls_client_ca_file.empty()
+          ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+          : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  ASSIGN_OR_RETURN(pair.cert_chain,
+                   ReadPem(options.tls_cert_file, "--tls_cert"));
+  ASSIGN_OR_RETURN(pair.private_key,
+                   ReadPem(options.tls_key_file, "--tls_key"));
+  ssl.pem_key_cert_pairs.push_back(std::move(pair));
+  if (!options.tls_client_ca_file.empty()) {
+    ASSIGN_OR_RETURN(ssl.pem_root_certs,
+                     ReadPem(options.tls_client_ca_file, "--tls_client_ca"));
+  }
+  return grpc::SslServerCredentials(ssl);
+}
 
 }  // namespace
 
@@ -25,16 +76,28 @@ absl::StatusOr<std::unique_ptr<NormServer>> NormServer::Start(
   EngineOptions engine_options = options.engine;
   engine_options.max_tensor_bytes = options.max_message_bytes;
   std::unique_ptr<NormServer> server(new NormServer());
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
+                   MakeCredentials(options));
+  server->tls_ = !options.tls_cert_file.empty();
+  ServiceOptions service_options;
+  service_options.max_streams = options.max_streams;
+  if (!options.auth_tokens_file.empty()) {
+    ASSIGN_OR_RETURN(TokenTable tokens,
+                     TokenTable::LoadFile(options.auth_tokens_file));
+    server->tokens_ = std::make_unique<TokenTable>(std::move(tokens));
+    service_options.tokens = server->tokens_.get();
+  }
   ASSIGN_OR_RETURN(server->engine_,
                    Engine::Create(engine_options, std::move(backend)));
-  server->service_ =
-      std::make_unique<NormalizationService>(server->engine_.get());
+  ASSIGN_OR_RETURN(server->journal_,
+                   OpenAndRestore(options.journal, server->engine_.get()));
+  server->service_ = std::make_unique<NormalizationService>(
+      server->engine_.get(), service_options);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.address, grpc::InsecureServerCredentials(),
-                           &server->port_);
+  builder.AddListeningPort(options.address, credentials, &server->port_);
   builder.RegisterService(server->service_.get());
   const size_t max_receive =
       std::min<size_t>(options.max_message_bytes + kMessageOverheadBytes,
@@ -65,6 +128,7 @@ NormServer::~NormServer() {
 }
 
 void NormServer::Shutdown(absl::Duration grace) {
+  service_->StartDraining();  // New calls: UNAVAILABLE.
   if (auto* health = server_->GetHealthCheckService()) {
     health->Shutdown();  // Every service reports NOT_SERVING from now on.
   }

@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "server/core/engine.h"
+#include "server/core/journal.h"
 #include "server/grpc/service.h"
 
 namespace normserve::server {
@@ -23,7 +24,19 @@ struct ServerOptions {
   int cpu_threads = 0;
   // Largest request message; tensors above it get RESOURCE_EXHAUSTED.
   size_t max_message_bytes = size_t{512} << 20;
+  // Train streams open at once; 0 = no limit.
+  size_t max_streams = 0;
+  // TLS: PEM files of the server's certificate chain and private key; both
+  // empty means plaintext. With `tls_client_ca` (PEM CA bundle) clients must
+  // present a certificate signed by it (mutual TLS).
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;
+  // Bearer tokens (TokenTable's file format); empty means no authentication.
+  std::string auth_tokens_file;
   EngineOptions engine;
+  // Durable state (--state_dir, --fsync); dir "" keeps state in memory only.
+  JournalOptions journal;
 };
 
 class NormServer {
@@ -38,9 +51,16 @@ class NormServer {
   int port() const { return port_; }
   std::string device_name() const { return engine_->backend().name(); }
   Engine& engine() { return *engine_; }
+  // What start-up restored from the state directory (or that it has none).
+  const Journal& journal() const { return *journal_; }
+  NormalizationService& service() { return *service_; }
+  bool tls() const { return tls_; }
+  // Tenants' tokens loaded; 0 without authentication.
+  size_t num_tokens() const { return tokens_ ? tokens_->size() : 0; }
 
-  // Marks health NOT_SERVING, stops accepting calls, lets in-flight calls
-  // finish until `grace` has passed, then cancels the rest.
+  // Marks health NOT_SERVING, answers new calls UNAVAILABLE, stops
+  // accepting calls, lets in-flight calls finish until `grace` has passed,
+  // then cancels the rest. Safe to call once, from any thread.
   void Shutdown(absl::Duration grace);
   // Blocks until the server has shut down.
   void Wait();
@@ -48,8 +68,12 @@ class NormServer {
  private:
   NormServer() = default;
 
+  std::unique_ptr<TokenTable> tokens_;
+  // Before engine_: destroyed after it, when queued work has finished.
+  std::unique_ptr<Journal> journal_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<NormalizationService> service_;
+  bool tls_ = false;
   std::unique_ptr<grpc::Server> server_;
   std::string address_;
   int port_ = 0;

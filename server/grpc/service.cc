@@ -1,10 +1,12 @@
 #include "server/grpc/service.h"
 
+#include <chrono>
 #include <deque>
 #include <memory>
 #include <utility>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "server/grpc/status.h"
 
@@ -27,6 +29,30 @@ ServerUnaryReactor* FinishNow(CallbackServerContext* context,
   return reactor;
 }
 
+// Finishes a Train stream at once with `status` (not admitted).
+class RejectedStream final
+    : public grpc::ServerBidiReactor<pb::TrainRequest, pb::TrainResponse> {
+ public:
+  explicit RejectedStream(const absl::Status& status) {
+    Finish(ToGrpcStatus(status));
+  }
+  void OnDone() override { delete this; }
+};
+
+// Starts a call that runs on the executor: `start(ops, reactor)` when the
+// call is admitted, else finishes it with the reason.
+template <typename Start>
+ServerUnaryReactor* StartAsync(CallbackServerContext* context,
+                               absl::StatusOr<Operations> ops, Start start) {
+  ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (!ops.ok()) {
+    reactor->Finish(ToGrpcStatus(ops.status()));
+    return reactor;
+  }
+  start(*ops, FinishWhenDone(reactor));
+  return reactor;
+}
+
 // One Train stream. Operations are started in arrival order and may finish
 // out of order (different layers run in parallel); responses are written in
 // arrival order, one write at a time. At most kMaxInFlight operations are
@@ -38,7 +64,12 @@ ServerUnaryReactor* FinishNow(CallbackServerContext* context,
 class TrainReactor final
     : public grpc::ServerBidiReactor<pb::TrainRequest, pb::TrainResponse> {
  public:
-  explicit TrainReactor(Operations* ops) : ops_(ops) { StartRead(&incoming_); }
+  // `open_streams` counts open streams; this one is counted already and
+  // uncounts itself when done.
+  TrainReactor(Operations ops, std::atomic<size_t>* open_streams)
+      : ops_(std::move(ops)), open_streams_(open_streams) {
+    StartRead(&incoming_);
+  }
 
   void OnReadDone(bool ok) override {
     Slot* slot = nullptr;
@@ -58,7 +89,7 @@ class TrainReactor final
     // The slot stays in pending_ until its answer is written, which needs
     // OpDone first: it outlives this call.
     if (slot != nullptr) {
-      ops_->Dispatch(
+      ops_.Dispatch(
           slot->request, &slot->response,
           [this, slot](absl::Status status) { OpDone(slot, status); });
     }
@@ -75,7 +106,10 @@ class TrainReactor final
     Run(Decide());
   }
 
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    open_streams_->fetch_sub(1);
+    delete this;
+  }
 
  private:
   static constexpr size_t kMaxInFlight = 64;
@@ -143,7 +177,8 @@ class TrainReactor final
     if (actions.finish) Finish(actions.status);
   }
 
-  Operations* const ops_;
+  Operations ops_;
+  std::atomic<size_t>* const open_streams_;
   pb::TrainRequest incoming_;
   absl::Mutex mu_;
   std::deque<std::unique_ptr<Slot>> pending_ ABSL_GUARDED_BY(mu_);
@@ -159,87 +194,131 @@ class TrainReactor final
 ServerUnaryReactor* NormalizationService::CreateLayer(
     CallbackServerContext* context, const pb::CreateLayerRequest* request,
     pb::Layer* response) {
-  return FinishNow(context, ops_.CreateLayer(*request, response));
+  absl::StatusOr<Operations> ops = Begin(context);
+  if (!ops.ok()) return FinishNow(context, ops.status());
+  return FinishNow(context, ops->CreateLayer(*request, response));
 }
 
 ServerUnaryReactor* NormalizationService::GetLayer(
     CallbackServerContext* context, const pb::GetLayerRequest* request,
     pb::Layer* response) {
-  return FinishNow(context, ops_.GetLayer(*request, response));
+  absl::StatusOr<Operations> ops = Begin(context);
+  if (!ops.ok()) return FinishNow(context, ops.status());
+  return FinishNow(context, ops->GetLayer(*request, response));
 }
 
 ServerUnaryReactor* NormalizationService::ListLayers(
     CallbackServerContext* context, const pb::ListLayersRequest* request,
     pb::ListLayersResponse* response) {
-  return FinishNow(context, ops_.ListLayers(*request, response));
+  absl::StatusOr<Operations> ops = Begin(context);
+  if (!ops.ok()) return FinishNow(context, ops.status());
+  return FinishNow(context, ops->ListLayers(*request, response));
 }
 
 ServerUnaryReactor* NormalizationService::DeleteLayer(
     CallbackServerContext* context, const pb::DeleteLayerRequest* request,
     pb::DeleteLayerResponse* response) {
-  return FinishNow(context, ops_.DeleteLayer(*request));
+  absl::StatusOr<Operations> ops = Begin(context);
+  if (!ops.ok()) return FinishNow(context, ops.status());
+  return FinishNow(context, ops->DeleteLayer(*request));
 }
 
 ServerUnaryReactor* NormalizationService::Forward(
     CallbackServerContext* context, const pb::ForwardRequest* request,
     pb::ForwardResponse* response) {
-  ServerUnaryReactor* reactor = context->DefaultReactor();
-  ops_.Forward(*request, response, FinishWhenDone(reactor));
-  return reactor;
+  return StartAsync(context, Begin(context),
+                    [&](Operations& ops, Operations::Done done) {
+                      ops.Forward(*request, response, std::move(done));
+                    });
 }
 
 ServerUnaryReactor* NormalizationService::Backward(
     CallbackServerContext* context, const pb::BackwardRequest* request,
     pb::BackwardResponse* response) {
-  ServerUnaryReactor* reactor = context->DefaultReactor();
-  ops_.Backward(*request, response, FinishWhenDone(reactor));
-  return reactor;
+  return StartAsync(context, Begin(context),
+                    [&](Operations& ops, Operations::Done done) {
+                      ops.Backward(*request, response, std::move(done));
+                    });
 }
 
 ServerUnaryReactor* NormalizationService::UpdateRunningStats(
     CallbackServerContext* context,
     const pb::UpdateRunningStatsRequest* request,
     pb::UpdateRunningStatsResponse* response) {
-  ServerUnaryReactor* reactor = context->DefaultReactor();
-  ops_.UpdateRunningStats(*request, response, FinishWhenDone(reactor));
-  return reactor;
+  return StartAsync(
+      context, Begin(context), [&](Operations& ops, Operations::Done done) {
+        ops.UpdateRunningStats(*request, response, std::move(done));
+      });
 }
 
 ServerUnaryReactor* NormalizationService::OptimizerStep(
     CallbackServerContext* context, const pb::OptimizerStepRequest* request,
     pb::OptimizerStepResponse* response) {
-  ServerUnaryReactor* reactor = context->DefaultReactor();
-  ops_.OptimizerStep(*request, response, FinishWhenDone(reactor));
-  return reactor;
+  return StartAsync(context, Begin(context),
+                    [&](Operations& ops, Operations::Done done) {
+                      ops.OptimizerStep(*request, response, std::move(done));
+                    });
 }
 
 ServerUnaryReactor* NormalizationService::SetParameters(
     CallbackServerContext* context, const pb::SetParametersRequest* request,
     pb::SetParametersResponse* response) {
-  ServerUnaryReactor* reactor = context->DefaultReactor();
-  ops_.SetParameters(*request, response, FinishWhenDone(reactor));
-  return reactor;
+  return StartAsync(context, Begin(context),
+                    [&](Operations& ops, Operations::Done done) {
+                      ops.SetParameters(*request, response, std::move(done));
+                    });
 }
 
 ServerUnaryReactor* NormalizationService::GetState(
     CallbackServerContext* context, const pb::GetStateRequest* request,
     pb::GetStateResponse* response) {
-  ServerUnaryReactor* reactor = context->DefaultReactor();
-  ops_.GetState(*request, response, FinishWhenDone(reactor));
-  return reactor;
+  return StartAsync(context, Begin(context),
+                    [&](Operations& ops, Operations::Done done) {
+                      ops.GetState(*request, response, std::move(done));
+                    });
 }
 
 ServerUnaryReactor* NormalizationService::LoadState(
     CallbackServerContext* context, const pb::LoadStateRequest* request,
     pb::LoadStateResponse* response) {
-  ServerUnaryReactor* reactor = context->DefaultReactor();
-  ops_.LoadState(*request, response, FinishWhenDone(reactor));
-  return reactor;
+  return StartAsync(context, Begin(context),
+                    [&](Operations& ops, Operations::Done done) {
+                      ops.LoadState(*request, response, std::move(done));
+                    });
 }
 
 grpc::ServerBidiReactor<pb::TrainRequest, pb::TrainResponse>*
 NormalizationService::Train(CallbackServerContext* context) {
-  return new TrainReactor(&ops_);
+  absl::StatusOr<Operations> ops = Begin(context);
+  if (!ops.ok()) return new RejectedStream(ops.status());
+  const size_t open = open_streams_.fetch_add(1) + 1;
+  if (options_.max_streams > 0 && open > options_.max_streams) {
+    open_streams_.fetch_sub(1);
+    return new RejectedStream(absl::ResourceExhaustedError(absl::StrCat(
+        "the server has ", options_.max_streams,
+        " Train streams open, its limit (--max_streams); retry later")));
+  }
+  return new TrainReactor(*std::move(ops), &open_streams_);
+}
+
+absl::StatusOr<Operations> NormalizationService::Begin(
+    CallbackServerContext* context) {
+  if (draining_.load()) {
+    return absl::UnavailableError(
+        "the server is shutting down; retry on another replica");
+  }
+  absl::StatusOr<std::string> tenant = Authenticate(options_.tokens, *context);
+  if (!tenant.ok()) return tenant.status();
+  return Operations(engine_, *std::move(tenant), [context]() -> absl::Status {
+    if (context->IsCancelled()) {
+      return absl::CancelledError("the call was cancelled before it ran");
+    }
+    if (context->deadline() < std::chrono::system_clock::now()) {
+      return absl::DeadlineExceededError(
+          "the call's deadline passed before it ran");
+    }
+    return absl::OkStatus();
+  });
 }
 
 }  // namespace normserve::server

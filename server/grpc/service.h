@@ -2,16 +2,33 @@
 // Handlers convert and hand off to Operations; none waits on compute.
 #pragma once
 
+#include <atomic>
+
+#include "absl/status/statusor.h"
 #include "normserve/v1/normserve.grpc.pb.h"
 #include "server/core/engine.h"
+#include "server/grpc/auth.h"
 #include "server/grpc/operations.h"
 
 namespace normserve::server {
 
+struct ServiceOptions {
+  // Bearer tokens → tenants; null means no authentication (tenant "").
+  const TokenTable* tokens = nullptr;
+  // Train streams open at once; 0 = no limit.
+  size_t max_streams = 0;
+};
+
 class NormalizationService final
     : public ::normserve::v1::Normalization::CallbackService {
  public:
-  explicit NormalizationService(Engine* engine) : ops_(engine) {}
+  explicit NormalizationService(Engine* engine,
+                                ServiceOptions options = ServiceOptions())
+      : engine_(engine), options_(options) {}
+
+  // From now on every new call gets UNAVAILABLE (the server is draining).
+  void StartDraining() { draining_.store(true); }
+  size_t open_streams() const { return open_streams_.load(); }
 
   grpc::ServerUnaryReactor* CreateLayer(
       grpc::CallbackServerContext* context,
@@ -63,7 +80,15 @@ class NormalizationService final
   Train(grpc::CallbackServerContext* context) override;
 
  private:
-  Operations ops_;
+  // Admits a new call: UNAVAILABLE when draining, UNAUTHENTICATED without a
+  // valid token; else the operations of the caller's tenant, which drop
+  // compute once `context` is cancelled or past its deadline.
+  absl::StatusOr<Operations> Begin(grpc::CallbackServerContext* context);
+
+  Engine* const engine_;
+  const ServiceOptions options_;
+  std::atomic<bool> draining_{false};
+  std::atomic<size_t> open_streams_{0};
 };
 
 }  // namespace normserve::server

@@ -45,6 +45,31 @@ TEST(CliArgsTest, DefaultClientOptions) {
   EXPECT_EQ(options->timeout, absl::Seconds(30));
 }
 
+TEST(CliArgsTest, TlsAndTokenFlags) {
+  // No files are read while parsing; building the options reads them.
+  absl::StatusOr<CommandLine> line =
+      Parse({"--tls_cert=/nonexistent/c.pem", "list"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  EXPECT_EQ(ClientOptionsFromFlags(*line).status().code(),
+            absl::StatusCode::kInvalidArgument);  // A cert needs its key.
+  line = Parse({"--tls_ca=/nonexistent/ca.pem", "list"});
+  ASSERT_TRUE(line.ok());
+  EXPECT_EQ(ClientOptionsFromFlags(*line).status().code(),
+            absl::StatusCode::kNotFound);
+  line = Parse({"--tls", "list"});
+  ASSERT_TRUE(line.ok());
+  absl::StatusOr<ClientOptions> options = ClientOptionsFromFlags(*line);
+  ASSERT_TRUE(options.ok()) << options.status();
+  EXPECT_NE(options->credentials, nullptr);
+  EXPECT_TRUE(options->bearer_token.empty());
+  line = Parse({"--token_file=/nonexistent/token", "list"});
+  ASSERT_TRUE(line.ok());
+  EXPECT_EQ(ClientOptionsFromFlags(*line).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_FALSE(Parse({"--token=abc", "list"}).ok())
+      << "tokens are not taken on the command line";
+}
+
 TEST(CliArgsTest, HelpNeedsNoCommand) {
   absl::StatusOr<CommandLine> line = Parse({"--help"});
   ASSERT_TRUE(line.ok()) << line.status();

@@ -256,15 +256,39 @@ class Client:
     address: "host:port". timeout: default deadline of every call, seconds
     (None: no deadline). metadata: (key, value) pairs sent with every call.
     credentials: grpc.ChannelCredentials for TLS (default: plaintext).
+    tls_ca, tls_cert, tls_key: paths of PEM files, the same as the CLI's
+    --tls_ca/--tls_cert/--tls_key: any of them (or tls=True, trusting the
+    system's CAs) connects with TLS; tls_cert and tls_key give a client
+    certificate for mutual TLS. Not together with credentials.
+    token: bearer token for servers started with --auth_tokens, sent as
+    "authorization: Bearer TOKEN" with every call (never printed).
     wait_for_ready: queue calls while the server is unreachable instead of
     failing at once with UnavailableError (the timeout still applies).
     """
 
     def __init__(self, address, timeout=DEFAULT_TIMEOUT, *, metadata=None,
-                 credentials=None, wait_for_ready=False, options=None):
+                 credentials=None, wait_for_ready=False, options=None,
+                 tls=False, tls_ca=None, tls_cert=None, tls_key=None,
+                 token=None):
         self.address = address
         self.timeout = timeout
         self._metadata = tuple(metadata or ())
+        if token:
+            self._metadata += (("authorization", "Bearer " + token),)
+        if tls or tls_ca or tls_cert or tls_key:
+            if credentials is not None:
+                raise ValueError("pass either credentials or the tls_* files")
+            if bool(tls_cert) != bool(tls_key):
+                raise ValueError("tls_cert and tls_key go together")
+
+            def read(path):
+                with open(path, "rb") as f:
+                    return f.read()
+
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=read(tls_ca) if tls_ca else None,
+                private_key=read(tls_key) if tls_key else None,
+                certificate_chain=read(tls_cert) if tls_cert else None)
         self._wait_for_ready = wait_for_ready
         channel_options = [
             # Activations are large; the server enforces its own limit

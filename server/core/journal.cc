@@ -1,0 +1,661 @@
+#include "server/core/journal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <array>
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/status_macros.h"
+
+namespace normserve::server {
+namespace {
+
+constexpr absl::string_view kWalMagic = "NSWAL001";
+constexpr absl::string_view kSnapshotMagic = "NSSNAP01";
+constexpr char kWalFile[] = "wal.log";
+constexpr char kSnapshotFile[] = "snapshot";
+constexpr char kSnapshotTmp[] = "snapshot.tmp";
+// No record comes near this; a larger length is damage.
+constexpr uint32_t kMaxFrameBytes = 1u << 30;
+
+enum RecordType : uint8_t {
+  kPut = 1,
+  kDelete = 2,
+  kSnapshotHeader = 3,
+  kSnapshotLayer = 4,
+};
+
+absl::Status ErrnoStatus(absl::string_view what, const std::string& path) {
+  return absl::InternalError(
+      absl::StrCat(what, " ", path, ": ", std::strerror(errno)));
+}
+
+// Little-endian writer and bounds-checked reader.
+class Writer {
+ public:
+  template <typename T>
+  void Put(T v) {
+    char bytes[sizeof(T)];
+    std::memcpy(bytes, &v, sizeof(T));
+    out_.append(bytes, sizeof(T));
+  }
+  void Str(absl::string_view s) {
+    Put<uint32_t>(static_cast<uint32_t>(s.size()));
+    out_.append(s.data(), s.size());
+  }
+  void Floats(const std::vector<float>& v) {
+    Put<uint32_t>(static_cast<uint32_t>(v.size()));
+    out_.append(reinterpret_cast<const char*>(v.data()),
+                v.size() * sizeof(float));
+  }
+  std::string& out() { return out_; }
+
+ private:
+  std::string out_;
+};
+
+class Reader {
+ public:
+  explicit Reader(absl::string_view in) : in_(in) {}
+  template <typename T>
+  bool Get(T* v) {
+    if (in_.size() < sizeof(T)) return false;
+    std::memcpy(v, in_.data(), sizeof(T));
+    in_.remove_prefix(sizeof(T));
+    return true;
+  }
+  bool Str(std::string* s) {
+    uint32_t n = 0;
+    if (!Get(&n) || in_.size() < n) return false;
+    s->assign(in_.data(), n);
+    in_.remove_prefix(n);
+    return true;
+  }
+  bool Floats(std::vector<float>* v) {
+    uint32_t n = 0;
+    if (!Get(&n) || in_.size() / sizeof(float) < n) return false;
+    v->resize(n);
+    std::memcpy(v->data(), in_.data(), n * sizeof(float));
+    in_.remove_prefix(n * sizeof(float));
+    return true;
+  }
+  bool done() const { return in_.empty(); }
+
+ private:
+  absl::string_view in_;
+};
+
+std::string EncodeBlob(const BatchNormConfig& c, const DurableLayerState& s) {
+  Writer w;
+  w.Put<int64_t>(c.num_features);
+  w.Put<double>(c.eps);
+  w.Put<uint8_t>(c.momentum.has_value());
+  w.Put<double>(c.momentum.value_or(0));
+  w.Put<uint8_t>(c.affine);
+  w.Put<uint8_t>(c.track_running_stats);
+  w.Put<uint8_t>(static_cast<uint8_t>(c.layout));
+  w.Put<uint8_t>(static_cast<uint8_t>(c.dtype));
+  w.Put<int32_t>(c.spatial_dims);
+  w.Floats(s.weight);
+  w.Floats(s.bias);
+  w.Floats(s.running_mean);
+  w.Floats(s.running_var);
+  w.Put<int64_t>(s.num_batches_tracked);
+  w.Floats(s.grad_weight);
+  w.Floats(s.grad_bias);
+  w.Put<uint8_t>(s.has_grad);
+  w.Floats(s.weight_momentum);
+  w.Floats(s.bias_momentum);
+  w.Put<int64_t>(s.version);
+  return std::move(w.out());
+}
+
+bool DecodeBlob(absl::string_view blob, BatchNormConfig* c,
+                DurableLayerState* s) {
+  Reader r(blob);
+  uint8_t has_momentum = 0, affine = 0, track = 0, layout = 0, dtype = 0,
+          has_grad = 0;
+  double momentum = 0;
+  if (!r.Get(&c->num_features) || !r.Get(&c->eps) || !r.Get(&has_momentum) ||
+      !r.Get(&momentum) || !r.Get(&affine) || !r.Get(&track) ||
+      !r.Get(&layout) || !r.Get(&dtype) || !r.Get(&c->spatial_dims) ||
+      !r.Floats(&s->weight) || !r.Floats(&s->bias) ||
+      !r.Floats(&s->running_mean) || !r.Floats(&s->running_var) ||
+      !r.Get(&s->num_batches_tracked) || !r.Floats(&s->grad_weight) ||
+      !r.Floats(&s->grad_bias) || !r.Get(&has_grad) ||
+      !r.Floats(&s->weight_momentum) || !r.Floats(&s->bias_momentum) ||
+      !r.Get(&s->version) || !r.done()) {
+    return false;
+  }
+  if (has_momentum > 1 || affine > 1 || track > 1 || has_grad > 1 ||
+      layout > static_cast<uint8_t>(kernels::Layout::kNHWC) ||
+      dtype > static_cast<uint8_t>(kernels::DType::kBFloat16)) {
+    return false;
+  }
+  c->momentum = has_momentum ? std::optional<double>(momentum) : std::nullopt;
+  c->affine = affine;
+  c->track_running_stats = track;
+  c->layout = static_cast<kernels::Layout>(layout);
+  c->dtype = static_cast<kernels::DType>(dtype);
+  c->device = "";  // Restored on this server's device.
+  s->has_grad = has_grad;
+  return ValidateConfig(*c).ok();
+}
+
+void PutResult(Writer& w, const RequestResult& r) {
+  w.Put<uint8_t>(static_cast<uint8_t>(r.kind));
+  w.Put<int64_t>(r.version);
+  w.Put<int64_t>(r.num_batches_tracked);
+}
+
+bool GetResult(Reader& r, RequestResult* out) {
+  uint8_t kind = 0;
+  if (!r.Get(&kind) || !r.Get(&out->version) ||
+      !r.Get(&out->num_batches_tracked)) {
+    return false;
+  }
+  if (kind < 1 || kind > static_cast<uint8_t>(OpKind::kLoadState)) {
+    return false;
+  }
+  out->kind = static_cast<OpKind>(kind);
+  return true;
+}
+
+absl::Status WriteAll(int fd, absl::string_view data, const std::string& path) {
+  while (!data.empty()) {
+    ssize_t n = ::write(fd, data.data(), data.size());
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus("cannot write", path);
+    }
+    data.remove_prefix(static_cast<size_t>(n));
+  }
+  return absl::OkStatus();
+}
+
+// Returns the file's bytes ("" and *exists false when it cannot be read).
+std::string ReadWhole(const std::string& path, bool* exists) {
+  std::ifstream in(path, std::ios::binary);
+  *exists = in.good();
+  if (!*exists) return std::string();
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+absl::Status FsyncDir(const std::string& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (fd < 0) return ErrnoStatus("cannot open", dir);
+  int rc = ::fsync(fd);
+  ::close(fd);
+  if (rc != 0) return ErrnoStatus("cannot fsync", dir);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+namespace journal_format {
+
+uint32_t Crc32c(absl::string_view data) {
+  static const std::array<uint32_t, 256> table = [] {
+    std::array<uint32_t, 256> t{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0x82F63B78u ^ (c >> 1) : c >> 1;
+      t[i] = c;
+    }
+    return t;
+  }();
+  uint32_t crc = 0xFFFFFFFFu;
+  for (unsigned char ch : data) crc = table[(crc ^ ch) & 0xFF] ^ (crc >> 8);
+  return crc ^ 0xFFFFFFFFu;
+}
+
+std::string Frame(absl::string_view payload) {
+  Writer w;
+  w.Put<uint32_t>(static_cast<uint32_t>(payload.size()));
+  w.Put<uint32_t>(Crc32c(payload));
+  w.out().append(payload.data(), payload.size());
+  return std::move(w.out());
+}
+
+Frames ReadFrames(absl::string_view data, bool skip_bad) {
+  Frames frames;
+  size_t pos = 0;
+  while (pos < data.size()) {
+    if (data.size() - pos < 8) {
+      frames.error = absl::StrCat("torn frame header at byte ", pos);
+      break;
+    }
+    uint32_t len = 0, crc = 0;
+    std::memcpy(&len, data.data() + pos, 4);
+    std::memcpy(&crc, data.data() + pos + 4, 4);
+    if (len > kMaxFrameBytes || data.size() - pos - 8 < len) {
+      frames.error = absl::StrCat("frame at byte ", pos, " claims ", len,
+                                  " bytes, past the end (torn or damaged)");
+      break;
+    }
+    absl::string_view payload = data.substr(pos + 8, len);
+    if (Crc32c(payload) != crc) {
+      if (!skip_bad) {
+        frames.error = absl::StrCat("checksum mismatch in frame at byte ", pos);
+        break;
+      }
+      ++frames.skipped;
+    } else {
+      frames.payloads.emplace_back(payload);
+    }
+    pos += 8 + len;
+    frames.valid_bytes = pos;
+  }
+  return frames;
+}
+
+}  // namespace journal_format
+
+absl::StatusOr<std::unique_ptr<Journal>> Journal::Open(
+    const JournalOptions& options) {
+  std::unique_ptr<Journal> journal(new Journal(options));
+  if (options.dir.empty()) return journal;
+  RETURN_IF_ERROR(journal->Recover());
+  if (options.fsync == FsyncPolicy::kInterval) {
+    journal->flusher_ = std::thread([j = journal.get()] { j->FlushLoop(); });
+  }
+  return journal;
+}
+
+Journal::~Journal() {
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  if (flusher_.joinable()) flusher_.join();
+  if (fd_ >= 0) {
+    (void)Snapshot();  // Compacts the log; a failure leaves the log intact.
+    ::fdatasync(fd_);
+    ::close(fd_);
+  }
+}
+
+absl::Status Journal::Recover() {
+  const std::string& dir = options_.dir;
+  if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
+    return ErrnoStatus("cannot create state directory", dir);
+  }
+  const std::string snapshot_path = absl::StrCat(dir, "/", kSnapshotFile);
+  const std::string wal_path = absl::StrCat(dir, "/", kWalFile);
+  absl::MutexLock lock(&mu_);
+
+  // 1. The snapshot.
+  bool exists = false;
+  const std::string snap = ReadWhole(snapshot_path, &exists);
+  size_t snapshot_layers = 0;
+  if (exists) {
+    if (snap.size() < kSnapshotMagic.size() ||
+        absl::string_view(snap).substr(0, kSnapshotMagic.size()) !=
+            kSnapshotMagic) {
+      report_.push_back(absl::StrCat(
+          "WARNING: ", snapshot_path,
+          " is not a normserve snapshot (bad magic); ignored, kept as "
+          "snapshot.corrupt"));
+      ::rename(snapshot_path.c_str(),
+               absl::StrCat(dir, "/snapshot.corrupt").c_str());
+    } else {
+      journal_format::Frames frames = journal_format::ReadFrames(
+          absl::string_view(snap).substr(kSnapshotMagic.size()), true);
+      size_t bad = frames.skipped;
+      for (const std::string& payload : frames.payloads) {
+        if (!Apply(payload, true)) ++bad;
+      }
+      snapshot_layers = layers_.size();
+      if (bad > 0 || !frames.error.empty()) {
+        report_.push_back(absl::StrCat(
+            "WARNING: snapshot: ", bad, " damaged record(s) skipped",
+            frames.error.empty() ? "" : "; ", frames.error,
+            "; the layers in them are restored only if the log has them"));
+      }
+    }
+  }
+
+  // 2. The log after it.
+  const std::string wal = ReadWhole(wal_path, &exists);
+  size_t replayed = 0;
+  if (exists && !wal.empty()) {
+    if (wal.size() < kWalMagic.size() ||
+        absl::string_view(wal).substr(0, kWalMagic.size()) != kWalMagic) {
+      report_.push_back(absl::StrCat("WARNING: ", wal_path,
+                                     " has a bad header; its ", wal.size(),
+                                     " bytes were cut"));
+    } else {
+      absl::string_view body = absl::string_view(wal).substr(kWalMagic.size());
+      journal_format::Frames frames = journal_format::ReadFrames(body, false);
+      size_t good_bytes = frames.valid_bytes;
+      for (const std::string& payload : frames.payloads) {
+        if (!Apply(payload, false)) {
+          frames.error = "a record with a valid checksum did not decode";
+          break;
+        }
+        ++replayed;
+      }
+      if (!frames.error.empty()) {
+        // Recompute the good prefix when a record failed to decode.
+        size_t pos = 0;
+        for (size_t i = 0; i < replayed; ++i) {
+          pos += 8 + frames.payloads[i].size();
+        }
+        good_bytes = pos;
+        report_.push_back(
+            absl::StrCat("WARNING: ", wal_path, ": ", frames.error, "; cut ",
+                         body.size() - good_bytes, " byte(s) after ", replayed,
+                         " good record(s)"));
+      }
+    }
+  }
+
+  // 3. What to re-create.
+  for (auto it = layers_.begin(); it != layers_.end();) {
+    RecoveredLayer layer;
+    layer.tenant = it->first.first;
+    layer.name = it->first.second;
+    if (!DecodeBlob(it->second.blob, &layer.config, &layer.state)) {
+      report_.push_back(absl::StrCat("WARNING: state of ", layer.name,
+                                     " does not decode; "
+                                     "dropped"));
+      it = layers_.erase(it);
+      continue;
+    }
+    recovered_.push_back(std::move(layer));
+    ++it;
+  }
+  // The summary comes last: warnings first, then what was loaded.
+  report_.push_back(absl::StrCat(
+      "state_dir ", dir, ": ", recovered_.size(), " layer(s) restored (",
+      snapshot_layers, " from the snapshot, ", replayed,
+      " log record(s) replayed); fsync=",
+      options_.fsync == FsyncPolicy::kAlways
+          ? "always"
+          : absl::StrCat("interval (", options_.fsync_interval_ms, " ms)")));
+
+  fd_ =
+      ::open(wal_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (fd_ < 0) return ErrnoStatus("cannot open", wal_path);
+  return absl::OkStatus();
+}
+
+bool Journal::Apply(absl::string_view payload, bool from_snapshot) {
+  Reader r(payload);
+  uint8_t type = 0;
+  uint64_t lsn = 0;
+  if (!r.Get(&type) || !r.Get(&lsn)) return false;
+  if (from_snapshot) {
+    if (type == kSnapshotHeader) {
+      snapshot_lsn_ = lsn;
+      lsn_ = std::max(lsn_, lsn);
+      return true;
+    }
+    if (type != kSnapshotLayer) return false;
+    Key key;
+    LayerEntry entry;
+    uint32_t n = 0;
+    if (!r.Str(&key.first) || !r.Str(&key.second) || !r.Str(&entry.blob) ||
+        !r.Get(&n)) {
+      return false;
+    }
+    for (uint32_t i = 0; i < n; ++i) {
+      std::string id;
+      RequestResult result;
+      if (!r.Str(&id) || !GetResult(r, &result)) return false;
+      Remember(entry, id, result);
+    }
+    if (!r.done()) return false;
+    layers_[key] = std::move(entry);
+    return true;
+  }
+  if (lsn <= snapshot_lsn_) return true;  // Already in the snapshot.
+  lsn_ = std::max(lsn_, lsn);
+  Key key;
+  if (!r.Str(&key.first) || !r.Str(&key.second)) return false;
+  if (type == kDelete) {
+    if (!r.done()) return false;
+    layers_.erase(key);
+    return true;
+  }
+  if (type != kPut) return false;
+  uint64_t uid = 0;
+  std::string blob, request_id;
+  RequestResult result;
+  if (!r.Get(&uid) || !r.Str(&blob) || !r.Str(&request_id) ||
+      !GetResult(r, &result) || !r.done()) {
+    return false;
+  }
+  LayerEntry& entry = layers_[key];
+  entry.blob = std::move(blob);
+  if (!request_id.empty()) Remember(entry, request_id, result);
+  return true;
+}
+
+void Journal::Remember(LayerEntry& entry, absl::string_view request_id,
+                       const RequestResult& result) {
+  if (!entry.requests.emplace(std::string(request_id), result).second) return;
+  entry.request_order.emplace_back(request_id);
+  while (entry.request_order.size() > options_.max_request_ids) {
+    entry.requests.erase(entry.request_order.front());
+    entry.request_order.pop_front();
+  }
+}
+
+absl::Status Journal::FinishRecovery(
+    const std::vector<std::pair<RecoveredLayer*, uint64_t>>& bound) {
+  absl::MutexLock sync_lock(&sync_mu_);
+  absl::MutexLock lock(&mu_);
+  for (const auto& [layer, uid] : bound) {
+    Key key(layer->tenant, layer->name);
+    if (uid == 0) {
+      layers_.erase(key);
+    } else {
+      layers_[key].uid = uid;
+    }
+  }
+  recovered_.clear();
+  if (fd_ < 0) return absl::OkStatus();
+  return SnapshotLocked();
+}
+
+std::optional<RequestResult> Journal::LookupRequest(
+    absl::string_view tenant, absl::string_view name,
+    absl::string_view request_id) {
+  absl::MutexLock lock(&mu_);
+  auto it = layers_.find(Key(tenant, name));
+  if (it == layers_.end()) return std::nullopt;
+  auto found = it->second.requests.find(request_id);
+  if (found == it->second.requests.end()) return std::nullopt;
+  return found->second;
+}
+
+absl::Status Journal::LogCreate(absl::string_view tenant, const LayerInfo& info,
+                                const DurableLayerState& state) {
+  if (fd_ < 0) return absl::OkStatus();
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = layers_.find(Key(tenant, info.name));
+    // A mutation of the new layer may have been logged first.
+    if (it != layers_.end() && it->second.uid == info.uid) {
+      return absl::OkStatus();
+    }
+  }
+  return LogMutation(tenant, info, &state, "", RequestResult());
+}
+
+absl::Status Journal::LogMutation(absl::string_view tenant,
+                                  const LayerInfo& info,
+                                  const DurableLayerState* state,
+                                  absl::string_view request_id,
+                                  const RequestResult& result) {
+  std::string blob;
+  if (fd_ >= 0 && state != nullptr) blob = EncodeBlob(info.config, *state);
+  std::string payload;
+  {
+    absl::MutexLock lock(&mu_);
+    if (dead_uids_.contains(info.uid)) return absl::OkStatus();
+    LayerEntry& entry = layers_[Key(tenant, info.name)];
+    entry.uid = info.uid;
+    if (!request_id.empty()) Remember(entry, request_id, result);
+    if (fd_ < 0) return absl::OkStatus();
+    Writer w;
+    w.Put<uint8_t>(kPut);
+    w.Put<uint64_t>(++lsn_);
+    w.Str(tenant);
+    w.Str(info.name);
+    w.Put<uint64_t>(info.uid);
+    w.Str(blob);
+    w.Str(request_id);
+    PutResult(w, result);
+    entry.blob = std::move(blob);
+    payload = std::move(w.out());
+    // Append under mu_ so records land in lsn order.
+    std::string frame = journal_format::Frame(payload);
+    RETURN_IF_ERROR(WriteAll(fd_, frame, options_.dir));
+    appended_ += frame.size();
+    ++since_snapshot_;
+  }
+  return Commit();
+}
+
+absl::Status Journal::LogDelete(absl::string_view tenant,
+                                absl::string_view name) {
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = layers_.find(Key(tenant, name));
+    if (it != layers_.end()) {
+      dead_uids_.insert(it->second.uid);
+      layers_.erase(it);
+    }
+    if (fd_ < 0) return absl::OkStatus();
+    Writer w;
+    w.Put<uint8_t>(kDelete);
+    w.Put<uint64_t>(++lsn_);
+    w.Str(tenant);
+    w.Str(name);
+    std::string frame = journal_format::Frame(w.out());
+    RETURN_IF_ERROR(WriteAll(fd_, frame, options_.dir));
+    appended_ += frame.size();
+    ++since_snapshot_;
+  }
+  return Commit();
+}
+
+// The record is already written (under mu_, in lsn order); this makes it
+// durable per the policy and snapshots when due.
+absl::Status Journal::Commit() {
+  uint64_t end = 0;
+  bool snapshot_due = false;
+  {
+    absl::MutexLock lock(&mu_);
+    end = appended_;
+    snapshot_due = since_snapshot_ >= options_.snapshot_every;
+  }
+  if (options_.fsync == FsyncPolicy::kAlways) RETURN_IF_ERROR(SyncTo(end));
+  if (snapshot_due) return Snapshot();
+  return absl::OkStatus();
+}
+
+// Group commit: one fdatasync covers every record appended before it began.
+absl::Status Journal::SyncTo(uint64_t end) {
+  absl::MutexLock sync_lock(&sync_mu_);
+  if (synced_ >= end) return absl::OkStatus();
+  uint64_t target = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    target = appended_;
+  }
+  if (::fdatasync(fd_) != 0) {
+    return ErrnoStatus("cannot fsync the log in", options_.dir);
+  }
+  synced_ = target;
+  return absl::OkStatus();
+}
+
+void Journal::FlushLoop() {
+  for (;;) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (mu_.AwaitWithTimeout(
+              absl::Condition(&stop_),
+              absl::Milliseconds(options_.fsync_interval_ms))) {
+        return;
+      }
+    }
+    uint64_t end = 0;
+    {
+      absl::MutexLock lock(&mu_);
+      end = appended_;
+    }
+    (void)SyncTo(end);  // An error shows again on the next append's fsync.
+  }
+}
+
+absl::Status Journal::Snapshot() {
+  absl::MutexLock sync_lock(&sync_mu_);
+  absl::MutexLock lock(&mu_);
+  if (fd_ < 0) return absl::OkStatus();
+  return SnapshotLocked();
+}
+
+absl::Status Journal::SnapshotLocked() {
+  const std::string tmp = absl::StrCat(options_.dir, "/", kSnapshotTmp);
+  const std::string path = absl::StrCat(options_.dir, "/", kSnapshotFile);
+  std::string out(kSnapshotMagic);
+  {
+    Writer w;
+    w.Put<uint8_t>(kSnapshotHeader);
+    w.Put<uint64_t>(lsn_);
+    out += journal_format::Frame(w.out());
+  }
+  for (const auto& [key, entry] : layers_) {
+    if (entry.blob.empty()) continue;  // Never logged (no state yet).
+    Writer w;
+    w.Put<uint8_t>(kSnapshotLayer);
+    w.Put<uint64_t>(0);
+    w.Str(key.first);
+    w.Str(key.second);
+    w.Str(entry.blob);
+    w.Put<uint32_t>(static_cast<uint32_t>(entry.request_order.size()));
+    for (const std::string& id : entry.request_order) {
+      w.Str(id);
+      PutResult(w, entry.requests.at(id));
+    }
+    out += journal_format::Frame(w.out());
+  }
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoStatus("cannot create", tmp);
+  absl::Status status = WriteAll(fd, out, tmp);
+  if (status.ok() && ::fsync(fd) != 0)
+    status = ErrnoStatus("cannot fsync", tmp);
+  ::close(fd);
+  RETURN_IF_ERROR(status);
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    return ErrnoStatus("cannot rename to", path);
+  }
+  RETURN_IF_ERROR(FsyncDir(options_.dir));
+  snapshot_lsn_ = lsn_;
+  // Everything in the log is in the snapshot now.
+  if (::ftruncate(fd_, 0) != 0) {
+    return ErrnoStatus("cannot truncate the log in", options_.dir);
+  }
+  RETURN_IF_ERROR(WriteAll(fd_, kWalMagic, options_.dir));
+  if (::fdatasync(fd_) != 0) {
+    return ErrnoStatus("cannot fsync the log in", options_.dir);
+  }
+  synced_ = appended_;
+  since_snapshot_ = 0;
+  return absl::OkStatus();
+}
+
+}  // namespace normserve::server

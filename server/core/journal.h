@@ -1,0 +1,194 @@
+// Durable layer state: a write-ahead log of mutations plus snapshots in a
+// state directory (--state_dir), and the request-id table that makes retried
+// mutations idempotent.
+//
+// Files in the directory:
+//   snapshot   every live layer at one log position (written to
+//              snapshot.tmp, fsynced, renamed, directory fsynced)
+//   wal.log    records appended since that snapshot; truncated after each
+//              snapshot
+// Both are a magic string followed by frames:
+//   u32 payload length | u32 CRC32C of the payload | payload
+// Each log record carries the layer's tenant, name, config and *full*
+// post-mutation state (DurableLayerState), the request id and a compact
+// result, so replay is "last record per layer wins" and a record never
+// depends on an earlier one. On open, a frame whose length runs past the end
+// or whose checksum does not match ends the log: the tail is cut with a
+// warning and everything before it loads. A damaged snapshot frame is
+// skipped with a warning.
+//
+// Request ids: the last `max_request_ids` ids per layer (FIFO) with their
+// result, kept in memory and in every snapshot, rebuilt from the log.
+//
+// Thread safety: every method may be called from any thread. Callers
+// serialize mutations of one layer (the layer's strand), which makes
+// LookupRequest + mutation + LogMutation atomic per layer.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "server/core/batch_norm_layer.h"
+
+namespace normserve::server {
+
+enum class FsyncPolicy {
+  kAlways,    // fsync (group commit) before a mutation is acknowledged.
+  kInterval,  // fsync every fsync_interval_ms on a background thread.
+};
+
+struct JournalOptions {
+  // State directory; "" keeps nothing on disk (request ids still work, in
+  // memory, until the process ends).
+  std::string dir;
+  FsyncPolicy fsync = FsyncPolicy::kAlways;
+  // kInterval: acknowledged mutations younger than this (plus one fsync's
+  // duration) may be lost by a machine crash; a process crash loses nothing
+  // (the data is in the page cache).
+  int fsync_interval_ms = 100;
+  // A snapshot (and log truncation) after this many log records.
+  int64_t snapshot_every = 10000;
+  // Request ids remembered per layer.
+  size_t max_request_ids = 1024;
+};
+
+// Which operation a request id was used for.
+enum class OpKind : uint8_t {
+  kForward = 1,
+  kBackward = 2,
+  kUpdateRunningStats = 3,
+  kOptimizerStep = 4,
+  kSetParameters = 5,
+  kLoadState = 6,
+};
+
+// What a retry with a known request id gets back.
+struct RequestResult {
+  OpKind kind = OpKind::kForward;
+  int64_t version = 0;
+  int64_t num_batches_tracked = 0;
+};
+
+// A layer found in the state directory.
+struct RecoveredLayer {
+  std::string tenant;
+  std::string name;  // "layers/{id}"
+  BatchNormConfig config;
+  DurableLayerState state;
+};
+
+// Frame encoding, exposed for tests.
+namespace journal_format {
+uint32_t Crc32c(absl::string_view data);
+// Returns length | crc | payload.
+std::string Frame(absl::string_view payload);
+struct Frames {
+  std::vector<std::string> payloads;
+  size_t valid_bytes = 0;  // Length of the prefix made of whole, valid frames.
+  size_t skipped = 0;      // Frames with a bad checksum skipped (skip_bad).
+  std::string error;       // Why reading stopped early; "" at a clean end.
+};
+// Reads frames from `data`. With `skip_bad`, a frame whose checksum fails
+// but whose length fits is skipped and reading goes on; otherwise it ends.
+Frames ReadFrames(absl::string_view data, bool skip_bad);
+}  // namespace journal_format
+
+class Journal {
+ public:
+  // Opens or creates `options.dir` and reads what it holds (see recovered()
+  // and report()). Fails only when the directory cannot be used at all.
+  static absl::StatusOr<std::unique_ptr<Journal>> Open(
+      const JournalOptions& options);
+  ~Journal();
+
+  bool durable() const { return fd_ >= 0; }
+  // Layers to re-create, in name order, and a human-readable account of
+  // what was cut or skipped (lines starting "WARNING: ") and, last, what was
+  // loaded.
+  const std::vector<RecoveredLayer>& recovered() const { return recovered_; }
+  const std::vector<std::string>& report() const { return report_; }
+  // Adds a warning before the summary line.
+  void AddReport(std::string line) {
+    report_.insert(report_.empty() ? report_.end() : report_.end() - 1,
+                   std::move(line));
+  }
+
+  // Binds recovered layer (tenant, name) to the uid of the layer the server
+  // re-created for it (uid 0: it could not be re-created; forgotten), then
+  // writes a fresh snapshot and truncates the log.
+  absl::Status FinishRecovery(
+      const std::vector<std::pair<RecoveredLayer*, uint64_t>>& bound);
+
+  // The first result of `request_id` on the layer, if it is remembered.
+  std::optional<RequestResult> LookupRequest(absl::string_view tenant,
+                                             absl::string_view name,
+                                             absl::string_view request_id);
+  // Logs a new layer with its initial state.
+  absl::Status LogCreate(absl::string_view tenant, const LayerInfo& info,
+                         const DurableLayerState& state);
+  // Logs the post-mutation state of a layer and remembers `request_id`
+  // (when not empty). Returns once durable under FsyncPolicy::kAlways.
+  // A layer deleted meanwhile (by uid) is not logged.
+  absl::Status LogMutation(absl::string_view tenant, const LayerInfo& info,
+                           const DurableLayerState* state,
+                           absl::string_view request_id,
+                           const RequestResult& result);
+  absl::Status LogDelete(absl::string_view tenant, absl::string_view name);
+  // Writes a snapshot and truncates the log.
+  absl::Status Snapshot();
+
+ private:
+  struct LayerEntry {
+    uint64_t uid = 0;
+    std::string blob;  // Encoded config + DurableLayerState.
+    std::deque<std::string> request_order;
+    absl::flat_hash_map<std::string, RequestResult> requests;
+  };
+  using Key = std::pair<std::string, std::string>;  // tenant, name
+
+  explicit Journal(const JournalOptions& options) : options_(options) {}
+  absl::Status Recover();
+  // Applies one decoded log payload to layers_; false when it is malformed.
+  bool Apply(absl::string_view payload, bool from_snapshot)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Remember(LayerEntry& entry, absl::string_view request_id,
+                const RequestResult& result);
+  // Makes appended records durable per the policy; snapshots when due.
+  absl::Status Commit() ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status SyncTo(uint64_t end) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status SnapshotLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(sync_mu_, mu_);
+  void FlushLoop();
+
+  const JournalOptions options_;
+  int fd_ = -1;  // wal.log, O_APPEND; -1 without a directory.
+  std::vector<RecoveredLayer> recovered_;
+  std::vector<std::string> report_;
+
+  absl::Mutex sync_mu_ ABSL_ACQUIRED_BEFORE(mu_);
+  uint64_t synced_ ABSL_GUARDED_BY(sync_mu_) = 0;  // Bytes known durable.
+
+  absl::Mutex mu_;
+  std::map<Key, LayerEntry> layers_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_set<uint64_t> dead_uids_ ABSL_GUARDED_BY(mu_);
+  uint64_t lsn_ ABSL_GUARDED_BY(mu_) = 0;  // Last record's sequence.
+  uint64_t snapshot_lsn_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t appended_ ABSL_GUARDED_BY(mu_) = 0;  // Bytes ever appended.
+  int64_t since_snapshot_ ABSL_GUARDED_BY(mu_) = 0;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread flusher_;
+};
+
+}  // namespace normserve::server
