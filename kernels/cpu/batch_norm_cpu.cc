@@ -42,10 +42,12 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "kernels/arg_checks.h"
 #include "kernels/batch_norm.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cpu/parallel.h"
 #include "kernels/half.h"
+#include "kernels/status_macros.h"
 #include "kernels/types.h"
 
 namespace normserve::kernels {
@@ -307,49 +309,6 @@ T* ExpandToColumns(const Plan& p, Scratch& scratch, const T* per_channel) {
 // ---------------------------------------------------------------------------
 // Argument checks.
 
-absl::Status CheckShape(const char* op, const BatchNormShape& shape,
-                        DType dtype) {
-  if (shape.n < 1 || shape.c < 1 || shape.s < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(op, ": shape (n=", shape.n, ", c=", shape.c,
-                     ", s=", shape.s, ") has an extent < 1"));
-  }
-  if (shape.n > std::numeric_limits<int64_t>::max() / shape.c ||
-      shape.n * shape.c > std::numeric_limits<int64_t>::max() / 4 / shape.s) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(op, ": shape (n=", shape.n, ", c=", shape.c,
-                     ", s=", shape.s, ") has too many elements"));
-  }
-  if (shape.layout != Layout::kNCHW && shape.layout != Layout::kNHWC) {
-    return absl::InvalidArgumentError(absl::StrCat(op, ": unknown layout"));
-  }
-  if (dtype != DType::kFloat32 && dtype != DType::kFloat16 &&
-      dtype != DType::kBFloat16) {
-    return absl::InvalidArgumentError(absl::StrCat(op, ": unknown dtype"));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status CheckNotNull(const char* op, const void* p, const char* name) {
-  if (p == nullptr) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(op, ": ", name, " is required but null"));
-  }
-  return absl::OkStatus();
-}
-
-std::string InputSizeString(const BatchNormShape& shape) {
-  std::vector<int64_t> dims = {shape.n, shape.c};
-  if (shape.s != 1) dims.push_back(shape.s);
-  return ShapeToString(dims);
-}
-
-#define NORMSERVE_RETURN_IF_ERROR(expr) \
-  do {                                  \
-    absl::Status _status = (expr);      \
-    if (!_status.ok()) return _status;  \
-  } while (false)
-
 // ---------------------------------------------------------------------------
 // The backend.
 
@@ -407,11 +366,10 @@ class CpuBackend final : public Backend {
   absl::Status ForwardTrain(const BatchNormForwardTrainArgs& args,
                             Stream) override {
     constexpr const char* kOp = "ForwardTrain";
-    NORMSERVE_RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.save_mean, "save_mean"));
-    NORMSERVE_RETURN_IF_ERROR(
-        CheckNotNull(kOp, args.save_invstd, "save_invstd"));
+    RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.save_mean, "save_mean"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.save_invstd, "save_invstd"));
     if ((args.running_mean != nullptr || args.running_var != nullptr) &&
         args.shape.per_channel() <= 1) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -433,11 +391,11 @@ class CpuBackend final : public Backend {
   absl::Status ForwardEval(const BatchNormForwardEvalArgs& args,
                            Stream) override {
     constexpr const char* kOp = "ForwardEval";
-    NORMSERVE_RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.y, "y"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
+    RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.y, "y"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
     switch (args.dtype) {
       case DType::kFloat32:
         return ForwardEvalImpl(table_.f32, args);
@@ -452,11 +410,11 @@ class CpuBackend final : public Backend {
   absl::Status BackwardTrain(const BatchNormBackwardArgs& args,
                              Stream) override {
     constexpr const char* kOp = "BackwardTrain";
-    NORMSERVE_RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.dy, "dy"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
+    RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.dy, "dy"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
     switch (args.dtype) {
       case DType::kFloat32:
         return BackwardImpl(table_.f32, args, /*train=*/true);
@@ -471,13 +429,13 @@ class CpuBackend final : public Backend {
   absl::Status BackwardEval(const BatchNormBackwardArgs& args,
                             Stream) override {
     constexpr const char* kOp = "BackwardEval";
-    NORMSERVE_RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.dy, "dy"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
+    RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.dy, "dy"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
     if (args.grad_weight != nullptr) {
-      NORMSERVE_RETURN_IF_ERROR(
+      RETURN_IF_ERROR(
           CheckNotNull("BackwardEval with grad_weight", args.x, "x"));
-      NORMSERVE_RETURN_IF_ERROR(
+      RETURN_IF_ERROR(
           CheckNotNull("BackwardEval with grad_weight", args.mean, "mean"));
     }
     switch (args.dtype) {
@@ -498,12 +456,10 @@ class CpuBackend final : public Backend {
       return absl::InvalidArgumentError(
           absl::StrCat(kOp, ": c = ", args.c, " must be >= 1"));
     }
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.var, "var"));
-    NORMSERVE_RETURN_IF_ERROR(
-        CheckNotNull(kOp, args.running_mean, "running_mean"));
-    NORMSERVE_RETURN_IF_ERROR(
-        CheckNotNull(kOp, args.running_var, "running_var"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.var, "var"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.running_mean, "running_mean"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.running_var, "running_var"));
     if (args.count <= 1) {
       return absl::InvalidArgumentError(absl::StrCat(
           "Expected more than 1 value per channel when training, got count ",
@@ -527,8 +483,8 @@ class CpuBackend final : public Backend {
       return absl::InvalidArgumentError(
           absl::StrCat("InvStd: c = ", c, " must be >= 1"));
     }
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull("InvStd", var, "var"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull("InvStd", invstd, "invstd"));
+    RETURN_IF_ERROR(CheckNotNull("InvStd", var, "var"));
+    RETURN_IF_ERROR(CheckNotNull("InvStd", invstd, "invstd"));
     for (int64_t ch = 0; ch < c; ++ch) {
       invstd[ch] = static_cast<float>(1.0 / std::sqrt(var[ch] + eps));
     }
@@ -539,8 +495,8 @@ class CpuBackend final : public Backend {
   static absl::Status Copy(const char* op, void* dst, const void* src,
                            size_t bytes) {
     if (bytes == 0) return absl::OkStatus();
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(op, dst, "destination"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(op, src, "source"));
+    RETURN_IF_ERROR(CheckNotNull(op, dst, "destination"));
+    RETURN_IF_ERROR(CheckNotNull(op, src, "source"));
     std::memcpy(dst, src, bytes);
     return absl::OkStatus();
   }

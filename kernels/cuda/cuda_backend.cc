@@ -19,7 +19,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
+#include "kernels/arg_checks.h"
 #include "kernels/cuda/launch.h"
+#include "kernels/status_macros.h"
 #include "kernels/types.h"
 
 namespace normserve::kernels {
@@ -45,55 +47,19 @@ absl::Status CudaStatus(cudaError_t err, absl::string_view what) {
     if (!normserve_cuda_status_.ok()) return normserve_cuda_status_; \
   } while (false)
 
-#define NORMSERVE_RETURN_IF_ERROR(expr) \
-  do {                                  \
-    absl::Status _status = (expr);      \
-    if (!_status.ok()) return _status;  \
-  } while (false)
-
 // ---------------------------------------------------------------------------
 // Argument checks (the CPU backend's rules, plus CUDA's grid limits).
 
-absl::Status CheckShape(const char* op, const BatchNormShape& shape,
-                        DType dtype) {
-  if (shape.n < 1 || shape.c < 1 || shape.s < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(op, ": shape (n=", shape.n, ", c=", shape.c,
-                     ", s=", shape.s, ") has an extent < 1"));
-  }
-  if (shape.n > std::numeric_limits<int64_t>::max() / shape.c ||
-      shape.n * shape.c > std::numeric_limits<int64_t>::max() / 4 / shape.s) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(op, ": shape (n=", shape.n, ", c=", shape.c,
-                     ", s=", shape.s, ") has too many elements"));
-  }
+// The shared checks plus CUDA's: channel indices are 32-bit in the kernels.
+absl::Status CheckCudaShape(const char* op, const BatchNormShape& shape,
+                            DType dtype) {
+  RETURN_IF_ERROR(CheckShape(op, shape, dtype));
   if (shape.c > std::numeric_limits<int32_t>::max()) {
     return absl::InvalidArgumentError(absl::StrCat(
         op, ": ", shape.c, " channels; the CUDA backend takes at most ",
         std::numeric_limits<int32_t>::max()));
   }
-  if (shape.layout != Layout::kNCHW && shape.layout != Layout::kNHWC) {
-    return absl::InvalidArgumentError(absl::StrCat(op, ": unknown layout"));
-  }
-  if (dtype != DType::kFloat32 && dtype != DType::kFloat16 &&
-      dtype != DType::kBFloat16) {
-    return absl::InvalidArgumentError(absl::StrCat(op, ": unknown dtype"));
-  }
   return absl::OkStatus();
-}
-
-absl::Status CheckNotNull(const char* op, const void* p, const char* name) {
-  if (p == nullptr) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(op, ": ", name, " is required but null"));
-  }
-  return absl::OkStatus();
-}
-
-std::string InputSizeString(const BatchNormShape& shape) {
-  std::vector<int64_t> dims = {shape.n, shape.c};
-  if (shape.s != 1) dims.push_back(shape.s);
-  return ShapeToString(dims);
 }
 
 // NCHW with spatial extent: planes; everything else is rows (launch_plan.h).
@@ -323,7 +289,7 @@ class CudaBackend final : public Backend {
   bool host_accessible() const override { return false; }
 
   absl::StatusOr<std::unique_ptr<Buffer>> Allocate(size_t bytes) override {
-    NORMSERVE_RETURN_IF_ERROR(SetDevice());
+    RETURN_IF_ERROR(SetDevice());
     void* p = nullptr;
     const cudaError_t err = cudaMalloc(&p, std::max<size_t>(bytes, 1));
     if (err != cudaSuccess) {
@@ -345,9 +311,9 @@ class CudaBackend final : public Backend {
   absl::Status CopyToDevice(void* dst, const void* host_src, size_t bytes,
                             Stream stream) override {
     if (bytes == 0) return absl::OkStatus();
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull("CopyToDevice", dst, "destination"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull("CopyToDevice", host_src, "source"));
-    NORMSERVE_RETURN_IF_ERROR(SetDevice());
+    RETURN_IF_ERROR(CheckNotNull("CopyToDevice", dst, "destination"));
+    RETURN_IF_ERROR(CheckNotNull("CopyToDevice", host_src, "source"));
+    RETURN_IF_ERROR(SetDevice());
     absl::StatusOr<StreamState*> st = State(stream);
     if (!st.ok()) return st.status();
     if (bytes >= options_.staging_threshold_bytes && (*st)->staging.Ready()) {
@@ -366,10 +332,9 @@ class CudaBackend final : public Backend {
   absl::Status CopyToHost(void* host_dst, const void* src, size_t bytes,
                           Stream stream) override {
     if (bytes == 0) return absl::OkStatus();
-    NORMSERVE_RETURN_IF_ERROR(
-        CheckNotNull("CopyToHost", host_dst, "destination"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull("CopyToHost", src, "source"));
-    NORMSERVE_RETURN_IF_ERROR(SetDevice());
+    RETURN_IF_ERROR(CheckNotNull("CopyToHost", host_dst, "destination"));
+    RETURN_IF_ERROR(CheckNotNull("CopyToHost", src, "source"));
+    RETURN_IF_ERROR(SetDevice());
     absl::StatusOr<StreamState*> st = State(stream);
     if (!st.ok()) return st.status();
     if (bytes >= options_.staging_threshold_bytes && (*st)->staging.Ready()) {
@@ -386,7 +351,7 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status Synchronize(Stream stream) override {
-    NORMSERVE_RETURN_IF_ERROR(SetDevice());
+    RETURN_IF_ERROR(SetDevice());
     absl::StatusOr<StreamState*> st = State(stream);
     if (!st.ok()) return st.status();
     return CudaStatus(cudaStreamSynchronize((*st)->stream), "Synchronize");
@@ -395,11 +360,10 @@ class CudaBackend final : public Backend {
   absl::Status ForwardTrain(const BatchNormForwardTrainArgs& args,
                             Stream stream) override {
     constexpr const char* kOp = "ForwardTrain";
-    NORMSERVE_RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.save_mean, "save_mean"));
-    NORMSERVE_RETURN_IF_ERROR(
-        CheckNotNull(kOp, args.save_invstd, "save_invstd"));
+    RETURN_IF_ERROR(CheckCudaShape(kOp, args.shape, args.dtype));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.save_mean, "save_mean"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.save_invstd, "save_invstd"));
     if ((args.running_mean == nullptr) != (args.running_var == nullptr)) {
       return absl::InvalidArgumentError(absl::StrCat(
           kOp, ": running_mean and running_var go together (one is null)"));
@@ -435,11 +399,11 @@ class CudaBackend final : public Backend {
   absl::Status ForwardEval(const BatchNormForwardEvalArgs& args,
                            Stream stream) override {
     constexpr const char* kOp = "ForwardEval";
-    NORMSERVE_RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.y, "y"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
+    RETURN_IF_ERROR(CheckCudaShape(kOp, args.shape, args.dtype));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.y, "y"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
     cuda::ForwardEvalParams p;
     p.ext = ExtentsOf(args.shape);
     p.x = args.x;
@@ -461,24 +425,24 @@ class CudaBackend final : public Backend {
   absl::Status BackwardTrain(const BatchNormBackwardArgs& args,
                              Stream stream) override {
     constexpr const char* kOp = "BackwardTrain";
-    NORMSERVE_RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.dy, "dy"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
+    RETURN_IF_ERROR(CheckCudaShape(kOp, args.shape, args.dtype));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.dy, "dy"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
     return Backward(kOp, args, /*train=*/true, stream);
   }
 
   absl::Status BackwardEval(const BatchNormBackwardArgs& args,
                             Stream stream) override {
     constexpr const char* kOp = "BackwardEval";
-    NORMSERVE_RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.dy, "dy"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
+    RETURN_IF_ERROR(CheckCudaShape(kOp, args.shape, args.dtype));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.dy, "dy"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
     if (args.grad_weight != nullptr) {
-      NORMSERVE_RETURN_IF_ERROR(
+      RETURN_IF_ERROR(
           CheckNotNull("BackwardEval with grad_weight", args.x, "x"));
-      NORMSERVE_RETURN_IF_ERROR(
+      RETURN_IF_ERROR(
           CheckNotNull("BackwardEval with grad_weight", args.mean, "mean"));
     }
     return Backward(kOp, args, /*train=*/false, stream);
@@ -491,12 +455,10 @@ class CudaBackend final : public Backend {
       return absl::InvalidArgumentError(
           absl::StrCat(kOp, ": c = ", args.c, " must be in [1, 2^31)"));
     }
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull(kOp, args.var, "var"));
-    NORMSERVE_RETURN_IF_ERROR(
-        CheckNotNull(kOp, args.running_mean, "running_mean"));
-    NORMSERVE_RETURN_IF_ERROR(
-        CheckNotNull(kOp, args.running_var, "running_var"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.var, "var"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.running_mean, "running_mean"));
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.running_var, "running_var"));
     if (args.count <= 1) {
       return absl::InvalidArgumentError(absl::StrCat(
           "Expected more than 1 value per channel when training, got count ",
@@ -515,8 +477,8 @@ class CudaBackend final : public Backend {
       return absl::InvalidArgumentError(
           absl::StrCat("InvStd: c = ", c, " must be in [1, 2^31)"));
     }
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull("InvStd", var, "var"));
-    NORMSERVE_RETURN_IF_ERROR(CheckNotNull("InvStd", invstd, "invstd"));
+    RETURN_IF_ERROR(CheckNotNull("InvStd", var, "var"));
+    RETURN_IF_ERROR(CheckNotNull("InvStd", invstd, "invstd"));
     return Launch("InvStd", stream, [&](const cuda::LaunchEnv& env) {
       return cuda::LaunchInvStd(c, var, eps, invstd, env.stream);
     });
@@ -554,7 +516,7 @@ class CudaBackend final : public Backend {
   // Runs `launch` with the launch environment of `stream`.
   template <typename Fn>
   absl::Status Launch(const char* op, Stream stream, Fn launch) {
-    NORMSERVE_RETURN_IF_ERROR(SetDevice());
+    RETURN_IF_ERROR(SetDevice());
     absl::StatusOr<StreamState*> st = State(stream);
     if (!st.ok()) return st.status();
     cuda::LaunchEnv env;
