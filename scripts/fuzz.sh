@@ -5,7 +5,10 @@
 # $FUZZ_BUILD_DIR/corpus, crashes to $FUZZ_BUILD_DIR/crash-*; the exit status
 # is non-zero on any finding.
 #
-#   scripts/fuzz.sh [SECONDS]     default 600 (`make fuzz`); `make test` 45
+#   scripts/fuzz.sh [SECONDS]     default 600 (`make fuzz`)
+#   FUZZ_RUNS=N scripts/fuzz.sh   exactly N inputs from seed 1 instead of a
+#                                 time bound: the same inputs every run, so
+#                                 `make test` cannot fail by luck
 #   scripts/fuzz.sh --make-seeds  rewrites tests/fuzz/corpus from make_seeds.cc
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,15 +32,24 @@ fi
 
 seconds=${1:-600}
 cmake --build "$dir" -j"$jobs" --target request_fuzzer >/dev/null
+if [[ -n ${FUZZ_RUNS:-} ]]; then
+  # A fresh corpus dir: inputs found by earlier runs would change the set.
+  rm -rf "$dir/corpus"
+  bound=(-runs="$FUZZ_RUNS" -seed=1)
+  what="$FUZZ_RUNS inputs from seed 1"
+else
+  bound=(-max_total_time="$seconds")
+  what="${seconds}s"
+fi
 mkdir -p "$dir/corpus"
-echo "fuzz: request_fuzzer for ${seconds}s (corpus $dir/corpus + tests/fuzz/corpus)"
+echo "fuzz: request_fuzzer, $what (corpus $dir/corpus + tests/fuzz/corpus)"
 # -detect_leaks=0: the long-lived engine's executor threads hold memory
 # LeakSanitizer cannot always see as reachable when libFuzzer checks per
 # input; leaks are covered by `make test-asan` at exit.
 set +e
 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  "$dir/bin/request_fuzzer" -max_total_time="$seconds" -max_len=4096 \
+  "$dir/bin/request_fuzzer" "${bound[@]}" -max_len=4096 \
     -timeout=20 -rss_limit_mb=3072 -print_final_stats=1 \
     -artifact_prefix="$dir/" "$dir/corpus" tests/fuzz/corpus 2>&1 |
   grep -vE '^#[0-9]+.*(NEW|REDUCE|pulse)|^\[libprotobuf'
@@ -47,4 +59,4 @@ if [[ $status -ne 0 ]]; then
   echo "fuzz: FAILED (exit $status); see $dir/crash-* and the report above" >&2
   exit 1
 fi
-echo "fuzz: no findings in ${seconds}s"
+echo "fuzz: no findings ($what)"

@@ -147,11 +147,14 @@ absl::StatusOr<StateDict> StateDictFromProto(const pb::StateDict& in) {
   for (const auto& [key, tensor] : in.tensors()) {
     StateEntry entry;
     entry.dims.assign(tensor.shape().begin(), tensor.shape().end());
+    // Per-channel state is small; the bound keeps numel * 4 from overflowing.
+    constexpr int64_t kMaxStateElements = int64_t{1} << 32;
     int64_t numel = 1;
     for (int64_t d : entry.dims) {
-      if (d < 0 || d > (int64_t{1} << 32)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("state '", key, "' has an invalid dimension ", d));
+      if (d < 0 || (d > 0 && numel > kMaxStateElements / d)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "state '", key, "' has shape ", kernels::ShapeToString(entry.dims),
+            "; expected non-negative dimensions and at most 2^32 elements"));
       }
       numel *= d;
     }
@@ -173,7 +176,10 @@ absl::StatusOr<StateDict> StateDictFromProto(const pb::StateDict& in) {
                          " in float32 needs ", numel * 4));
       }
       entry.values.resize(numel);
-      std::memcpy(entry.values.data(), data.data(), data.size());
+      // An empty tensor has no buffer to copy into (memcpy wants non-null).
+      if (numel > 0) {
+        std::memcpy(entry.values.data(), data.data(), data.size());
+      }
     } else {
       return absl::InvalidArgumentError(
           absl::StrCat("state '", key, "' has dtype ", tensor.dtype(),
