@@ -40,8 +40,8 @@ struct BatchNormForwardTrainArgs {
   const float* weight = nullptr;  // Null: 1.
   const float* bias = nullptr;    // Null: 0.
   double eps = 1e-5;
-  float* save_mean = nullptr;    // Required, [C].
-  float* save_invstd = nullptr;  // Required, [C].
+  float* save_mean = nullptr;     // Required, [C].
+  float* save_invstd = nullptr;   // Required, [C].
   float* running_mean = nullptr;  // Optional, [C], updated in place.
   float* running_var = nullptr;   // Optional, [C], updated in place.
   double momentum = 0.1;
@@ -123,8 +123,8 @@ class Backend {
   // Copies between host memory and this backend's memory.
   virtual absl::Status CopyToDevice(void* dst, const void* host_src,
                                     size_t bytes, Stream stream) = 0;
-  virtual absl::Status CopyToHost(void* host_dst, const void* src,
-                                  size_t bytes, Stream stream) = 0;
+  virtual absl::Status CopyToHost(void* host_dst, const void* src, size_t bytes,
+                                  Stream stream) = 0;
   // Waits until work queued on `stream` is done.
   virtual absl::Status Synchronize(Stream stream) = 0;
 
