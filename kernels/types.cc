@@ -42,9 +42,9 @@ std::string ShapeToString(const std::vector<int64_t>& dims) {
 absl::StatusOr<BatchNormShape> MakeBatchNormShape(
     const std::vector<int64_t>& dims, Layout layout) {
   if (dims.size() < 2 || dims.size() > 5) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("input shape ", ShapeToString(dims), " has rank ",
-                     dims.size(), "; expected (N, C, *spatial) of rank 2 to 5"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "input shape ", ShapeToString(dims), " has rank ", dims.size(),
+        "; expected (N, C, *spatial) of rank 2 to 5"));
   }
   int64_t numel = 1;
   for (size_t i = 0; i < dims.size(); ++i) {
