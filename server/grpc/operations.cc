@@ -10,9 +10,6 @@
 namespace normserve::server {
 namespace {
 
-template <typename T>
-using Op = std::function<absl::StatusOr<T>(BatchNormLayer&)>;
-
 std::vector<float> ToVector(const google::protobuf::RepeatedField<float>& in) {
   return std::vector<float>(in.begin(), in.end());
 }
