@@ -30,11 +30,12 @@ demo: build
 serve: build
 	$(BUILD_DIR)/bin/normserve --address $(ADDRESS) --device $(DEVICE) $(ARGS)
 
-# The fuzzer's fixed-size run first (the same inputs every time), so ctest's
-# summary is the last line.
+# The fuzzer's fixed-size run first (the same inputs every time), then
+# ctest, whose counts close the output.
 test: build
 	@FUZZ_RUNS=$(FUZZ_TEST_RUNS) scripts/fuzz.sh
-	@cd $(BUILD_DIR) && ctest --output-on-failure -j$(JOBS) --timeout 600
+	@scripts/run-ctest.sh $(BUILD_DIR) --output-on-failure -j$(JOBS) \
+	  --timeout 600
 
 # The request fuzzer's run in `make test`: FUZZ_TEST_RUNS inputs from a
 # fixed seed; `make fuzz` runs it for FUZZ_SECONDS (scripts/fuzz.sh; clang
