@@ -176,7 +176,12 @@ class BatchNormLayer {
   LayerInfo Info() const;
   uint64_t uid() const { return uid_; }
 
+  // Runs the layer on args.input (training: batch statistics, running-stat
+  // update; eval: running statistics) and saves what Backward needs.
   absl::StatusOr<ForwardResult> Forward(const ForwardArgs& args);
+  // Back-propagates through the Forward that returned args.handle, with the
+  // statistics saved then and the layer's weight as it is now (PyTorch would
+  // refuse a weight changed in between; we use the current one).
   absl::StatusOr<BackwardResult> Backward(const BackwardArgs& args);
   absl::StatusOr<int64_t> UpdateRunningStats(const RunningStatsArgs& args);
   absl::StatusOr<int64_t> OptimizerStep(const SgdArgs& args);
