@@ -9,12 +9,20 @@
 // A call carries "authorization: Bearer TOKEN" in its metadata. With no
 // table every call is tenant "" (no authentication).
 //
+// The table keeps the SHA-256 digest of each token, never the token. A
+// lookup hashes the presented token and compares its digest with every
+// entry's in constant time, without stopping at a match, so how long it
+// takes depends on the presented token's length and the number of tokens,
+// not on how much of a valid token the caller guessed.
+//
 // Thread safety: a TokenTable is immutable once built.
 #pragma once
 
+#include <array>
+#include <cstdint>
 #include <string>
+#include <vector>
 
-#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 
@@ -33,10 +41,17 @@ class TokenTable {
 
   // The tenant of `token`, or UNAUTHENTICATED.
   absl::StatusOr<std::string> TenantFor(absl::string_view token) const;
-  size_t size() const { return tenants_.size(); }
+  size_t size() const { return entries_.size(); }
 
  private:
-  absl::flat_hash_map<std::string, std::string> tenants_;
+  using Digest = std::array<uint8_t, 32>;  // SHA-256.
+  struct Entry {
+    Digest digest;
+    std::string tenant;
+  };
+  static Digest Hash(absl::string_view token);
+
+  std::vector<Entry> entries_;
 };
 
 // Returns the tenant of the call: "" when `tokens` is null, else the tenant

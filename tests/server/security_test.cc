@@ -211,6 +211,36 @@ TEST(TokenTableTest, ParsesAndRejectsWithoutEchoingTokens) {
   }
 }
 
+// TenantFor compares digests of whole tokens: only the exact token matches,
+// whatever the presented token shares with a valid one.
+TEST(TokenTableTest, OnlyTheExactTokenMatches) {
+  auto table = server::TokenTable::Parse(
+      "token-of-tenant-a-0123456789 alpha\n"
+      "token-of-tenant-b-0123456789 beta\n"
+      "x-third-token-for-alpha-00 alpha\n");
+  ASSERT_TRUE(table.ok()) << table.status();
+  EXPECT_EQ(*table->TenantFor("token-of-tenant-a-0123456789"), "alpha");
+  EXPECT_EQ(*table->TenantFor("token-of-tenant-b-0123456789"), "beta");
+  EXPECT_EQ(*table->TenantFor("x-third-token-for-alpha-00"), "alpha");
+  const std::vector<std::string> wrong = {
+      "",
+      "token-of-tenant-a-012345678",                      // A prefix.
+      "token-of-tenant-a-01234567890",                    // Longer.
+      "token-of-tenant-a-0123456789 ",                    // Trailing space.
+      "Token-of-tenant-a-0123456789",                     // Case differs.
+      "token-of-tenant-a-0123456788",                     // Last byte differs.
+      "uoken-of-tenant-a-0123456789",                     // First byte differs.
+      std::string("token-of-tenant-a-0123456789\0", 29),  // Embedded NUL.
+      "token-of-tenant-b-0123456789token-of-tenant-a-0123456789",
+  };
+  for (const std::string& token : wrong) {
+    absl::StatusOr<std::string> tenant = table->TenantFor(token);
+    EXPECT_EQ(tenant.status().code(), absl::StatusCode::kUnauthenticated)
+        << "token of " << token.size() << " bytes";
+    EXPECT_THAT(std::string(tenant.status().message()), HasSubstr("not valid"));
+  }
+}
+
 // Two tenants; every call checked for isolation.
 class TenantTest : public ::testing::Test {
  protected:
