@@ -5,7 +5,7 @@
 //             [--cpu_threads N] [--shutdown_grace_s S] [--max_streams N]
 //             [--max_layers_per_tenant N] [--max_state_mb N]
 //             [--tls_cert F --tls_key F [--tls_client_ca F]]
-//             [--auth_tokens F]
+//             [--auth_tokens F] [--health_address HOST:PORT]
 #include <pthread.h>
 #include <signal.h>
 
@@ -50,6 +50,12 @@ flags:
   --tls_key FILE          PEM private key of --tls_cert
   --tls_client_ca FILE    PEM CA bundle: require client certificates signed
                           by it (mutual TLS)
+  --health_address HOST:PORT
+                          also listen here, in plaintext, for
+                          grpc.health.v1.Health only (no other service, no
+                          reflection, no token needed): for probes that
+                          cannot speak TLS, e.g. Kubernetes' gRPC probes
+                          (default: none)
   --auth_tokens FILE      bearer tokens, one 'TOKEN TENANT' a line ('#'
                           comments); every call but health checks then needs
                           'authorization: Bearer TOKEN', and layers belong to
@@ -149,6 +155,8 @@ int main(int argc, char** argv) {
       options.tls_key_file = value;
     } else if (ParseFlag(argc, argv, &i, "tls_client_ca", &value)) {
       options.tls_client_ca_file = value;
+    } else if (ParseFlag(argc, argv, &i, "health_address", &value)) {
+      options.health_address = value;
     } else if (ParseFlag(argc, argv, &i, "auth_tokens", &value)) {
       options.auth_tokens_file = value;
     } else if (ParseFlag(argc, argv, &i, "cpu_threads", &value)) {
@@ -205,6 +213,11 @@ int main(int argc, char** argv) {
                                  (*server)->num_tokens(), " tokens)")
                         .c_str()
                   : "no authentication");
+  if (!(*server)->health_address().empty()) {
+    std::printf(
+        "normserve: health checks (plaintext, grpc.health.v1 only) on %s\n",
+        (*server)->health_address().c_str());
+  }
   if (options.journal.dir.empty()) {
     std::printf(
         "normserve: state in memory only (no --state_dir): a restart loses "

@@ -1,11 +1,16 @@
 #include "server/grpc/server.h"
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/impl/server_builder_option.h>
+#include <grpcpp/impl/server_builder_plugin.h>
 
 #include <fstream>
+#include <memory>
 #include <sstream>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/status_macros.h"
@@ -67,6 +72,49 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(
   return grpc::SslServerCredentials(ssl);
 }
 
+// Removes every builder plugin (server reflection is one, registered for all
+// servers of the process): the health listener serves health and nothing
+// else.
+class WithoutPlugins final : public grpc::ServerBuilderOption {
+ public:
+  void UpdateArguments(grpc::ChannelArguments* /*args*/) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>*
+                         plugins) override {
+    plugins->clear();
+  }
+};
+
+// Returns `address` with its port replaced by `port` (the one bound).
+std::string BoundAddress(const std::string& address, int port) {
+  const size_t colon = address.rfind(':');
+  return absl::StrCat(address.substr(0, colon), ":", port);
+}
+
+// Starts the plaintext listener that serves only grpc.health.v1.Health (the
+// default health service). `unimplemented` answers every other method
+// UNIMPLEMENTED; a server needs some callback service besides the health
+// one to start.
+absl::StatusOr<std::unique_ptr<grpc::Server>> StartHealthServer(
+    const std::string& address, grpc::CallbackGenericService* unimplemented,
+    int* port) {
+  grpc::ServerBuilder builder;
+  builder.SetOption(std::make_unique<WithoutPlugins>());
+  builder.RegisterCallbackGenericService(unimplemented);
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), port);
+  // A second server on a taken port must fail, not share it silently.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  // Health requests are tiny; refuse anything large before reading it.
+  builder.SetMaxReceiveMessageSize(4096);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || *port == 0 ||
+      server->GetHealthCheckService() == nullptr) {
+    return absl::UnavailableError(
+        absl::StrCat("could not listen on --health_address ", address,
+                     " (address in use or not valid)"));
+  }
+  return server;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<NormServer>> NormServer::Start(
@@ -114,9 +162,17 @@ absl::StatusOr<std::unique_ptr<NormServer>> NormServer::Start(
         absl::StrCat("could not listen on ", options.address,
                      " (address in use or not valid)"));
   }
-  const size_t colon = options.address.rfind(':');
-  server->address_ =
-      absl::StrCat(options.address.substr(0, colon), ":", server->port_);
+  server->address_ = BoundAddress(options.address, server->port_);
+  if (!options.health_address.empty()) {
+    int health_port = 0;
+    server->health_unimplemented_ =
+        std::make_unique<grpc::CallbackGenericService>();
+    ASSIGN_OR_RETURN(
+        server->health_server_,
+        StartHealthServer(options.health_address,
+                          server->health_unimplemented_.get(), &health_port));
+    server->health_address_ = BoundAddress(options.health_address, health_port);
+  }
   return server;
 }
 
@@ -125,16 +181,28 @@ NormServer::~NormServer() {
     server_->Shutdown();
     server_->Wait();
   }
+  if (health_server_ != nullptr) {
+    health_server_->Shutdown();
+    health_server_->Wait();
+  }
 }
 
 void NormServer::Shutdown(absl::Duration grace) {
   service_->StartDraining();  // New calls: UNAVAILABLE.
-  if (auto* health = server_->GetHealthCheckService()) {
-    health->Shutdown();  // Every service reports NOT_SERVING from now on.
+  for (grpc::Server* server : {server_.get(), health_server_.get()}) {
+    if (server == nullptr) continue;
+    if (auto* health = server->GetHealthCheckService()) {
+      health->Shutdown();  // Every service reports NOT_SERVING from now on.
+    }
   }
   server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+  // Probes see NOT_SERVING for as long as the drain lasts, then nothing.
+  if (health_server_ != nullptr) health_server_->Shutdown();
 }
 
-void NormServer::Wait() { server_->Wait(); }
+void NormServer::Wait() {
+  server_->Wait();
+  if (health_server_ != nullptr) health_server_->Wait();
+}
 
 }  // namespace normserve::server

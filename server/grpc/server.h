@@ -2,6 +2,7 @@
 // Used by main and by in-process tests (bind to port 0, read port()).
 #pragma once
 
+#include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 
 #include <memory>
@@ -18,6 +19,11 @@ namespace normserve::server {
 struct ServerOptions {
   // host:port to listen on; port 0 picks a free one.
   std::string address = "127.0.0.1:50051";
+  // A second, plaintext listener that serves grpc.health.v1.Health and
+  // nothing else (no tenant data, no reflection), for probes that cannot
+  // speak TLS (Kubernetes' gRPC probes); "" means none. It reports what the
+  // main listener's health service reports (NOT_SERVING from Shutdown on).
+  std::string health_address;
   // auto | cpu | cuda | cuda:N.
   std::string device = "auto";
   // Threads that split one CPU kernel call; 0 = every core.
@@ -49,6 +55,8 @@ class NormServer {
   // host:port actually bound (with the real port when 0 was asked).
   const std::string& address() const { return address_; }
   int port() const { return port_; }
+  // The health-only listener's host:port; "" without one.
+  const std::string& health_address() const { return health_address_; }
   std::string device_name() const { return engine_->backend().name(); }
   Engine& engine() { return *engine_; }
   // What start-up restored from the state directory (or that it has none).
@@ -58,11 +66,12 @@ class NormServer {
   // Tenants' tokens loaded; 0 without authentication.
   size_t num_tokens() const { return tokens_ ? tokens_->size() : 0; }
 
-  // Marks health NOT_SERVING, answers new calls UNAVAILABLE, stops
-  // accepting calls, lets in-flight calls finish until `grace` has passed,
-  // then cancels the rest. Safe to call once, from any thread.
+  // Marks health NOT_SERVING (on both listeners), answers new calls
+  // UNAVAILABLE, stops accepting calls, lets in-flight calls finish until
+  // `grace` has passed, then cancels the rest; the health listener closes
+  // last. Safe to call once, from any thread.
   void Shutdown(absl::Duration grace);
-  // Blocks until the server has shut down.
+  // Blocks until the server (and its health listener) has shut down.
   void Wait();
 
  private:
@@ -77,6 +86,10 @@ class NormServer {
   std::unique_ptr<grpc::Server> server_;
   std::string address_;
   int port_ = 0;
+  // Answers UNIMPLEMENTED on the health listener; outlives it.
+  std::unique_ptr<grpc::CallbackGenericService> health_unimplemented_;
+  std::unique_ptr<grpc::Server> health_server_;
+  std::string health_address_;
 };
 
 }  // namespace normserve::server

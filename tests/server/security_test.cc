@@ -2,16 +2,21 @@
 // the real server in-process on port 0. Certificates are made here with the
 // openssl command line (a CA, a second unrelated CA, server and client
 // certificates) in a fresh temporary directory.
+#include <grpcpp/generic/generic_stub.h>
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "client/cpp/client.h"
 #include "client/cpp/tensor.h"
 #include "gmock/gmock.h"
@@ -100,9 +105,10 @@ class TlsTest : public ::testing::Test {
     ASSERT_NE(certs_, nullptr) << "openssl could not make the certificates";
   }
 
-  void StartServer(bool mutual) {
+  void StartServer(bool mutual, bool health_listener = false) {
     server::ServerOptions options;
     options.address = "127.0.0.1:0";
+    if (health_listener) options.health_address = "127.0.0.1:0";
     options.cpu_threads = 1;
     options.engine.num_workers = 1;
     options.tls_cert_file = certs_->Path("server.pem");
@@ -162,6 +168,100 @@ TEST_F(TlsTest, MutualTlsServer) {
   EXPECT_EQ(Try(Tls("other_ca.pem", "client.pem", "client.key")).code(),
             absl::StatusCode::kUnavailable);
   EXPECT_TRUE(Try(Tls("ca.pem", "client.pem", "client.key")).ok());
+}
+
+// Returns the status of a unary call of `method` with an empty request, sent
+// as raw bytes to `channel`.
+grpc::Status RawCall(const std::shared_ptr<grpc::Channel>& channel,
+                     const std::string& method) {
+  grpc::GenericStub stub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() +
+                       std::chrono::seconds(5));
+  grpc::Slice empty("");
+  grpc::ByteBuffer request(&empty, 1);
+  grpc::ByteBuffer response;
+  grpc::Status status;
+  absl::Notification done;
+  stub.UnaryCall(&context, method, grpc::StubOptions(), &request, &response,
+                 [&](grpc::Status s) {
+                   status = std::move(s);
+                   done.Notify();
+                 });
+  done.WaitForNotification();
+  return status;
+}
+
+TEST_F(TlsTest, PlaintextHealthListenerServesHealthAndNothingElse) {
+  StartServer(/*mutual=*/false, /*health_listener=*/true);
+  ASSERT_FALSE(server_->health_address().empty());
+  ASSERT_NE(server_->health_address(), server_->address());
+  EXPECT_EQ(Try(nullptr).code(), absl::StatusCode::kUnavailable)
+      << "the main port must still require TLS";
+
+  ClientOptions options;
+  options.target = server_->health_address();
+  options.timeout = absl::Seconds(5);
+  auto health = Client::Create(options);  // Plaintext.
+  ASSERT_TRUE(health.ok()) << health.status();
+  absl::StatusOr<client::HealthStatus> status = (*health)->CheckHealth();
+  ASSERT_TRUE(status.ok()) << status.status();
+  EXPECT_EQ(*status, client::HealthStatus::kServing);
+
+  // No tenant data and no other service on the health port.
+  EXPECT_EQ((*health)->ListLayers(v1::ListLayersRequest()).status().code(),
+            absl::StatusCode::kUnimplemented);
+  EXPECT_EQ((*health)->GetLayer("bn").status().code(),
+            absl::StatusCode::kUnimplemented);
+  v1::CreateLayerRequest create;
+  create.mutable_batch_norm()->set_num_features(2);
+  EXPECT_EQ((*health)->CreateLayer(create).status().code(),
+            absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(RawCall((*health)->channel(),
+                    "/grpc.reflection.v1alpha.ServerReflection/"
+                    "ServerReflectionInfo")
+                .error_code(),
+            grpc::StatusCode::UNIMPLEMENTED)
+      << "server reflection must not be on the health port";
+
+  // Draining: the health port says NOT_SERVING while an open Train stream
+  // holds the main listener open, then closes.
+  ClientOptions tls;
+  tls.target = server_->address();
+  tls.credentials = Tls("ca.pem");
+  auto main_client = Client::Create(tls);
+  ASSERT_TRUE(main_client.ok());
+  auto stream = (*main_client)->StartTraining();
+  ASSERT_TRUE(stream.ok());
+  v1::GetLayerRequest get;
+  get.set_name("none");
+  EXPECT_EQ((*stream)->GetLayer(get).status().code(),
+            absl::StatusCode::kNotFound);  // The stream is open.
+  std::thread shutdown([this] { server_->Shutdown(absl::Seconds(3)); });
+  client::HealthStatus seen = client::HealthStatus::kServing;
+  for (int i = 0; i < 100 && seen == client::HealthStatus::kServing; ++i) {
+    absl::StatusOr<client::HealthStatus> now = (*health)->CheckHealth();
+    if (now.ok()) seen = *now;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  EXPECT_EQ(seen, client::HealthStatus::kNotServing);
+  shutdown.join();
+  server_->Wait();
+  EXPECT_FALSE((*health)->CheckHealth().ok())
+      << "the health port must close with the server";
+}
+
+TEST_F(TlsTest, HealthListenerOnATakenPortFailsAtStart) {
+  StartServer(/*mutual=*/false, /*health_listener=*/true);
+  server::ServerOptions options;
+  options.address = "127.0.0.1:0";
+  options.cpu_threads = 1;
+  options.engine.num_workers = 1;
+  options.health_address = server_->health_address();
+  auto second = server::NormServer::Start(options);
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(second.status().message()),
+              HasSubstr("--health_address"));
 }
 
 TEST_F(TlsTest, BadServerFilesFailAtStart) {
