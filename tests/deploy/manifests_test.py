@@ -1,8 +1,8 @@
 #!/usr/bin/python3
 """Renders deploy/k8s with `kubectl kustomize` and checks what issue 7 promises.
 
-usage: manifests_test.py --server PATH/normserve [--load PATH/normserve-load]
-                         [--kubectl PATH]
+usage: manifests_test.py --server PATH/normserve [--cli PATH/normserve-cli]
+                         [--load PATH/normserve-load] [--kubectl PATH]
 
 For each overlay (cpu, gpu), on the rendered YAML:
   - a StatefulSet, a headless and a ClusterIP Service, a ConfigMap of flags,
@@ -21,8 +21,12 @@ For each overlay (cpu, gpu), on the rendered YAML:
     limit fits the saved-input and message limits;
   - nvidia.com/gpu: 1 in the gpu overlay's limits, nowhere in the cpu one;
   - no metrics annotations unless the server has a metrics flag.
-Also: each overlay with the components that are waiting for issue 6 renders,
-and the flags they add are the only ones the server lacks; the load Job
+Also: each overlay with the state-dir and tls components renders with flags
+the server has, and the server starts with them (TLS with certificates made
+here); in that variant the probes target the plaintext health listener
+(--health_address, a container port of its own, in no Service), where
+`normserve-cli health` gets SERVING while the TLS port refuses plaintext and
+the health port serves nothing else. The load Job
 targets a replica through the headless Service with flags normserve-load
 lists; the Dockerfile agrees with the manifests (user, port, state dir,
 HEALTHCHECK, targets).
@@ -47,9 +51,8 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 K8S = os.path.join(REPO, "deploy", "k8s")
 DOCKERFILE = os.path.join(REPO, "deploy", "docker", "Dockerfile")
 OVERLAYS = ("cpu", "gpu")
-# Components that pass flags the server gets in issue 6 (state dir, TLS).
+# Opt-in components, rendered on top of each overlay.
 COMPONENTS = ("state-dir", "tls")
-PENDING_FLAGS = {"state_dir", "tls_cert", "tls_key", "tls_client_ca"}
 STATE_DIR = "/var/lib/normserve"
 RUN_AS = 10001
 # Startup budget (s): the gpu overlay leaves room for CUDA initialisation.
@@ -351,13 +354,97 @@ def check_overlay(overlay, docs, server, known_flags, help_text, image_facts):
     return flags
 
 
-def check_components(kubectl, server, known_flags):
-    """Each overlay plus the issue-6 components renders; only their flags are new.
+def make_certificates(tmp):
+    """A CA and a server certificate for 127.0.0.1 under TMP (openssl);
+    returns (ca, cert, key) paths, or None when openssl fails."""
+    d = os.path.join(tmp, "certs")
+    os.makedirs(d)
+    ext = os.path.join(d, "san.ext")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    p = lambda name: os.path.join(d, name)
+    steps = [
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=test-ca", "-keyout", p("ca.key"), "-out", p("ca.pem")],
+        ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+         "-keyout", p("tls.key"), "-out", p("tls.csr")],
+        ["openssl", "x509", "-req", "-days", "2", "-in", p("tls.csr"), "-CA", p("ca.pem"),
+         "-CAkey", p("ca.key"), "-CAcreateserial", "-extfile", ext, "-out", p("tls.crt")],
+    ]
+    for step in steps:
+        try:
+            proc = subprocess.run(step, capture_output=True, text=True, timeout=60)
+        except OSError as err:
+            check(False, f"cannot run openssl for the TLS variant: {err}")
+            return None
+        if not check(proc.returncode == 0, f"openssl failed: {proc.stderr[-500:]}"):
+            return None
+    return p("ca.pem"), p("tls.crt"), p("tls.key")
 
-    Once the server has --state_dir, it must also start with the state-dir
-    component's flags (the state dir moved to a temporary one).
-    """
+
+def cli_run(cli, *args):
+    """(exit code, stdout + stderr) of normserve-cli ARGS."""
+    proc = subprocess.run([cli, "--timeout_ms=5000"] + list(args), capture_output=True,
+                          text=True, timeout=60)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def check_tls_server(server, cli, flags, certs, name):
+    """Starts the server with the TLS variant's FLAGS on loopback (its
+    certificate from CERTS) and checks what the probes rely on: a plaintext
+    health check on --health_address answers SERVING, the main port refuses
+    plaintext and serves TLS, the health port serves nothing else, SIGTERM
+    exits 0."""
+    ca, cert, key = certs
+    flags = dict(flags, address="127.0.0.1:0", health_address="127.0.0.1:0",
+                 tls_cert=cert, tls_key=key)
+    flags.pop("tls_client_ca", None)
+    if flags.get("device", "").startswith("cuda"):
+        flags["device"] = "cpu"
+    proc = subprocess.Popen([server] + [f"--{k}={v}" for k, v in flags.items()],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        main = health = None
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and health is None:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.match(r"normserve listening on (\S+) ", line)
+            main = m.group(1) if m else main
+            m = re.match(r"normserve: health checks .* on (\S+)$", line.strip())
+            health = m.group(1) if m else health
+        if not check(main and health, f"{name}: the server did not report both "
+                     f"listeners: {''.join(lines)}{proc.stderr.read() if proc.poll() is not None else ''}"):
+            return
+        rc, out = cli_run(cli, f"--address={health}", "health")
+        check(rc == 0 and "SERVING" in out,
+              f"{name}: plaintext health check on --health_address failed ({rc}): {out}")
+        rc, out = cli_run(cli, f"--address={main}", "health")
+        check(rc != 0, f"{name}: the TLS port answered a plaintext health check: {out}")
+        rc, out = cli_run(cli, f"--address={main}", f"--tls_ca={ca}", "health")
+        check(rc == 0 and "SERVING" in out,
+              f"{name}: health check over TLS on the main port failed ({rc}): {out}")
+        rc, out = cli_run(cli, f"--address={health}", "list")
+        check(rc != 0 and "UNIMPLEMENTED" in out,
+              f"{name}: the health port answered ListLayers ({rc}): {out}")
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+        check(rc == 0, f"{name}: server exited {rc} after SIGTERM")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def check_components(kubectl, server, known_flags, cli):
+    """Each overlay plus the opt-in components renders, with flags the server
+    has; its probes reach the health listener, and the server starts with
+    those flags (check_tls_server)."""
     with tempfile.TemporaryDirectory() as tmp:
+        certs = make_certificates(tmp)
         # kustomize takes only relative paths, inside a copy of the tree.
         k8s = os.path.join(tmp, "k8s")
         shutil.copytree(K8S, k8s)
@@ -377,23 +464,45 @@ def check_components(kubectl, server, known_flags):
             c = sts["spec"]["template"]["spec"]["containers"][0]
             name = f"overlay {overlay} + components {', '.join(COMPONENTS)}"
             flags = flags_of(expand_args(c, configmap, name), name)
-            missing = set(flags) - known_flags
-            check(missing <= PENDING_FLAGS,
-                  f"{name}: flags {sorted(missing - PENDING_FLAGS)} are unknown to the server")
+            unknown = set(flags) - known_flags
+            check(not unknown, f"{name}: flags {sorted(unknown)} are unknown to the server")
             check(flags.get("state_dir") == STATE_DIR,
                   f"{name}: --state_dir={flags.get('state_dir')}, the volume is at {STATE_DIR}")
             mounts = {m["mountPath"] for m in c["volumeMounts"]}
             for f in ("tls_cert", "tls_key"):
                 check(os.path.dirname(flags.get(f, "")) in mounts,
                       f"{name}: --{f} is not on a mounted volume")
-            if "state_dir" in known_flags and not missing:
-                state = dict((k, v) for k, v in flags.items() if not k.startswith("tls_"))
+
+            # Probes: plaintext gRPC on the health listener, not the TLS port.
+            ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+            health = ports.get("health")
+            check(health is not None and health != ports.get("grpc"),
+                  f"{name}: no container port `health` apart from grpc ({ports})")
+            check(flags.get("health_address") in (f"0.0.0.0:{health}", f"[::]:{health}"),
+                  f"{name}: --health_address={flags.get('health_address')}, want "
+                  f"0.0.0.0:{health} (the probes' port)")
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                grpc_probe = c.get(probe, {}).get("grpc", {})
+                check(grpc_probe and grpc_probe.get("port") == health
+                      and grpc_probe.get("service", "") == "",
+                      f"{name}: {probe} {c.get(probe)} does not target the plaintext "
+                      f"health port {health}")
+            for svc in (d for d in docs if d.get("kind") == "Service"):
+                for sp in svc["spec"]["ports"]:
+                    check(sp.get("targetPort") not in ("health", health)
+                          and sp["port"] != health,
+                          f"{name}: Service {svc['metadata']['name']} exposes the health port")
+                    check(sp.get("appProtocol") != "kubernetes.io/h2c",
+                          f"{name}: Service {svc['metadata']['name']} says h2c (cleartext) "
+                          "for the TLS port")
+
+            if not unknown and certs:
+                state = dict(flags)
                 state["state_dir"] = os.path.join(tmp, f"state-{overlay}")
                 os.makedirs(state["state_dir"])
-                start_server(server, state, f"{name} (without TLS)")
-            if overlay == OVERLAYS[0]:
-                print(f"ok: components render; flags still missing from the server "
-                      f"(issue 6): {sorted(missing) or 'none'}")
+                check_tls_server(server, cli, state, certs, name)
+        print(f"ok: components {', '.join(COMPONENTS)} render on every overlay; "
+              "their probes reach the plaintext health listener")
 
 
 def check_load_job(kubectl, sts, port, load_binary):
@@ -456,6 +565,7 @@ def image_facts():
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--server", required=True, help="the normserve binary")
+    parser.add_argument("--cli", help="the normserve-cli binary (default: beside --server)")
     parser.add_argument("--load", help="the normserve-load binary, if built")
     parser.add_argument("--kubectl", default=shutil.which("kubectl") or "/usr/bin/kubectl")
     opts = parser.parse_args()
@@ -475,7 +585,10 @@ def main():
         if len(failures) == before:
             print(f"ok: overlay {overlay}: {len(docs)} objects; flags "
                   + " ".join(f"--{k}={v}" for k, v in (flags or {}).items()))
-    check_components(opts.kubectl, opts.server, known_flags)
+    cli = opts.cli or os.path.join(os.path.dirname(opts.server), "normserve-cli")
+    if not os.access(cli, os.X_OK):
+        raise SystemExit(f"FAIL: no normserve-cli at {cli} (--cli)")
+    check_components(opts.kubectl, opts.server, known_flags, cli)
     if cpu_sts:
         port = cpu_sts["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
         check_load_job(opts.kubectl, cpu_sts, port, opts.load)
