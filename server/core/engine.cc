@@ -213,7 +213,8 @@ absl::StatusOr<ListLayersResult> Engine::ListLayers(
 }
 
 absl::Status Engine::DeleteLayer(absl::string_view name,
-                                 absl::string_view tenant) {
+                                 absl::string_view tenant,
+                                 std::function<void(const LayerInfo&)> then) {
   ASSIGN_OR_RETURN(std::string id, ParseLayerName(name));
   std::shared_ptr<Entry> entry;
   {
@@ -234,6 +235,12 @@ absl::Status Engine::DeleteLayer(absl::string_view name,
   entry->deleted.store(true);
   // Saved contexts go now; the layer itself when its last queued job ends.
   contexts_.DropLayer(entry->layer->uid());
+  if (then != nullptr) {
+    std::shared_ptr<Strand> strand = entry->strand;
+    strand->Post([entry = std::move(entry), then = std::move(then)] {
+      then(entry->layer->Info());
+    });
+  }
   return absl::OkStatus();
 }
 

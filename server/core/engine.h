@@ -81,9 +81,13 @@ class Engine {
                                               absl::string_view page_token,
                                               absl::string_view tenant = "");
   // Removes the layer; operations already queued on it fail with NOT_FOUND,
-  // one already running completes.
-  absl::Status DeleteLayer(absl::string_view name,
-                           absl::string_view tenant = "");
+  // one already running completes. When it returns OK and `then` is given,
+  // `then` runs with the layer's last info on the layer's strand, after
+  // every job queued on it before (the place to log the delete in order
+  // with the layer's mutations), on an executor thread.
+  absl::Status DeleteLayer(
+      absl::string_view name, absl::string_view tenant = "",
+      std::function<void(const LayerInfo&)> then = nullptr);
 
   // Runs `op` on the layer's strand, then `done` with its result, on an
   // executor thread. When the layer does not exist `done` runs at once on the

@@ -30,6 +30,7 @@ enum RecordType : uint8_t {
   kDelete = 2,
   kSnapshotHeader = 3,
   kSnapshotLayer = 4,
+  kSnapshotLifecycle = 5,  // A tenant's CreateLayer / DeleteLayer ids.
 };
 
 absl::Status ErrnoStatus(absl::string_view what, const std::string& path) {
@@ -161,10 +162,33 @@ bool GetResult(Reader& r, RequestResult* out) {
       !r.Get(&out->num_batches_tracked)) {
     return false;
   }
-  if (kind < 1 || kind > static_cast<uint8_t>(OpKind::kLoadState)) {
+  // A layer's ids, or the create that made it (kCreateLayer).
+  if (kind < 1 || kind > static_cast<uint8_t>(OpKind::kCreateLayer)) {
     return false;
   }
   out->kind = static_cast<OpKind>(kind);
+  return true;
+}
+
+void PutLifecycle(Writer& w, absl::string_view id, const LifecycleResult& r) {
+  w.Str(id);
+  w.Put<uint8_t>(static_cast<uint8_t>(r.kind));
+  w.Str(r.name);
+  w.Put<uint8_t>(r.gone);
+}
+
+bool GetLifecycle(Reader& r, std::string* id, LifecycleResult* out) {
+  uint8_t kind = 0, gone = 0;
+  if (!r.Str(id) || !r.Get(&kind) || !r.Str(&out->name) || !r.Get(&gone)) {
+    return false;
+  }
+  if ((kind != static_cast<uint8_t>(OpKind::kCreateLayer) &&
+       kind != static_cast<uint8_t>(OpKind::kDeleteLayer)) ||
+      gone > 1 || id->empty()) {
+    return false;
+  }
+  out->kind = static_cast<OpKind>(kind);
+  out->gone = gone;
   return true;
 }
 
@@ -400,6 +424,23 @@ bool Journal::Apply(absl::string_view payload, bool from_snapshot) {
       lsn_ = std::max(lsn_, lsn);
       return true;
     }
+    if (type == kSnapshotLifecycle) {
+      std::string tenant;
+      uint32_t n = 0;
+      if (!r.Str(&tenant) || !r.Get(&n)) return false;
+      std::vector<std::pair<std::string, LifecycleResult>> entries;
+      for (uint32_t i = 0; i < n; ++i) {
+        std::string id;
+        LifecycleResult result;
+        if (!GetLifecycle(r, &id, &result)) return false;
+        entries.emplace_back(std::move(id), std::move(result));
+      }
+      if (!r.done()) return false;
+      for (auto& [id, result] : entries) {
+        RememberLifecycle(tenant, id, std::move(result));
+      }
+      return true;
+    }
     if (type != kSnapshotLayer) return false;
     Key key;
     LayerEntry entry;
@@ -423,8 +464,14 @@ bool Journal::Apply(absl::string_view payload, bool from_snapshot) {
   Key key;
   if (!r.Str(&key.first) || !r.Str(&key.second)) return false;
   if (type == kDelete) {
-    if (!r.done()) return false;
+    std::string request_id;  // Absent in records of older servers.
+    if (!r.done() && (!r.Str(&request_id) || !r.done())) return false;
     layers_.erase(key);
+    MarkCreatesGone(key.first, key.second);
+    if (!request_id.empty()) {
+      RememberLifecycle(key.first, request_id,
+                        LifecycleResult{OpKind::kDeleteLayer, key.second});
+    }
     return true;
   }
   if (type != kPut) return false;
@@ -437,7 +484,13 @@ bool Journal::Apply(absl::string_view payload, bool from_snapshot) {
   }
   LayerEntry& entry = layers_[key];
   entry.blob = std::move(blob);
-  if (!request_id.empty()) Remember(entry, request_id, result);
+  if (request_id.empty()) return true;
+  if (result.kind == OpKind::kCreateLayer) {
+    RememberLifecycle(key.first, request_id,
+                      LifecycleResult{OpKind::kCreateLayer, key.second});
+  } else {
+    Remember(entry, request_id, result);
+  }
   return true;
 }
 
@@ -451,6 +504,31 @@ void Journal::Remember(LayerEntry& entry, absl::string_view request_id,
   }
 }
 
+void Journal::RememberLifecycle(const std::string& tenant,
+                                absl::string_view request_id,
+                                LifecycleResult result) {
+  TenantLifecycle& ids = lifecycle_[tenant];
+  auto [it, inserted] =
+      ids.results.emplace(std::string(request_id), std::move(result));
+  if (!inserted) return;
+  ids.order.emplace_back(request_id);
+  while (ids.order.size() > options_.max_request_ids) {
+    ids.results.erase(ids.order.front());
+    ids.order.pop_front();
+  }
+}
+
+void Journal::MarkCreatesGone(const std::string& tenant,
+                              absl::string_view name) {
+  auto ids = lifecycle_.find(tenant);
+  if (ids == lifecycle_.end()) return;
+  for (auto& [id, result] : ids->second.results) {
+    if (result.kind == OpKind::kCreateLayer && result.name == name) {
+      result.gone = true;
+    }
+  }
+}
+
 absl::Status Journal::FinishRecovery(
     const std::vector<std::pair<RecoveredLayer*, uint64_t>>& bound) {
   absl::MutexLock sync_lock(&sync_mu_);
@@ -459,6 +537,7 @@ absl::Status Journal::FinishRecovery(
     Key key(layer->tenant, layer->name);
     if (uid == 0) {
       layers_.erase(key);
+      MarkCreatesGone(key.first, key.second);
     } else {
       layers_[key].uid = uid;
     }
@@ -479,10 +558,36 @@ std::optional<RequestResult> Journal::LookupRequest(
   return found->second;
 }
 
+absl::StatusOr<std::optional<LifecycleResult>> Journal::ClaimLifecycle(
+    absl::string_view tenant, absl::string_view request_id) {
+  absl::MutexLock lock(&mu_);
+  Key key(tenant, request_id);
+  if (lifecycle_claims_.contains(key)) {
+    return absl::AbortedError(
+        absl::StrCat("request_id '", request_id,
+                     "' is still being applied by an earlier attempt; retry "
+                     "once it has finished"));
+  }
+  auto ids = lifecycle_.find(key.first);
+  if (ids != lifecycle_.end()) {
+    auto found = ids->second.results.find(request_id);
+    if (found != ids->second.results.end()) return found->second;
+  }
+  lifecycle_claims_.insert(std::move(key));
+  return std::nullopt;
+}
+
+void Journal::ReleaseLifecycle(absl::string_view tenant,
+                               absl::string_view request_id) {
+  absl::MutexLock lock(&mu_);
+  lifecycle_claims_.erase(Key(tenant, request_id));
+}
+
 absl::Status Journal::LogCreate(absl::string_view tenant, const LayerInfo& info,
-                                const DurableLayerState& state) {
-  if (fd_ < 0) return absl::OkStatus();
-  {
+                                const DurableLayerState& state,
+                                absl::string_view request_id) {
+  if (fd_ < 0 && request_id.empty()) return absl::OkStatus();
+  if (request_id.empty()) {
     absl::MutexLock lock(&mu_);
     auto it = layers_.find(Key(tenant, info.name));
     // A mutation of the new layer may have been logged first.
@@ -490,7 +595,9 @@ absl::Status Journal::LogCreate(absl::string_view tenant, const LayerInfo& info,
       return absl::OkStatus();
     }
   }
-  return LogMutation(tenant, info, &state, "", RequestResult());
+  return LogMutation(tenant, info, &state, request_id,
+                     RequestResult{OpKind::kCreateLayer, info.version,
+                                   info.num_batches_tracked});
 }
 
 absl::Status Journal::LogMutation(absl::string_view tenant,
@@ -506,7 +613,14 @@ absl::Status Journal::LogMutation(absl::string_view tenant,
     if (dead_uids_.contains(info.uid)) return absl::OkStatus();
     LayerEntry& entry = layers_[Key(tenant, info.name)];
     entry.uid = info.uid;
-    if (!request_id.empty()) Remember(entry, request_id, result);
+    if (!request_id.empty()) {
+      if (result.kind == OpKind::kCreateLayer) {
+        RememberLifecycle(std::string(tenant), request_id,
+                          LifecycleResult{OpKind::kCreateLayer, info.name});
+      } else {
+        Remember(entry, request_id, result);
+      }
+    }
     if (fd_ < 0) return absl::OkStatus();
     Writer w;
     w.Put<uint8_t>(kPut);
@@ -529,7 +643,8 @@ absl::Status Journal::LogMutation(absl::string_view tenant,
 }
 
 absl::Status Journal::LogDelete(absl::string_view tenant,
-                                absl::string_view name) {
+                                absl::string_view name,
+                                absl::string_view request_id) {
   {
     absl::MutexLock lock(&mu_);
     auto it = layers_.find(Key(tenant, name));
@@ -537,12 +652,20 @@ absl::Status Journal::LogDelete(absl::string_view tenant,
       dead_uids_.insert(it->second.uid);
       layers_.erase(it);
     }
+    const std::string tenant_key(tenant);
+    MarkCreatesGone(tenant_key, name);
+    if (!request_id.empty()) {
+      RememberLifecycle(
+          tenant_key, request_id,
+          LifecycleResult{OpKind::kDeleteLayer, std::string(name)});
+    }
     if (fd_ < 0) return absl::OkStatus();
     Writer w;
     w.Put<uint8_t>(kDelete);
     w.Put<uint64_t>(++lsn_);
     w.Str(tenant);
     w.Str(name);
+    w.Str(request_id);
     std::string frame = journal_format::Frame(w.out());
     RETURN_IF_ERROR(WriteAll(fd_, frame, options_.dir));
     appended_ += frame.size();
@@ -630,6 +753,18 @@ absl::Status Journal::SnapshotLocked() {
     for (const std::string& id : entry.request_order) {
       w.Str(id);
       PutResult(w, entry.requests.at(id));
+    }
+    out += journal_format::Frame(w.out());
+  }
+  for (const auto& [tenant, ids] : lifecycle_) {
+    if (ids.order.empty()) continue;
+    Writer w;
+    w.Put<uint8_t>(kSnapshotLifecycle);
+    w.Put<uint64_t>(0);
+    w.Str(tenant);
+    w.Put<uint32_t>(static_cast<uint32_t>(ids.order.size()));
+    for (const std::string& id : ids.order) {
+      PutLifecycle(w, id, ids.results.at(id));
     }
     out += journal_format::Frame(w.out());
   }

@@ -19,6 +19,10 @@
 //
 // Request ids: the last `max_request_ids` ids per layer (FIFO) with their
 // result, kept in memory and in every snapshot, rebuilt from the log.
+// CreateLayer and DeleteLayer ids are kept per tenant instead (a create's
+// layer name may be chosen by the server, and a delete outlives its layer):
+// the last `max_request_ids` per tenant, in snapshots (one record per
+// tenant) and in the log (a create's record, a delete's record).
 //
 // Thread safety: every method may be called from any thread. Callers
 // serialize mutations of one layer (the layer's strand), which makes
@@ -65,6 +69,9 @@ struct JournalOptions {
   size_t max_request_ids = 1024;
 };
 
+// Longest request id a call may carry.
+constexpr size_t kMaxRequestIdBytes = 128;
+
 // Which operation a request id was used for.
 enum class OpKind : uint8_t {
   kForward = 1,
@@ -73,6 +80,17 @@ enum class OpKind : uint8_t {
   kOptimizerStep = 4,
   kSetParameters = 5,
   kLoadState = 6,
+  kCreateLayer = 7,
+  kDeleteLayer = 8,
+};
+
+// What a retried CreateLayer or DeleteLayer finds.
+struct LifecycleResult {
+  OpKind kind = OpKind::kCreateLayer;  // kCreateLayer or kDeleteLayer.
+  std::string name;                    // The layer, "layers/{id}".
+  // A create whose layer has been deleted since (a layer of that name now
+  // is another one).
+  bool gone = false;
 };
 
 // What a retry with a known request id gets back.
@@ -136,9 +154,13 @@ class Journal {
   std::optional<RequestResult> LookupRequest(absl::string_view tenant,
                                              absl::string_view name,
                                              absl::string_view request_id);
-  // Logs a new layer with its initial state.
+  // Logs a new layer with its state, which must be the layer's current one
+  // (the server calls this on the layer's strand), and remembers
+  // `request_id` (when not empty) as the tenant's create of it. A layer
+  // deleted meanwhile is not logged.
   absl::Status LogCreate(absl::string_view tenant, const LayerInfo& info,
-                         const DurableLayerState& state);
+                         const DurableLayerState& state,
+                         absl::string_view request_id = "");
   // Logs the post-mutation state of a layer and remembers `request_id`
   // (when not empty). Returns once durable under FsyncPolicy::kAlways.
   // A layer deleted meanwhile (by uid) is not logged.
@@ -146,7 +168,20 @@ class Journal {
                            const DurableLayerState* state,
                            absl::string_view request_id,
                            const RequestResult& result);
-  absl::Status LogDelete(absl::string_view tenant, absl::string_view name);
+  // Logs that the layer is gone (its request ids with it) and remembers
+  // `request_id` (when not empty) as the tenant's delete of it.
+  absl::Status LogDelete(absl::string_view tenant, absl::string_view name,
+                         absl::string_view request_id = "");
+
+  // CreateLayer / DeleteLayer request ids. Returns the recorded result when
+  // `request_id` was already applied for `tenant`; else claims the id for
+  // the caller and returns nullopt: the caller applies the operation, logs
+  // it with the id (LogCreate / LogDelete) and calls ReleaseLifecycle in
+  // every case. ABORTED while another call holds the claim (its first
+  // attempt is still being applied).
+  absl::StatusOr<std::optional<LifecycleResult>> ClaimLifecycle(
+      absl::string_view tenant, absl::string_view request_id);
+  void ReleaseLifecycle(absl::string_view tenant, absl::string_view request_id);
   // Writes a snapshot and truncates the log.
   absl::Status Snapshot();
 
@@ -158,6 +193,11 @@ class Journal {
     absl::flat_hash_map<std::string, RequestResult> requests;
   };
   using Key = std::pair<std::string, std::string>;  // tenant, name
+  // A tenant's CreateLayer / DeleteLayer ids, oldest first.
+  struct TenantLifecycle {
+    std::deque<std::string> order;
+    absl::flat_hash_map<std::string, LifecycleResult> results;
+  };
 
   explicit Journal(const JournalOptions& options) : options_(options) {}
   absl::Status Recover();
@@ -166,6 +206,12 @@ class Journal {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Remember(LayerEntry& entry, absl::string_view request_id,
                 const RequestResult& result);
+  void RememberLifecycle(const std::string& tenant,
+                         absl::string_view request_id, LifecycleResult result)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Marks the tenant's creates of `name` gone: the layer was deleted.
+  void MarkCreatesGone(const std::string& tenant, absl::string_view name)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Makes appended records durable per the policy; snapshots when due.
   absl::Status Commit() ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status SyncTo(uint64_t end) ABSL_LOCKS_EXCLUDED(mu_);
@@ -183,6 +229,9 @@ class Journal {
   absl::Mutex mu_;
   std::map<Key, LayerEntry> layers_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_set<uint64_t> dead_uids_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, TenantLifecycle> lifecycle_ ABSL_GUARDED_BY(mu_);
+  // (tenant, request id) of CreateLayer / DeleteLayer calls in progress.
+  absl::flat_hash_set<Key> lifecycle_claims_ ABSL_GUARDED_BY(mu_);
   uint64_t lsn_ ABSL_GUARDED_BY(mu_) = 0;  // Last record's sequence.
   uint64_t snapshot_lsn_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t appended_ ABSL_GUARDED_BY(mu_) = 0;  // Bytes ever appended.

@@ -11,10 +11,21 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "kernels/status_macros.h"
 #include "server/core/batch_norm_layer.h"
 #include "server/core/journal.h"
 
 namespace normserve::server {
+
+// INVALID_ARGUMENT when `request_id` is longer than kMaxRequestIdBytes (ids
+// are kept, 1024 per layer: their size is bounded).
+inline absl::Status ValidateRequestId(absl::string_view request_id) {
+  if (request_id.size() <= kMaxRequestIdBytes) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("request_id has ", request_id.size(),
+                   " bytes; expected at most ", kMaxRequestIdBytes));
+}
 
 // Returns the result a retry of an already-applied request gets.
 template <typename T>
@@ -42,6 +53,7 @@ std::function<absl::StatusOr<T>(BatchNormLayer&)> Journaled(
     std::function<absl::StatusOr<T>(BatchNormLayer&)> apply, Replay<T> replay) {
   return [=, apply = std::move(apply), replay = std::move(replay)](
              BatchNormLayer& layer) -> absl::StatusOr<T> {
+    RETURN_IF_ERROR(ValidateRequestId(request_id));
     const bool durable = journal != nullptr && journal->durable();
     if (!durable && (journal == nullptr || request_id.empty()) &&
         !expected_version.has_value()) {

@@ -2,6 +2,7 @@
 
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/status_macros.h"
 #include "server/grpc/convert.h"
@@ -30,23 +31,133 @@ absl::StatusOr<int64_t> ReplayVersion(const RequestResult& prior) {
   return prior.version;
 }
 
+// Whether `requested` (a CreateLayer's config) asks for the layer `existing`
+// is: the same fields, and the same device unless the request left it to
+// the server.
+bool SameConfig(const BatchNormConfig& requested,
+                const BatchNormConfig& existing) {
+  const bool any_device =
+      requested.device.empty() || (requested.device == "cuda" &&
+                                   absl::StartsWith(existing.device, "cuda:"));
+  return requested.num_features == existing.num_features &&
+         requested.eps == existing.eps &&
+         requested.momentum == existing.momentum &&
+         requested.affine == existing.affine &&
+         requested.track_running_stats == existing.track_running_stats &&
+         requested.layout == existing.layout &&
+         requested.dtype == existing.dtype &&
+         requested.spatial_dims == existing.spatial_dims &&
+         (any_device || requested.device == existing.device);
+}
+
 }  // namespace
 
-absl::Status Operations::CreateLayer(const pb::CreateLayerRequest& request,
-                                     pb::Layer* response) {
+void Operations::CreateLayer(const pb::CreateLayerRequest& request,
+                             pb::Layer* response, Done done) {
   if (!request.has_batch_norm()) {
-    return absl::InvalidArgumentError(
-        "CreateLayer needs a config; expected batch_norm");
+    return done(absl::InvalidArgumentError(
+        "CreateLayer needs a config; expected batch_norm"));
   }
-  ASSIGN_OR_RETURN(BatchNormConfig config,
-                   ConfigFromProto(request.batch_norm()));
-  ASSIGN_OR_RETURN(LayerInfo info,
-                   engine_->CreateLayer(request.layer_id(), config, tenant_));
-  if (Journal* journal = engine_->journal()) {
-    RETURN_IF_ERROR(
-        journal->LogCreate(tenant_, info, InitialDurableState(info.config)));
+  absl::StatusOr<BatchNormConfig> config =
+      ConfigFromProto(request.batch_norm());
+  if (!config.ok()) return done(config.status());
+  const std::string& request_id = request.request_id();
+  if (absl::Status valid = ValidateRequestId(request_id); !valid.ok()) {
+    return done(valid);
   }
-  LayerInfoToProto(info, response);
+  Journal* const journal = engine_->journal();
+  if (journal != nullptr && !request_id.empty()) {
+    absl::StatusOr<std::optional<LifecycleResult>> prior =
+        journal->ClaimLifecycle(tenant_, request_id);
+    if (!prior.ok()) return done(prior.status());
+    if (prior->has_value()) {
+      return done(ReplayCreate(request, *config, **prior, response));
+    }
+    // The id is ours until the create is durable, or has failed.
+    done = [journal, tenant = tenant_, request_id,
+            done = std::move(done)](absl::Status status) {
+      journal->ReleaseLifecycle(tenant, request_id);
+      done(status);
+    };
+  }
+  absl::StatusOr<LayerInfo> info =
+      engine_->CreateLayer(request.layer_id(), *config, tenant_);
+  if (!info.ok()) return done(info.status());
+  LayerInfoToProto(*info, response);
+  if (journal == nullptr) return done(absl::OkStatus());
+  if (!journal->durable()) {
+    // In memory: only the request id to remember; nothing waits on a disk.
+    return done(journal->LogCreate(
+        tenant_, *info, InitialDurableState(info->config), request_id));
+  }
+  LogCreate(*info, request_id, std::move(done));
+}
+
+void Operations::LogCreate(const LayerInfo& info, const std::string& request_id,
+                           Done done) {
+  Journal* const journal = engine_->journal();
+  // Not through RunOnLayer: a create must be logged even when its call has
+  // been cancelled meanwhile, since the layer exists.
+  engine_->RunOnLayer<int64_t>(
+      info.name,
+      [journal, tenant = tenant_,
+       request_id](BatchNormLayer& layer) -> absl::StatusOr<int64_t> {
+        // The current state: a mutation may have run (and been logged)
+        // between the registration and this job.
+        const LayerInfo now = layer.Info();
+        absl::Status logged =
+            journal->LogCreate(tenant, now, layer.ExportDurable(), request_id);
+        if (!logged.ok()) {
+          return absl::InternalError(absl::StrCat(
+              "the layer was created but could not be made durable: ",
+              logged.message()));
+        }
+        return now.version;
+      },
+      [done = std::move(done)](absl::StatusOr<int64_t> logged) {
+        // NOT_FOUND: deleted before this job ran. It was created; there is
+        // nothing left of it to log.
+        if (!logged.ok() && !absl::IsNotFound(logged.status())) {
+          return done(logged.status());
+        }
+        done(absl::OkStatus());
+      },
+      tenant_);
+}
+
+absl::Status Operations::ReplayCreate(const pb::CreateLayerRequest& request,
+                                      const BatchNormConfig& config,
+                                      const LifecycleResult& prior,
+                                      pb::Layer* response) {
+  const std::string& request_id = request.request_id();
+  if (prior.kind != OpKind::kCreateLayer) {
+    return absl::AlreadyExistsError(absl::StrCat(
+        "request_id '", request_id, "' was already used to delete ", prior.name,
+        "; use a new id for a new operation"));
+  }
+  if (!request.layer_id().empty()) {
+    ASSIGN_OR_RETURN(std::string id, ParseLayerName(request.layer_id()));
+    if (absl::StrCat("layers/", id) != prior.name) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("request_id '", request_id, "' already created ",
+                       prior.name, ", not layers/", id));
+    }
+  }
+  absl::StatusOr<LayerInfo> info = prior.gone
+                                       ? absl::NotFoundError("deleted")
+                                       : engine_->GetLayer(prior.name, tenant_);
+  if (absl::IsNotFound(info.status())) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("request_id '", request_id, "' created ", prior.name,
+                     ", which has been deleted since"));
+  }
+  RETURN_IF_ERROR(info.status());
+  if (!SameConfig(config, info->config)) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("request_id '", request_id, "' already created ",
+                     prior.name, " with another config"));
+  }
+  LayerInfoToProto(*info, response);
   return absl::OkStatus();
 }
 
@@ -69,13 +180,56 @@ absl::Status Operations::ListLayers(const pb::ListLayersRequest& request,
   return absl::OkStatus();
 }
 
-absl::Status Operations::DeleteLayer(const pb::DeleteLayerRequest& request) {
-  RETURN_IF_ERROR(engine_->DeleteLayer(request.name(), tenant_));
-  if (Journal* journal = engine_->journal()) {
-    ASSIGN_OR_RETURN(std::string id, ParseLayerName(request.name()));
-    return journal->LogDelete(tenant_, absl::StrCat("layers/", id));
+void Operations::DeleteLayer(const pb::DeleteLayerRequest& request, Done done) {
+  const std::string& request_id = request.request_id();
+  if (absl::Status valid = ValidateRequestId(request_id); !valid.ok()) {
+    return done(valid);
   }
-  return absl::OkStatus();
+  absl::StatusOr<std::string> id = ParseLayerName(request.name());
+  if (!id.ok()) return done(id.status());
+  const std::string name = absl::StrCat("layers/", *id);
+  Journal* const journal = engine_->journal();
+  if (journal == nullptr) return done(engine_->DeleteLayer(name, tenant_));
+  if (!request_id.empty()) {
+    absl::StatusOr<std::optional<LifecycleResult>> prior =
+        journal->ClaimLifecycle(tenant_, request_id);
+    if (!prior.ok()) return done(prior.status());
+    if (prior->has_value()) {
+      const LifecycleResult& applied = **prior;
+      if (applied.kind == OpKind::kDeleteLayer && applied.name == name) {
+        return done(absl::OkStatus());  // Deleted by the first attempt.
+      }
+      return done(absl::AlreadyExistsError(absl::StrCat(
+          "request_id '", request_id, "' was already used to ",
+          applied.kind == OpKind::kDeleteLayer ? "delete " : "create ",
+          applied.name, "; use a new id for a new operation")));
+    }
+    done = [journal, tenant = tenant_, request_id,
+            done = std::move(done)](absl::Status status) {
+      journal->ReleaseLifecycle(tenant, request_id);
+      done(status);
+    };
+  }
+  if (!journal->durable()) {
+    // In memory: forget the layer's ids now; nothing waits on a disk.
+    absl::Status deleted = engine_->DeleteLayer(name, tenant_);
+    if (!deleted.ok()) return done(deleted);
+    return done(journal->LogDelete(tenant_, name, request_id));
+  }
+  // Logged on the layer's strand, after the operations queued on it.
+  absl::Status deleted = engine_->DeleteLayer(
+      name, tenant_,
+      [journal, tenant = tenant_, request_id, done](const LayerInfo& info) {
+        absl::Status logged = journal->LogDelete(tenant, info.name, request_id);
+        if (!logged.ok()) {
+          return done(absl::InternalError(absl::StrCat(
+              "the layer was deleted but the delete could not be made "
+              "durable: ",
+              logged.message())));
+        }
+        done(absl::OkStatus());
+      });
+  if (!deleted.ok()) done(deleted);
 }
 
 void Operations::Forward(const pb::ForwardRequest& request,

@@ -4,7 +4,9 @@
 //
 // `done` runs exactly once, on an executor thread or, for quick calls and
 // early errors, on the caller's thread. Request and response must stay alive
-// until then. No method blocks on compute.
+// until then. No method blocks on compute, nor on the write-ahead log: with
+// a durable journal, CreateLayer and DeleteLayer log (and fsync) on the
+// layer's strand, in order with the layer's mutations.
 //
 // An Operations is cheap: the front end makes one per call (or per Train
 // stream) carrying the caller's tenant and its call context. Compute that
@@ -38,13 +40,16 @@ class Operations {
         tenant_(std::move(tenant)),
         admission_(std::move(admission)) {}
 
-  absl::Status CreateLayer(const pb::CreateLayerRequest& request,
-                           pb::Layer* response);
+  // With a request_id, a retry of a create that succeeded returns the layer
+  // it made (proto/normserve/v1/normserve.proto, CreateLayerRequest).
+  void CreateLayer(const pb::CreateLayerRequest& request, pb::Layer* response,
+                   Done done);
   absl::Status GetLayer(const pb::GetLayerRequest& request,
                         pb::Layer* response);
   absl::Status ListLayers(const pb::ListLayersRequest& request,
                           pb::ListLayersResponse* response);
-  absl::Status DeleteLayer(const pb::DeleteLayerRequest& request);
+  // With a request_id, a retry of a delete that succeeded returns OK.
+  void DeleteLayer(const pb::DeleteLayerRequest& request, Done done);
 
   void Forward(const pb::ForwardRequest& request, pb::ForwardResponse* response,
                Done done);
@@ -72,6 +77,14 @@ class Operations {
   void RunOnLayer(const std::string& name,
                   std::function<absl::StatusOr<T>(BatchNormLayer&)> op,
                   std::function<void(absl::StatusOr<T>)> done);
+  // The answer to a CreateLayer whose request_id was applied before.
+  absl::Status ReplayCreate(const pb::CreateLayerRequest& request,
+                            const BatchNormConfig& config,
+                            const LifecycleResult& prior, pb::Layer* response);
+  // Logs a new layer (and the create's request id) on its strand, then
+  // runs `done`.
+  void LogCreate(const LayerInfo& info, const std::string& request_id,
+                 Done done);
 
   Engine* const engine_;
   const std::string tenant_;

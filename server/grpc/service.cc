@@ -194,9 +194,10 @@ class TrainReactor final
 ServerUnaryReactor* NormalizationService::CreateLayer(
     CallbackServerContext* context, const pb::CreateLayerRequest* request,
     pb::Layer* response) {
-  absl::StatusOr<Operations> ops = Begin(context);
-  if (!ops.ok()) return FinishNow(context, ops.status());
-  return FinishNow(context, ops->CreateLayer(*request, response));
+  return StartAsync(context, Begin(context),
+                    [&](Operations& ops, Operations::Done done) {
+                      ops.CreateLayer(*request, response, std::move(done));
+                    });
 }
 
 ServerUnaryReactor* NormalizationService::GetLayer(
@@ -218,9 +219,10 @@ ServerUnaryReactor* NormalizationService::ListLayers(
 ServerUnaryReactor* NormalizationService::DeleteLayer(
     CallbackServerContext* context, const pb::DeleteLayerRequest* request,
     pb::DeleteLayerResponse* response) {
-  absl::StatusOr<Operations> ops = Begin(context);
-  if (!ops.ok()) return FinishNow(context, ops.status());
-  return FinishNow(context, ops->DeleteLayer(*request));
+  return StartAsync(context, Begin(context),
+                    [&](Operations& ops, Operations::Done done) {
+                      ops.DeleteLayer(*request, std::move(done));
+                    });
 }
 
 ServerUnaryReactor* NormalizationService::Forward(

@@ -69,7 +69,9 @@ void EnsureLayer(World* w) {
   pb::CreateLayerRequest create;
   create.set_layer_id("bn");
   create.mutable_batch_norm()->set_num_features(3);
-  w->ops->CreateLayer(create, &layer).IgnoreError();
+  Run([&](Operations::Done done) {
+    w->ops->CreateLayer(create, &layer, done);
+  }).IgnoreError();
 }
 
 void FuzzOne(const uint8_t* data, size_t size) {
@@ -85,11 +87,17 @@ void FuzzOne(const uint8_t* data, size_t size) {
       pb::CreateLayerRequest request;
       pb::Layer response;
       if (!Parse(data, size, &request)) return;
-      if (ops.CreateLayer(request, &response).ok()) {
+      if (Run([&](Operations::Done done) {
+            ops.CreateLayer(request, &response, done);
+          }).ok()) {
         // Keep the registry small: drop what the input made.
         pb::DeleteLayerRequest del;
         del.set_name(response.name());
-        if (response.name() != "layers/bn") ops.DeleteLayer(del).IgnoreError();
+        if (response.name() != "layers/bn") {
+          Run([&](Operations::Done done) {
+            ops.DeleteLayer(del, done);
+          }).IgnoreError();
+        }
       }
       return;
     }
@@ -110,7 +118,11 @@ void FuzzOne(const uint8_t* data, size_t size) {
     }
     case 3: {
       pb::DeleteLayerRequest request;
-      if (Parse(data, size, &request)) ops.DeleteLayer(request).IgnoreError();
+      if (Parse(data, size, &request)) {
+        Run([&](Operations::Done done) {
+          ops.DeleteLayer(request, done);
+        }).IgnoreError();
+      }
       return;
     }
     case 4: {

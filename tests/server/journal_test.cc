@@ -5,7 +5,9 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -212,6 +214,127 @@ TEST_F(JournalTest, RequestIdsAreBoundedPerLayer) {
   EXPECT_FALSE((*journal)->LookupRequest("", "layers/a", "r1").has_value());
   EXPECT_TRUE((*journal)->LookupRequest("", "layers/a", "r2").has_value());
   EXPECT_TRUE((*journal)->LookupRequest("", "layers/a", "r4").has_value());
+}
+
+// Returns the recorded result of a create/delete id, claiming (and
+// releasing) it when there is none.
+std::optional<LifecycleResult> Lifecycle(Journal& journal,
+                                         absl::string_view tenant,
+                                         absl::string_view id) {
+  absl::StatusOr<std::optional<LifecycleResult>> found =
+      journal.ClaimLifecycle(tenant, id);
+  EXPECT_TRUE(found.ok()) << found.status();
+  if (!found.ok()) return std::nullopt;
+  if (!found->has_value()) journal.ReleaseLifecycle(tenant, id);
+  return *found;
+}
+
+TEST_F(JournalTest, CreateAndDeleteIdsSurviveRestartsAndSnapshots) {
+  for (bool snapshot : {false, true}) {
+    SCOPED_TRACE(snapshot ? "from the snapshot" : "from the log");
+    fs::remove_all(dir_);
+    {
+      auto journal = Journal::Open(Options(dir_));
+      ASSERT_TRUE(journal.ok());
+      ASSERT_TRUE((*journal)->FinishRecovery({}).ok());
+      ASSERT_TRUE((*journal)->LogCreate("t", Info(1), State(0, 1), "c1").ok());
+      ASSERT_TRUE((*journal)->LogDelete("t", "layers/a", "d1").ok());
+      // Re-created under the same name by another create.
+      ASSERT_TRUE((*journal)->LogCreate("t", Info(2), State(0, 1), "c2").ok());
+      if (snapshot) ASSERT_TRUE((*journal)->Snapshot().ok());
+      // A crash: the directory as it is now, the journal still open.
+      fs::remove_all(dir_ + "_copy");
+      fs::copy(dir_, dir_ + "_copy");
+    }
+    auto journal = Journal::Open(Options(dir_ + "_copy"));
+    ASSERT_TRUE(journal.ok());
+    ASSERT_EQ((*journal)->recovered().size(), 1u);
+    std::vector<RecoveredLayer> layers = (*journal)->recovered();
+    ASSERT_TRUE((*journal)->FinishRecovery({{&layers[0], 5}}).ok());
+
+    std::optional<LifecycleResult> c1 = Lifecycle(**journal, "t", "c1");
+    ASSERT_TRUE(c1.has_value());
+    EXPECT_EQ(c1->kind, OpKind::kCreateLayer);
+    EXPECT_EQ(c1->name, "layers/a");
+    EXPECT_TRUE(c1->gone) << "its layer was deleted; the live one is c2's";
+    std::optional<LifecycleResult> d1 = Lifecycle(**journal, "t", "d1");
+    ASSERT_TRUE(d1.has_value());
+    EXPECT_EQ(d1->kind, OpKind::kDeleteLayer);
+    EXPECT_EQ(d1->name, "layers/a");
+    std::optional<LifecycleResult> c2 = Lifecycle(**journal, "t", "c2");
+    ASSERT_TRUE(c2.has_value());
+    EXPECT_FALSE(c2->gone);
+    // Per tenant, and not a layer's id.
+    EXPECT_FALSE(Lifecycle(**journal, "", "c1").has_value());
+    EXPECT_FALSE((*journal)->LookupRequest("t", "layers/a", "c2").has_value());
+    fs::remove_all(dir_ + "_copy");
+  }
+}
+
+TEST_F(JournalTest, LifecycleClaimsAreExclusive) {
+  JournalOptions options;  // In memory.
+  auto journal = Journal::Open(options);
+  ASSERT_TRUE(journal.ok());
+  auto first = (*journal)->ClaimLifecycle("", "r");
+  ASSERT_TRUE(first.ok());
+  EXPECT_FALSE(first->has_value());
+  auto second = (*journal)->ClaimLifecycle("", "r");
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kAborted);
+  EXPECT_THAT(std::string(second.status().message()),
+              HasSubstr("still being applied"));
+  EXPECT_TRUE((*journal)->ClaimLifecycle("other", "r").ok());
+  ASSERT_TRUE((*journal)->LogCreate("", Info(1), State(0, 1), "r").ok());
+  (*journal)->ReleaseLifecycle("", "r");
+  auto after = (*journal)->ClaimLifecycle("", "r");
+  ASSERT_TRUE(after.ok());
+  ASSERT_TRUE(after->has_value());
+  EXPECT_EQ((*after)->name, "layers/a");
+}
+
+TEST_F(JournalTest, LifecycleIdsAreBoundedPerTenant) {
+  JournalOptions options;  // In memory.
+  options.max_request_ids = 3;
+  auto journal = Journal::Open(options);
+  ASSERT_TRUE(journal.ok());
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_TRUE(
+        (*journal)->LogDelete("", "layers/a", "d" + std::to_string(i)).ok());
+  }
+  EXPECT_FALSE(Lifecycle(**journal, "", "d1").has_value());
+  EXPECT_TRUE(Lifecycle(**journal, "", "d2").has_value());
+  EXPECT_TRUE(Lifecycle(**journal, "", "d4").has_value());
+}
+
+// A delete record as servers before request ids on DeleteLayer wrote it
+// (no id after the name) still replays.
+TEST_F(JournalTest, DeleteRecordWithoutRequestIdReplays) {
+  {
+    auto journal = Journal::Open(Options(dir_));
+    ASSERT_TRUE(journal.ok());
+    ASSERT_TRUE((*journal)->FinishRecovery({}).ok());
+    ASSERT_TRUE((*journal)->LogCreate("", Info(1), State(0, 1)).ok());
+    fs::remove_all(dir_ + "_copy");
+    fs::copy(dir_, dir_ + "_copy");
+  }
+  std::string payload;
+  payload.push_back(2);  // kDelete.
+  const uint64_t lsn = 1000;
+  payload.append(reinterpret_cast<const char*>(&lsn), sizeof(lsn));
+  for (absl::string_view s :
+       {absl::string_view(""), absl::string_view("layers/a")}) {
+    const uint32_t n = static_cast<uint32_t>(s.size());
+    payload.append(reinterpret_cast<const char*>(&n), sizeof(n));
+    payload.append(s.data(), s.size());
+  }
+  {
+    std::ofstream wal(dir_ + "_copy/wal.log", std::ios::binary | std::ios::app);
+    wal << Frame(payload);
+  }
+  auto journal = Journal::Open(Options(dir_ + "_copy"));
+  ASSERT_TRUE(journal.ok());
+  EXPECT_THAT((*journal)->recovered(), IsEmpty());
+  EXPECT_THAT((*journal)->report().front(), ::testing::Not(HasSubstr("WARN")));
+  fs::remove_all(dir_ + "_copy");
 }
 
 }  // namespace
