@@ -109,7 +109,8 @@ void PrintLayer(const v1::Layer& layer) {
 absl::Status RunCreate(Client& client, const CommandLine& line) {
   ASSIGN_OR_RETURN(v1::CreateLayerRequest request,
                    CreateRequestFromFlags(line));
-  ASSIGN_OR_RETURN(v1::Layer layer, client.CreateLayer(request));
+  ASSIGN_OR_RETURN(MutationOptions options, MutationOptionsFromFlags(line));
+  ASSIGN_OR_RETURN(v1::Layer layer, client.CreateLayer(request, options));
   PrintLayer(layer);
   return absl::OkStatus();
 }
@@ -130,7 +131,8 @@ absl::Status RunGet(Client& client, const CommandLine& line) {
 }
 
 absl::Status RunDelete(Client& client, const CommandLine& line) {
-  RETURN_IF_ERROR(client.DeleteLayer(line.positional[0]));
+  ASSIGN_OR_RETURN(MutationOptions options, MutationOptionsFromFlags(line));
+  RETURN_IF_ERROR(client.DeleteLayer(line.positional[0], options));
   std::printf("deleted %s\n", line.positional[0].c_str());
   return absl::OkStatus();
 }
@@ -160,7 +162,9 @@ absl::Status RunForward(Client& client, const CommandLine& line) {
   request.set_training(args.training);
   // Nothing will call Backward: let the server keep no context.
   request.set_save_for_backward(false);
-  ASSIGN_OR_RETURN(v1::ForwardResponse response, client.Forward(request));
+  ASSIGN_OR_RETURN(MutationOptions options, MutationOptionsFromFlags(line));
+  ASSIGN_OR_RETURN(v1::ForwardResponse response,
+                   client.Forward(request, options));
   const v1::Tensor& output = response.output();
   ASSIGN_OR_RETURN(std::vector<float> values, TensorToFloats(output));
 

@@ -47,10 +47,12 @@ const std::vector<CommandSpec>& Commands() {
         {"dtype", false},
         {"spatial_dims", false},
         {"device", false},
-        {"id", false}}},
+        {"id", false},
+        {"request_id", false},
+        {"retries", false}}},
       {"list", 0, {}},
       {"get", 1, {}},
-      {"delete", 1, {}},
+      {"delete", 1, {{"request_id", false}, {"retries", false}}},
       {"forward",
        1,
        {{"shape", false},
@@ -59,7 +61,10 @@ const std::vector<CommandSpec>& Commands() {
         {"output", false},
         {"training", true},
         {"dtype", false},
-        {"layout", false}}},
+        {"layout", false},
+        {"request_id", false},
+        {"expected_version", false},
+        {"retries", false}}},
       {"state", 1, {{"output", false}}},
       {"health", 0, {{"service", false}}},
   };
@@ -118,9 +123,11 @@ Commands:
               --track_running_stats[=true|false]  --layout=nchw|nhwc
               --dtype=float32|float16|bfloat16  --spatial_dims=0..3
               --device=cpu|cuda:N
+              --request_id=KEY  --retries=N  (see below)
   list      List all layers.
   get ID    Print one layer.
   delete ID Delete a layer.
+              --request_id=KEY  --retries=N
   forward ID --shape=N,C[,D,H,W]
             Run Forward; prints shape, mean/std, sum and an FNV-1a 64
             checksum of the output bytes.
@@ -130,6 +137,9 @@ Commands:
               --training      training mode (updates running stats)
               --dtype=float32|float16|bfloat16  wire dtype (default float32)
               --layout=nchw|nhwc  memory order (default: the layer's)
+              --request_id=KEY  --retries=N
+              --expected_version=V  fail with FAILED_PRECONDITION unless
+                              the layer is at version V
   state ID --output=FILE
             Write the layer's state dict as JSON:
               {"format": "normserve.state.v1", "layer": ..., "version": N,
@@ -137,6 +147,16 @@ Commands:
                                   "values": [...]}, ...}}
   health    Call grpc.health.v1.Health/Check; prints the serving status.
               --service=NAME  (default "": the whole server)
+
+Retries (create, delete, forward):
+  --request_id=KEY     idempotency key (up to 128 bytes): the server applies
+                       a key once; sent again (e.g. after a lost reply) it
+                       changes nothing and returns the first result (a
+                       training forward: ALREADY_EXISTS "already applied").
+                       Keys of create/delete are per tenant, others per layer.
+  --retries=N          resend up to N times after UNAVAILABLE,
+                       DEADLINE_EXCEEDED or ABORTED, with the same key (a
+                       fresh one when --request_id is not given)
 
 Global flags:
   --address=HOST:PORT  server address (default 127.0.0.1:50051)
@@ -227,6 +247,10 @@ absl::StatusOr<CommandLine> ParseCommandLine(
   }
   // Check flag values now, so that every usage error is found before any
   // call is made.
+  if (line.command == "create" || line.command == "delete" ||
+      line.command == "forward") {
+    RETURN_IF_ERROR(MutationOptionsFromFlags(line).status());
+  }
   if (line.command == "create") {
     RETURN_IF_ERROR(CreateRequestFromFlags(line).status());
   } else if (line.command == "forward") {
@@ -272,6 +296,35 @@ absl::StatusOr<ClientOptions> ClientOptionsFromFlags(const CommandLine& line) {
   }
   if (const std::string* token_file = GetFlag(line, "token_file")) {
     ASSIGN_OR_RETURN(options.bearer_token, ReadTokenFile(*token_file));
+  }
+  return options;
+}
+
+absl::StatusOr<MutationOptions> MutationOptionsFromFlags(
+    const CommandLine& line) {
+  MutationOptions options;
+  if (const std::string* id = GetFlag(line, "request_id")) {
+    if (id->empty() || id->size() > 128) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--request_id must have 1 to 128 bytes, got ", id->size()));
+    }
+    options.request_id = *id;
+  }
+  if (const std::string* version = GetFlag(line, "expected_version")) {
+    ASSIGN_OR_RETURN(int64_t value, ParseInt("expected_version", *version));
+    if (value < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--expected_version must be a version (>= 0), got ", value));
+    }
+    options.expected_version = value;
+  }
+  if (const std::string* retries = GetFlag(line, "retries")) {
+    ASSIGN_OR_RETURN(int64_t value, ParseInt("retries", *retries));
+    if (value < 0 || value > 100) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--retries must be 0 to 100, got ", value));
+    }
+    options.retries = static_cast<int>(value);
   }
   return options;
 }

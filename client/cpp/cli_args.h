@@ -43,6 +43,12 @@ absl::StatusOr<CommandLine> ParseCommandLine(
 // (reading their PEM files) and --token_file.
 absl::StatusOr<ClientOptions> ClientOptionsFromFlags(const CommandLine& line);
 
+// Builds the request id, expected version and retries of a mutating command
+// (create, delete, forward) from --request_id, --expected_version and
+// --retries.
+absl::StatusOr<MutationOptions> MutationOptionsFromFlags(
+    const CommandLine& line);
+
 // Builds a CreateLayer request from the create command's flags.
 absl::StatusOr<v1::CreateLayerRequest> CreateRequestFromFlags(
     const CommandLine& line);

@@ -1,11 +1,15 @@
 #include "client/cpp/client.h"
 
 #include <fstream>
+#include <random>
 #include <sstream>
+#include <type_traits>
 #include <utility>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
@@ -27,7 +31,47 @@ std::string OneofFieldName(const google::protobuf::Descriptor& message,
   return field != nullptr ? field->name() : "empty";
 }
 
+// Whether a request type has the expected_version field.
+template <typename Request, typename = void>
+struct HasExpectedVersion : std::false_type {};
+template <typename Request>
+struct HasExpectedVersion<
+    Request,
+    std::void_t<decltype(std::declval<Request&>().set_expected_version(0))>>
+    : std::true_type {};
+
+// Sets the request_id and expected_version `options` ask for on `request`.
+template <typename Request>
+absl::Status ApplyMutationOptions(const MutationOptions& options,
+                                  const std::string& request_id,
+                                  Request* request) {
+  if (!request_id.empty()) request->set_request_id(request_id);
+  if (options.expected_version.has_value()) {
+    if constexpr (HasExpectedVersion<Request>::value) {
+      request->set_expected_version(*options.expected_version);
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          Request::descriptor()->name(), " does not take expected_version"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+bool IsRetryable(const absl::Status& status) {
+  return absl::IsUnavailable(status) || absl::IsDeadlineExceeded(status) ||
+         absl::IsAborted(status);
+}
+
 }  // namespace
+
+std::string NewRequestId() {
+  std::random_device random;  // The kernel's generator on Linux.
+  std::string id;
+  for (int i = 0; i < 4; ++i) {
+    absl::StrAppendFormat(&id, "%08x", static_cast<uint32_t>(random()));
+  }
+  return id;
+}
 
 absl::Status FromGrpcStatus(const grpc::Status& status) {
   // gRPC and Abseil share the google.rpc.Code numbering.
@@ -112,6 +156,35 @@ void Client::PrepareContext(grpc::ClientContext& context) const {
   }
 }
 
+template <typename Request, typename Response, typename Rpc>
+absl::StatusOr<Response> Client::Mutate(Rpc rpc, const Request& request,
+                                        const MutationOptions& options) {
+  std::string request_id = options.request_id;
+  if (request_id.empty() && options.retries > 0 &&
+      request.request_id().empty()) {
+    request_id = NewRequestId();  // Retries must not apply it twice.
+  }
+  // Copied only when something changes (a Forward's copy holds its tensor).
+  std::optional<Request> changed;
+  if (!request_id.empty() || options.expected_version.has_value()) {
+    changed = request;
+    RETURN_IF_ERROR(ApplyMutationOptions(options, request_id, &*changed));
+  }
+  const Request& to_send = changed.has_value() ? *changed : request;
+  absl::Duration backoff = options.retry_backoff;
+  for (int attempt = 0;; ++attempt) {
+    grpc::ClientContext context;
+    PrepareContext(context);
+    Response response;
+    absl::Status status =
+        FromGrpcStatus((stub_.get()->*rpc)(&context, to_send, &response));
+    if (status.ok()) return response;
+    if (attempt >= options.retries || !IsRetryable(status)) return status;
+    absl::SleepFor(backoff);
+    backoff *= 2;
+  }
+}
+
 namespace {
 
 absl::StatusOr<std::string> ReadWholeFile(const std::string& path,
@@ -158,13 +231,9 @@ absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
 }
 
 absl::StatusOr<v1::Layer> Client::CreateLayer(
-    const v1::CreateLayerRequest& request) {
-  grpc::ClientContext context;
-  PrepareContext(context);
-  v1::Layer response;
-  RETURN_IF_ERROR(
-      FromGrpcStatus(stub_->CreateLayer(&context, request, &response)));
-  return response;
+    const v1::CreateLayerRequest& request, const MutationOptions& options) {
+  return Mutate<v1::CreateLayerRequest, v1::Layer>(
+      &v1::Normalization::Stub::CreateLayer, request, options);
 }
 
 absl::StatusOr<v1::Layer> Client::GetLayer(absl::string_view name) {
@@ -206,62 +275,44 @@ absl::StatusOr<std::vector<v1::Layer>> Client::ListAllLayers() {
   return layers;
 }
 
-absl::Status Client::DeleteLayer(absl::string_view name) {
-  grpc::ClientContext context;
-  PrepareContext(context);
+absl::Status Client::DeleteLayer(absl::string_view name,
+                                 const MutationOptions& options) {
   v1::DeleteLayerRequest request;
   request.set_name(std::string(name));
-  v1::DeleteLayerResponse response;
-  return FromGrpcStatus(stub_->DeleteLayer(&context, request, &response));
+  return Mutate<v1::DeleteLayerRequest, v1::DeleteLayerResponse>(
+             &v1::Normalization::Stub::DeleteLayer, request, options)
+      .status();
 }
 
 absl::StatusOr<v1::ForwardResponse> Client::Forward(
-    const v1::ForwardRequest& request) {
-  grpc::ClientContext context;
-  PrepareContext(context);
-  v1::ForwardResponse response;
-  RETURN_IF_ERROR(FromGrpcStatus(stub_->Forward(&context, request, &response)));
-  return response;
+    const v1::ForwardRequest& request, const MutationOptions& options) {
+  return Mutate<v1::ForwardRequest, v1::ForwardResponse>(
+      &v1::Normalization::Stub::Forward, request, options);
 }
 
 absl::StatusOr<v1::BackwardResponse> Client::Backward(
-    const v1::BackwardRequest& request) {
-  grpc::ClientContext context;
-  PrepareContext(context);
-  v1::BackwardResponse response;
-  RETURN_IF_ERROR(
-      FromGrpcStatus(stub_->Backward(&context, request, &response)));
-  return response;
+    const v1::BackwardRequest& request, const MutationOptions& options) {
+  return Mutate<v1::BackwardRequest, v1::BackwardResponse>(
+      &v1::Normalization::Stub::Backward, request, options);
 }
 
 absl::StatusOr<v1::UpdateRunningStatsResponse> Client::UpdateRunningStats(
-    const v1::UpdateRunningStatsRequest& request) {
-  grpc::ClientContext context;
-  PrepareContext(context);
-  v1::UpdateRunningStatsResponse response;
-  RETURN_IF_ERROR(
-      FromGrpcStatus(stub_->UpdateRunningStats(&context, request, &response)));
-  return response;
+    const v1::UpdateRunningStatsRequest& request,
+    const MutationOptions& options) {
+  return Mutate<v1::UpdateRunningStatsRequest, v1::UpdateRunningStatsResponse>(
+      &v1::Normalization::Stub::UpdateRunningStats, request, options);
 }
 
 absl::StatusOr<v1::OptimizerStepResponse> Client::OptimizerStep(
-    const v1::OptimizerStepRequest& request) {
-  grpc::ClientContext context;
-  PrepareContext(context);
-  v1::OptimizerStepResponse response;
-  RETURN_IF_ERROR(
-      FromGrpcStatus(stub_->OptimizerStep(&context, request, &response)));
-  return response;
+    const v1::OptimizerStepRequest& request, const MutationOptions& options) {
+  return Mutate<v1::OptimizerStepRequest, v1::OptimizerStepResponse>(
+      &v1::Normalization::Stub::OptimizerStep, request, options);
 }
 
 absl::StatusOr<v1::SetParametersResponse> Client::SetParameters(
-    const v1::SetParametersRequest& request) {
-  grpc::ClientContext context;
-  PrepareContext(context);
-  v1::SetParametersResponse response;
-  RETURN_IF_ERROR(
-      FromGrpcStatus(stub_->SetParameters(&context, request, &response)));
-  return response;
+    const v1::SetParametersRequest& request, const MutationOptions& options) {
+  return Mutate<v1::SetParametersRequest, v1::SetParametersResponse>(
+      &v1::Normalization::Stub::SetParameters, request, options);
 }
 
 absl::StatusOr<v1::GetStateResponse> Client::GetState(absl::string_view name) {
@@ -276,13 +327,9 @@ absl::StatusOr<v1::GetStateResponse> Client::GetState(absl::string_view name) {
 }
 
 absl::StatusOr<v1::LoadStateResponse> Client::LoadState(
-    const v1::LoadStateRequest& request) {
-  grpc::ClientContext context;
-  PrepareContext(context);
-  v1::LoadStateResponse response;
-  RETURN_IF_ERROR(
-      FromGrpcStatus(stub_->LoadState(&context, request, &response)));
-  return response;
+    const v1::LoadStateRequest& request, const MutationOptions& options) {
+  return Mutate<v1::LoadStateRequest, v1::LoadStateResponse>(
+      &v1::Normalization::Stub::LoadState, request, options);
 }
 
 absl::StatusOr<HealthStatus> Client::CheckHealth(absl::string_view service) {
@@ -411,7 +458,8 @@ absl::StatusOr<v1::TrainResponse> TrainingStream::TypedCall(
 }
 
 absl::StatusOr<v1::ForwardResponse> TrainingStream::Forward(
-    v1::ForwardRequest request) {
+    v1::ForwardRequest request, const MutationOptions& options) {
+  RETURN_IF_ERROR(ApplyMutationOptions(options, options.request_id, &request));
   v1::TrainRequest op;
   *op.mutable_forward() = std::move(request);
   ASSIGN_OR_RETURN(v1::TrainResponse response,
@@ -420,7 +468,8 @@ absl::StatusOr<v1::ForwardResponse> TrainingStream::Forward(
 }
 
 absl::StatusOr<v1::BackwardResponse> TrainingStream::Backward(
-    v1::BackwardRequest request) {
+    v1::BackwardRequest request, const MutationOptions& options) {
+  RETURN_IF_ERROR(ApplyMutationOptions(options, options.request_id, &request));
   v1::TrainRequest op;
   *op.mutable_backward() = std::move(request);
   ASSIGN_OR_RETURN(v1::TrainResponse response,
@@ -429,7 +478,9 @@ absl::StatusOr<v1::BackwardResponse> TrainingStream::Backward(
 }
 
 absl::StatusOr<v1::UpdateRunningStatsResponse>
-TrainingStream::UpdateRunningStats(v1::UpdateRunningStatsRequest request) {
+TrainingStream::UpdateRunningStats(v1::UpdateRunningStatsRequest request,
+                                   const MutationOptions& options) {
+  RETURN_IF_ERROR(ApplyMutationOptions(options, options.request_id, &request));
   v1::TrainRequest op;
   *op.mutable_update_running_stats() = std::move(request);
   ASSIGN_OR_RETURN(
@@ -439,7 +490,8 @@ TrainingStream::UpdateRunningStats(v1::UpdateRunningStatsRequest request) {
 }
 
 absl::StatusOr<v1::OptimizerStepResponse> TrainingStream::OptimizerStep(
-    v1::OptimizerStepRequest request) {
+    v1::OptimizerStepRequest request, const MutationOptions& options) {
+  RETURN_IF_ERROR(ApplyMutationOptions(options, options.request_id, &request));
   v1::TrainRequest op;
   *op.mutable_optimizer_step() = std::move(request);
   ASSIGN_OR_RETURN(v1::TrainResponse response,
@@ -448,7 +500,8 @@ absl::StatusOr<v1::OptimizerStepResponse> TrainingStream::OptimizerStep(
 }
 
 absl::StatusOr<v1::SetParametersResponse> TrainingStream::SetParameters(
-    v1::SetParametersRequest request) {
+    v1::SetParametersRequest request, const MutationOptions& options) {
+  RETURN_IF_ERROR(ApplyMutationOptions(options, options.request_id, &request));
   v1::TrainRequest op;
   *op.mutable_set_parameters() = std::move(request);
   ASSIGN_OR_RETURN(v1::TrainResponse response,
@@ -466,7 +519,8 @@ absl::StatusOr<v1::GetStateResponse> TrainingStream::GetState(
 }
 
 absl::StatusOr<v1::LoadStateResponse> TrainingStream::LoadState(
-    v1::LoadStateRequest request) {
+    v1::LoadStateRequest request, const MutationOptions& options) {
+  RETURN_IF_ERROR(ApplyMutationOptions(options, options.request_id, &request));
   v1::TrainRequest op;
   *op.mutable_load_state() = std::move(request);
   ASSIGN_OR_RETURN(v1::TrainResponse response,

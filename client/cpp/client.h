@@ -17,11 +17,25 @@
 //   ASSIGN_OR_RETURN(v1::Layer layer, client->CreateLayer(request));
 //   ASSIGN_OR_RETURN(auto stream, client->StartTraining());
 //   ASSIGN_OR_RETURN(v1::ForwardResponse out, stream->Forward(forward));
+//
+// Mutating calls take an optional MutationOptions: an idempotency key
+// (request_id), an expected layer version, and retries that resend the call
+// with the same key after UNAVAILABLE, DEADLINE_EXCEEDED or ABORTED:
+//
+//   MutationOptions once;
+//   once.retries = 3;  // Gets a fresh request_id: applied at most once.
+//   ASSIGN_OR_RETURN(auto step, client->OptimizerStep(request, once));
+//
+//   MutationOptions guarded;
+//   guarded.expected_version = layer.version();  // FAILED_PRECONDITION if
+//   ASSIGN_OR_RETURN(auto v, client->SetParameters(request, guarded));  // it
+//   moved
 #pragma once
 
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -58,6 +72,38 @@ struct ClientOptions {
   // stream (servers started with --auth_tokens); "" sends none.
   std::string bearer_token;
 };
+
+// Idempotency and optimistic concurrency for one mutating call: the request
+// fields request_id and expected_version
+// (proto/normserve/v1/normserve.proto), and retries. The default sends the
+// request as it is, once.
+struct MutationOptions {
+  // Sent as the request's request_id when not empty (replacing one the
+  // request carries). The server applies a request id at most once per
+  // layer (per tenant for CreateLayer / DeleteLayer); a repeat returns the
+  // first result and changes nothing, except that a training Forward or an
+  // accumulating Backward answers ALREADY_EXISTS "... was already applied"
+  // (their output tensors are not kept). Up to 128 bytes.
+  std::string request_id;
+  // Sent as expected_version: the call fails with FAILED_PRECONDITION
+  // ("layers/x is at version 7; the request expected version 6") unless the
+  // layer is at exactly this version. CreateLayer and DeleteLayer do not
+  // take it (INVALID_ARGUMENT).
+  std::optional<int64_t> expected_version;
+  // Unary calls: how many more times to send the call after UNAVAILABLE,
+  // DEADLINE_EXCEEDED (the reply may have been lost) or ABORTED (the first
+  // attempt of a create or delete is still being applied), each with the
+  // same request_id. A request with no request_id (here or in the request)
+  // gets a fresh one (NewRequestId()) first, so a retry can never apply it
+  // twice. Ignored on a TrainingStream (a broken stream ends every
+  // operation on it).
+  int retries = 0;
+  // Wait before the first retry; doubled before each next one.
+  absl::Duration retry_backoff = absl::Milliseconds(100);
+};
+
+// Returns a fresh request id: 32 hex digits from 128 random bits.
+std::string NewRequestId();
 
 // Builds TLS channel credentials from PEM files: `ca_file` the CA bundle
 // that signed the server's certificate ("" = the system's roots);
@@ -96,28 +142,41 @@ class Client {
   Client(const Client&) = delete;
   Client& operator=(const Client&) = delete;
 
-  absl::StatusOr<v1::Layer> CreateLayer(const v1::CreateLayerRequest& request);
+  // Mutating calls: `options` adds a request id, an expected version and
+  // retries (MutationOptions). Setting request_id / expected_version on the
+  // request itself works too and, for Forward and Backward, saves the copy
+  // of the request (and its tensor) that options with either field make.
+  absl::StatusOr<v1::Layer> CreateLayer(
+      const v1::CreateLayerRequest& request,
+      const MutationOptions& options = MutationOptions());
   // `name` is "layers/{id}" or "{id}".
   absl::StatusOr<v1::Layer> GetLayer(absl::string_view name);
   absl::StatusOr<v1::ListLayersResponse> ListLayers(
       const v1::ListLayersRequest& request);
   // Follows next_page_token until the last page; returns every layer.
   absl::StatusOr<std::vector<v1::Layer>> ListAllLayers();
-  absl::Status DeleteLayer(absl::string_view name);
+  absl::Status DeleteLayer(absl::string_view name,
+                           const MutationOptions& options = MutationOptions());
 
   absl::StatusOr<v1::ForwardResponse> Forward(
-      const v1::ForwardRequest& request);
+      const v1::ForwardRequest& request,
+      const MutationOptions& options = MutationOptions());
   absl::StatusOr<v1::BackwardResponse> Backward(
-      const v1::BackwardRequest& request);
+      const v1::BackwardRequest& request,
+      const MutationOptions& options = MutationOptions());
   absl::StatusOr<v1::UpdateRunningStatsResponse> UpdateRunningStats(
-      const v1::UpdateRunningStatsRequest& request);
+      const v1::UpdateRunningStatsRequest& request,
+      const MutationOptions& options = MutationOptions());
   absl::StatusOr<v1::OptimizerStepResponse> OptimizerStep(
-      const v1::OptimizerStepRequest& request);
+      const v1::OptimizerStepRequest& request,
+      const MutationOptions& options = MutationOptions());
   absl::StatusOr<v1::SetParametersResponse> SetParameters(
-      const v1::SetParametersRequest& request);
+      const v1::SetParametersRequest& request,
+      const MutationOptions& options = MutationOptions());
   absl::StatusOr<v1::GetStateResponse> GetState(absl::string_view name);
   absl::StatusOr<v1::LoadStateResponse> LoadState(
-      const v1::LoadStateRequest& request);
+      const v1::LoadStateRequest& request,
+      const MutationOptions& options = MutationOptions());
 
   // Calls grpc.health.v1.Health/Check for `service` ("" is the whole
   // server). A server without health checking answers UNIMPLEMENTED.
@@ -134,6 +193,12 @@ class Client {
 
   // Prepares `context` for one unary call (sets the deadline).
   void PrepareContext(grpc::ClientContext& context) const;
+
+  // Sends `request` through `rpc` (a stub method) as `options` say: with
+  // its request_id and expected_version, retried on the retryable codes.
+  template <typename Request, typename Response, typename Rpc>
+  absl::StatusOr<Response> Mutate(Rpc rpc, const Request& request,
+                                  const MutationOptions& options);
 
   const ClientOptions options_;
   const std::shared_ptr<grpc::Channel> channel_;
@@ -168,17 +233,27 @@ class TrainingStream {
   absl::StatusOr<v1::TrainResponse> Call(v1::TrainRequest request);
 
   // Typed forms of Call(): each checks that the response carries the
-  // matching result (INTERNAL otherwise).
-  absl::StatusOr<v1::ForwardResponse> Forward(v1::ForwardRequest request);
-  absl::StatusOr<v1::BackwardResponse> Backward(v1::BackwardRequest request);
+  // matching result (INTERNAL otherwise). `options` sets the operation's
+  // request_id and expected_version (its retries do not apply here).
+  absl::StatusOr<v1::ForwardResponse> Forward(
+      v1::ForwardRequest request,
+      const MutationOptions& options = MutationOptions());
+  absl::StatusOr<v1::BackwardResponse> Backward(
+      v1::BackwardRequest request,
+      const MutationOptions& options = MutationOptions());
   absl::StatusOr<v1::UpdateRunningStatsResponse> UpdateRunningStats(
-      v1::UpdateRunningStatsRequest request);
+      v1::UpdateRunningStatsRequest request,
+      const MutationOptions& options = MutationOptions());
   absl::StatusOr<v1::OptimizerStepResponse> OptimizerStep(
-      v1::OptimizerStepRequest request);
+      v1::OptimizerStepRequest request,
+      const MutationOptions& options = MutationOptions());
   absl::StatusOr<v1::SetParametersResponse> SetParameters(
-      v1::SetParametersRequest request);
+      v1::SetParametersRequest request,
+      const MutationOptions& options = MutationOptions());
   absl::StatusOr<v1::GetStateResponse> GetState(v1::GetStateRequest request);
-  absl::StatusOr<v1::LoadStateResponse> LoadState(v1::LoadStateRequest request);
+  absl::StatusOr<v1::LoadStateResponse> LoadState(
+      v1::LoadStateRequest request,
+      const MutationOptions& options = MutationOptions());
   absl::StatusOr<v1::Layer> GetLayer(v1::GetLayerRequest request);
 
   // Half-closes the stream, discards unread responses and returns the

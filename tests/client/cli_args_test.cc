@@ -155,6 +155,52 @@ TEST(CliArgsTest, ForwardDefaultsToEvalFloat32) {
   EXPECT_EQ(args->dtype, v1::DTYPE_FLOAT32);
 }
 
+TEST(CliArgsTest, RequestIdExpectedVersionAndRetries) {
+  absl::StatusOr<CommandLine> line =
+      Parse({"forward", "bn1", "--shape=2,3", "--training",
+             "--request_id=step-17", "--expected_version=9", "--retries=3"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  absl::StatusOr<MutationOptions> options = MutationOptionsFromFlags(*line);
+  ASSERT_TRUE(options.ok()) << options.status();
+  EXPECT_EQ(options->request_id, "step-17");
+  EXPECT_EQ(options->expected_version, 9);
+  EXPECT_EQ(options->retries, 3);
+
+  line = Parse({"create", "--num_features=4", "--request_id=c1"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  options = MutationOptionsFromFlags(*line);
+  ASSERT_TRUE(options.ok());
+  EXPECT_EQ(options->request_id, "c1");
+  EXPECT_FALSE(options->expected_version.has_value());
+  EXPECT_EQ(options->retries, 0);
+  ASSERT_TRUE(Parse({"delete", "bn1", "--request_id=d1", "--retries=2"}).ok());
+
+  // Defaults: nothing set.
+  line = Parse({"forward", "bn1", "--shape=2,3"});
+  ASSERT_TRUE(line.ok());
+  options = MutationOptionsFromFlags(*line);
+  ASSERT_TRUE(options.ok());
+  EXPECT_EQ(options->request_id, "");
+  EXPECT_FALSE(options->expected_version.has_value());
+
+  ExpectUsageError({"forward", "bn1", "--shape=2,3", "--expected_version=x"},
+                   "--expected_version expects an integer");
+  ExpectUsageError({"forward", "bn1", "--shape=2,3", "--expected_version=-1"},
+                   "--expected_version must be");
+  ExpectUsageError({"delete", "bn1", "--request_id="}, "1 to 128 bytes");
+  ExpectUsageError({"delete", "bn1", "--request_id=" + std::string(129, 'k')},
+                   "1 to 128 bytes");
+  ExpectUsageError({"create", "--num_features=2", "--retries=-1"},
+                   "--retries must be 0 to 100");
+  // Only the mutating commands take them; create/delete have no version.
+  ExpectUsageError({"get", "bn1", "--request_id=x"},
+                   "does not take flag --request_id");
+  ExpectUsageError({"delete", "bn1", "--expected_version=3"},
+                   "does not take flag --expected_version");
+  EXPECT_THAT(UsageText(), HasSubstr("--request_id=KEY"));
+  EXPECT_THAT(UsageText(), HasSubstr("--expected_version=V"));
+}
+
 TEST(CliArgsTest, UsageErrors) {
   ExpectUsageError({}, "no command given");
   ExpectUsageError({"frobnicate"}, "unknown command 'frobnicate'");

@@ -51,6 +51,31 @@ class FakeNormalization final : public v1::Normalization::Service {
     return grpc::Status::OK;
   }
 
+  // Fails with `step_failure_` for the first `step_failures_` calls, then
+  // succeeds; records every request.
+  grpc::Status OptimizerStep(grpc::ServerContext* context,
+                             const v1::OptimizerStepRequest* request,
+                             v1::OptimizerStepResponse* response) override {
+    absl::MutexLock lock(&mu_);
+    steps_.push_back(*request);
+    if (static_cast<int>(steps_.size()) <= step_failures_) {
+      return grpc::Status(step_failure_, "the fake fails this attempt");
+    }
+    response->set_version(42);
+    return grpc::Status::OK;
+  }
+
+  void FailSteps(int count, grpc::StatusCode code) {
+    absl::MutexLock lock(&mu_);
+    step_failures_ = count;
+    step_failure_ = code;
+  }
+
+  std::vector<v1::OptimizerStepRequest> steps() {
+    absl::MutexLock lock(&mu_);
+    return steps_;
+  }
+
   // Three layers, two per page.
   grpc::Status ListLayers(grpc::ServerContext* context,
                           const v1::ListLayersRequest* request,
@@ -164,6 +189,9 @@ class FakeNormalization final : public v1::Normalization::Service {
   int64_t version_ = 0;
   absl::Mutex mu_;
   std::chrono::system_clock::time_point last_deadline_ ABSL_GUARDED_BY(mu_);
+  std::vector<v1::OptimizerStepRequest> steps_ ABSL_GUARDED_BY(mu_);
+  int step_failures_ ABSL_GUARDED_BY(mu_) = 0;
+  grpc::StatusCode step_failure_ ABSL_GUARDED_BY(mu_) = grpc::StatusCode::OK;
 };
 
 class ClientTest : public ::testing::Test {
@@ -230,6 +258,97 @@ TEST_F(ClientTest, CreateLayer) {
 TEST_F(ClientTest, UnimplementedMethodIsUnimplemented) {
   EXPECT_EQ(client_->DeleteLayer("bn1").code(),
             absl::StatusCode::kUnimplemented);
+}
+
+TEST_F(ClientTest, NewRequestIdsAreFreshHex) {
+  const std::string a = NewRequestId(), b = NewRequestId();
+  EXPECT_EQ(a.size(), 32u);
+  EXPECT_EQ(a.find_first_not_of("0123456789abcdef"), std::string::npos);
+  EXPECT_NE(a, b);
+}
+
+TEST_F(ClientTest, MutationOptionsSetTheRequestFields) {
+  v1::OptimizerStepRequest step;
+  step.set_name("bn1");
+  ASSERT_TRUE(client_->OptimizerStep(step).ok());
+  MutationOptions options;
+  options.request_id = "step-7";
+  options.expected_version = 6;
+  ASSERT_TRUE(client_->OptimizerStep(step, options).ok());
+  step.set_request_id("in-the-request");
+  ASSERT_TRUE(client_->OptimizerStep(step).ok());
+  const std::vector<v1::OptimizerStepRequest> sent = service_.steps();
+  ASSERT_EQ(sent.size(), 3u);
+  EXPECT_EQ(sent[0].request_id(), "");
+  EXPECT_FALSE(sent[0].has_expected_version()) << "none unless asked";
+  EXPECT_EQ(sent[1].request_id(), "step-7");
+  ASSERT_TRUE(sent[1].has_expected_version());
+  EXPECT_EQ(sent[1].expected_version(), 6);
+  EXPECT_EQ(sent[2].request_id(), "in-the-request");
+
+  // CreateLayer and DeleteLayer have no expected_version.
+  MutationOptions versioned;
+  versioned.expected_version = 1;
+  v1::CreateLayerRequest create;
+  create.set_layer_id("bn9");
+  EXPECT_EQ(client_->CreateLayer(create, versioned).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(ClientTest, RetriesResendWithOneRequestId) {
+  service_.FailSteps(2, grpc::StatusCode::UNAVAILABLE);
+  v1::OptimizerStepRequest step;
+  step.set_name("bn1");
+  MutationOptions options;
+  options.retries = 3;
+  options.retry_backoff = absl::Milliseconds(1);
+  absl::StatusOr<v1::OptimizerStepResponse> result =
+      client_->OptimizerStep(step, options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->version(), 42);
+  const std::vector<v1::OptimizerStepRequest> sent = service_.steps();
+  ASSERT_EQ(sent.size(), 3u);
+  EXPECT_EQ(sent[0].request_id().size(), 32u) << "a fresh id for retrying";
+  EXPECT_EQ(sent[1].request_id(), sent[0].request_id());
+  EXPECT_EQ(sent[2].request_id(), sent[0].request_id());
+}
+
+TEST_F(ClientTest, RetriesStopAtTheLimitAndOnOtherErrors) {
+  service_.FailSteps(5, grpc::StatusCode::UNAVAILABLE);
+  v1::OptimizerStepRequest step;
+  step.set_name("bn1");
+  MutationOptions options;
+  options.request_id = "mine";
+  options.retries = 1;
+  options.retry_backoff = absl::Milliseconds(1);
+  EXPECT_EQ(client_->OptimizerStep(step, options).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(service_.steps().size(), 2u);
+  EXPECT_EQ(service_.steps()[1].request_id(), "mine");
+
+  // Not a retryable code: one attempt.
+  service_.FailSteps(100, grpc::StatusCode::FAILED_PRECONDITION);
+  options.retries = 5;
+  EXPECT_EQ(client_->OptimizerStep(step, options).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(service_.steps().size(), 3u);
+}
+
+TEST_F(ClientTest, StreamOperationsTakeMutationOptions) {
+  absl::StatusOr<std::unique_ptr<TrainingStream>> stream =
+      client_->StartTraining();
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  v1::ForwardRequest forward;
+  forward.set_name("layers/bn1");
+  *forward.mutable_input() = *MakeTensor({1, 2, 3, 4}, {2, 2});
+  MutationOptions options;
+  options.request_id = "fwd-1";
+  options.expected_version = 0;
+  ASSERT_TRUE((*stream)->Forward(forward, options).ok());
+  EXPECT_EQ(service_.last_forward_.request_id(), "fwd-1");
+  ASSERT_TRUE(service_.last_forward_.has_expected_version());
+  EXPECT_EQ(service_.last_forward_.expected_version(), 0);
+  EXPECT_TRUE((*stream)->Finish().ok());
 }
 
 TEST_F(ClientTest, ListAllLayersFollowsPages) {

@@ -199,6 +199,30 @@ run 0 cli list
 expect_out "0 layer(s)"
 pass "delete, NOT_FOUND after delete"
 
+# Request ids: a repeated create returns the layer, a repeated training
+# forward is applied once, a stale --expected_version fails, a repeated
+# delete is OK.
+run 0 cli create --id=e2e-rid --num_features=2 --request_id=cli-create-1
+expect_out 'name: "layers/e2e-rid"'
+run 0 cli create --id=e2e-rid --num_features=2 --request_id=cli-create-1
+expect_out 'name: "layers/e2e-rid"'
+run 0 cli forward e2e-rid --shape=4,2 --seed=1 --training \
+  --request_id=cli-fwd-1 --expected_version=1
+expect_out "version: 2"
+run 1 cli forward e2e-rid --shape=4,2 --seed=1 --training --request_id=cli-fwd-1
+expect_err "error: ALREADY_EXISTS"
+expect_err "was already applied"
+run 1 cli forward e2e-rid --shape=4,2 --seed=2 --training --expected_version=1
+expect_err "error: FAILED_PRECONDITION"
+expect_err "is at version 2; the request expected version 1"
+run 0 cli get e2e-rid
+expect_out "version: 2"
+run 0 cli delete e2e-rid --request_id=cli-delete-1 --retries=2
+run 0 cli delete e2e-rid --request_id=cli-delete-1
+run 1 cli delete e2e-rid
+expect_err "error: NOT_FOUND"
+pass "request ids and expected versions"
+
 # --- demo -----------------------------------------------------------------
 run 0 "$DEMO" --address="$ADDRESS"
 for line in "server $ADDRESS: SERVING" "created layers/demo-" "step 1/5" \
