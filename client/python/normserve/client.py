@@ -9,12 +9,34 @@
 Every method takes ``timeout=`` (seconds; default: the client's) and raises a
 :class:`normserve.NormserveError` subclass carrying the gRPC status code and
 the server's message. Thread-safe: calls may be made from several threads.
+
+Mutating calls (create_layer, delete_layer, forward, backward,
+update_running_stats, optimizer_step, set_parameters, load_state, and the
+same on a TrainStream) take ``request_id=`` and, except create/delete,
+``expected_version=``::
+
+    rid = normserve.new_request_id()
+    client.optimizer_step("bn1", lr=0.1, request_id=rid)
+    client.optimizer_step("bn1", lr=0.1, request_id=rid)  # applied once
+    client.set_parameters("bn1", w, expected_version=7)   # else
+                                            # FailedPreconditionError
+
+A request id is applied at most once (per layer; per tenant for create and
+delete): a repeat returns the first result and changes nothing, except a
+training forward or an accumulating backward, which raise AlreadyExistsError
+"... was already applied" (their outputs are not kept). The unary methods
+also take ``retries=N``: after UnavailableError, DeadlineExceededError or
+AbortedError the call is sent again, up to N times, with the same request id
+(a fresh one when none was given), so a lost reply never applies a step
+twice.
 """
 
 import concurrent.futures
 import dataclasses
 import queue
 import threading
+import time
+import uuid
 from typing import List, Optional
 
 import grpc
@@ -27,11 +49,36 @@ from normserve.tensor import WireTensor
 from normserve.v1 import normserve_pb2 as pb
 
 __all__ = ["Client", "TrainStream", "LayerInfo", "LayerPage", "LayerState",
-           "ForwardResult", "BackwardResult", "RunningStatsResult"]
+           "ForwardResult", "BackwardResult", "RunningStatsResult",
+           "new_request_id"]
 
 _SERVICE = "/normserve.v1.Normalization/"
 DEFAULT_TIMEOUT = 30.0
 _MISSING = object()
+# Longest request id the server takes.
+MAX_REQUEST_ID_BYTES = 128
+# Codes after which a call with a request id is sent again (retries=N).
+_RETRYABLE = (errors.UnavailableError, errors.DeadlineExceededError,
+              errors.AbortedError)
+_RETRY_BACKOFF = 0.1  # Seconds before the first retry; doubled each time.
+
+
+def new_request_id():
+    """Returns a fresh request id (32 hex digits, 128 random bits)."""
+    return uuid.uuid4().hex
+
+
+def _with_ids(request, request_id=None, expected_version=None):
+    """Sets a request's request_id / expected_version; returns it."""
+    if request_id is not None:
+        request_id = str(request_id)
+        if len(request_id.encode()) > MAX_REQUEST_ID_BYTES:
+            raise ValueError(f"request_id has {len(request_id.encode())} "
+                             f"bytes; at most {MAX_REQUEST_ID_BYTES}")
+        request.request_id = request_id
+    if expected_version is not None:
+        request.expected_version = int(expected_version)
+    return request
 
 # Where the tensor bytes sit in each response (see _wire.split_data).
 _FORWARD_DATA = (1, 4)  # ForwardResponse.output.data
@@ -176,9 +223,11 @@ def _as_wire(value, dtype=None, layout=None):
     return _tensor.from_numpy(value, dtype=dtype, layout=layout)
 
 
-def _forward_parts(name, wire, training, return_stats, save_for_backward):
-    request = pb.ForwardRequest(name=name, training=bool(training),
-                                return_stats=bool(return_stats))
+def _forward_parts(name, wire, training, return_stats, save_for_backward,
+                   request_id=None, expected_version=None):
+    request = _with_ids(pb.ForwardRequest(name=name, training=bool(training),
+                                          return_stats=bool(return_stats)),
+                        request_id, expected_version)
     if save_for_backward is not None:
         request.save_for_backward = bool(save_for_backward)
     return _wire.message_with_tensor(request.SerializeToString(), 2,
@@ -187,11 +236,13 @@ def _forward_parts(name, wire, training, return_stats, save_for_backward):
 
 
 def _backward_parts(name, handle, wire, accumulate_grad, retain_context,
-                    skip_grad_input):
-    request = pb.BackwardRequest(name=name, handle=int(handle),
-                                 accumulate_grad=bool(accumulate_grad),
-                                 retain_context=bool(retain_context),
-                                 skip_grad_input=bool(skip_grad_input))
+                    skip_grad_input, request_id=None, expected_version=None):
+    request = _with_ids(
+        pb.BackwardRequest(name=name, handle=int(handle),
+                           accumulate_grad=bool(accumulate_grad),
+                           retain_context=bool(retain_context),
+                           skip_grad_input=bool(skip_grad_input)),
+        request_id, expected_version)
     return _wire.message_with_tensor(request.SerializeToString(), 3,
                                      wire.meta().SerializeToString(),
                                      wire.data)
@@ -375,6 +426,26 @@ class Client:
                     self.address) from None
             raise
 
+    def _mutate(self, callable_, request, method, timeout, retries):
+        """_call, sent again up to ``retries`` times after a retryable
+        error; ``request`` already carries its request id."""
+        backoff = _RETRY_BACKOFF
+        for attempt in range(int(retries) + 1):
+            try:
+                return self._call(callable_, request, method, timeout)
+            except _RETRYABLE:
+                if attempt >= retries:
+                    raise
+            time.sleep(backoff)
+            backoff *= 2
+
+    @staticmethod
+    def _retry_id(request_id, retries):
+        """The request id to send: a fresh one when retrying without one."""
+        if request_id is None and retries:
+            return new_request_id()
+        return request_id
+
     def wait_ready(self, timeout=_MISSING):
         """Waits until the channel connects; UnavailableError otherwise."""
         if timeout is _MISSING:
@@ -393,6 +464,7 @@ class Client:
     def create_layer(self, num_features, *, layer_id=None, eps=1e-5,
                      momentum=0.1, affine=True, track_running_stats=True,
                      layout=None, dtype=None, spatial_dims=0, device=None,
+                     request_id=None, retries=0,
                      timeout=_MISSING) -> LayerInfo:
         """Creates a BatchNorm layer (torch.nn.BatchNorm's arguments).
 
@@ -400,12 +472,18 @@ class Client:
         AlreadyExistsError. momentum=None: cumulative average. layout/dtype:
         defaults for requests that leave theirs unset. spatial_dims: 1, 2, 3
         for BatchNorm1d/2d/3d input ranks, 0 for any.
+        request_id: a create that already succeeded with this id returns the
+        layer it made (also with a server-chosen id) and creates nothing;
+        AlreadyExistsError if it made another layer or config, or that layer
+        was deleted since. retries: see the module docstring.
         """
-        request = _create_request(num_features, layer_id, eps, momentum,
-                                  affine, track_running_stats, layout, dtype,
-                                  spatial_dims, device)
+        request = _with_ids(
+            _create_request(num_features, layer_id, eps, momentum, affine,
+                            track_running_stats, layout, dtype, spatial_dims,
+                            device), self._retry_id(request_id, retries))
         return LayerInfo.from_proto(
-            self._call(self._create, request, "CreateLayer", timeout))
+            self._mutate(self._create, request, "CreateLayer", timeout,
+                         retries))
 
     def get_layer(self, name, *, timeout=_MISSING) -> LayerInfo:
         return LayerInfo.from_proto(
@@ -431,14 +509,21 @@ class Client:
             if not token:
                 return layers
 
-    def delete_layer(self, name, *, timeout=_MISSING) -> None:
-        self._call(self._delete, pb.DeleteLayerRequest(name=name),
-                   f"DeleteLayer({name})", timeout)
+    def delete_layer(self, name, *, request_id=None, retries=0,
+                     timeout=_MISSING) -> None:
+        """Deletes a layer. request_id: a repeat of a delete that succeeded
+        returns (instead of NotFoundError) and deletes nothing, not even a
+        layer made under the same name since."""
+        request = _with_ids(pb.DeleteLayerRequest(name=name),
+                            self._retry_id(request_id, retries))
+        self._mutate(self._delete, request, f"DeleteLayer({name})", timeout,
+                     retries)
 
     # -- compute -----------------------------------------------------------
 
     def forward(self, name, input, *, training=False, return_stats=False,
                 save_for_backward=None, dtype=None, layout=None,
+                request_id=None, expected_version=None, retries=0,
                 timeout=_MISSING, raw=False) -> ForwardResult:
         """Runs Forward on ``input`` (N, C, *spatial).
 
@@ -447,18 +532,22 @@ class Client:
         training: batch statistics and a running-stat update; else eval.
         save_for_backward: None keeps the server's default (save, return a
         handle); False saves nothing. raw=True returns the output as a
-        WireTensor over the reply's bytes.
+        WireTensor over the reply's bytes. request_id, expected_version,
+        retries: see the module docstring.
         """
         wire = _as_wire(input, dtype, layout)
         request = _forward_parts(name, wire, training, return_stats,
-                                 save_for_backward).join()
-        response, data = self._call(self._forward, request,
-                                    f"Forward({name})", timeout)
+                                 save_for_backward,
+                                 self._retry_id(request_id, retries),
+                                 expected_version).join()
+        response, data = self._mutate(self._forward, request,
+                                      f"Forward({name})", timeout, retries)
         return _forward_result(response, data, raw)
 
     def backward(self, name, handle, grad_output, *, accumulate_grad=False,
                  retain_context=False, skip_grad_input=False, dtype=None,
-                 layout=None, timeout=_MISSING, raw=False) -> BackwardResult:
+                 layout=None, request_id=None, expected_version=None,
+                 retries=0, timeout=_MISSING, raw=False) -> BackwardResult:
         """Runs Backward for a Forward's handle.
 
         grad_output must have the forward input's shape, dtype and layout
@@ -468,42 +557,53 @@ class Client:
         """
         wire = _as_wire(grad_output, dtype, layout)
         request = _backward_parts(name, handle, wire, accumulate_grad,
-                                  retain_context, skip_grad_input).join()
-        response, data = self._call(self._backward, request,
-                                    f"Backward({name})", timeout)
+                                  retain_context, skip_grad_input,
+                                  self._retry_id(request_id, retries),
+                                  expected_version).join()
+        response, data = self._mutate(self._backward, request,
+                                      f"Backward({name})", timeout, retries)
         return _backward_result(response, data, raw)
 
     def update_running_stats(self, name, mean, var, count, *,
+                             request_id=None, expected_version=None,
+                             retries=0,
                              timeout=_MISSING) -> RunningStatsResult:
         """Folds a batch's per-channel mean and biased var (over ``count``
         values per channel) into the running stats, as a forward would."""
-        request = pb.UpdateRunningStatsRequest(
+        request = _with_ids(pb.UpdateRunningStatsRequest(
             name=name, mean=_per_channel(mean),
-            var=_per_channel(var), count=int(count))
-        response = self._call(self._update_stats, request,
-                              f"UpdateRunningStats({name})", timeout)
+            var=_per_channel(var), count=int(count)),
+            self._retry_id(request_id, retries), expected_version)
+        response = self._mutate(self._update_stats, request,
+                                f"UpdateRunningStats({name})", timeout,
+                                retries)
         return RunningStatsResult(response.version,
                                   response.num_batches_tracked)
 
     def optimizer_step(self, name, *, lr, momentum=0.0, dampening=0.0,
                        weight_decay=0.0, nesterov=False, keep_grad=False,
+                       request_id=None, expected_version=None, retries=0,
                        timeout=_MISSING) -> int:
         """torch.optim.SGD's step on the layer's accumulated gradients;
         zeroes them unless keep_grad. Returns the layer's version."""
-        request = pb.OptimizerStepRequest(
+        request = _with_ids(pb.OptimizerStepRequest(
             name=name, sgd=_sgd(lr, momentum, dampening, weight_decay,
-                                nesterov), keep_grad=bool(keep_grad))
-        return self._call(self._step, request, f"OptimizerStep({name})",
-                          timeout).version
+                                nesterov), keep_grad=bool(keep_grad)),
+            self._retry_id(request_id, retries), expected_version)
+        return self._mutate(self._step, request, f"OptimizerStep({name})",
+                            timeout, retries).version
 
     def set_parameters(self, name, weight=None, bias=None, *,
+                       request_id=None, expected_version=None, retries=0,
                        timeout=_MISSING) -> int:
         """Sets weight and/or bias ([C] each). Returns the version."""
-        request = pb.SetParametersRequest(
+        request = _with_ids(pb.SetParametersRequest(
             name=name, weight=_per_channel(weight),
-            bias=_per_channel(bias))
-        return self._call(self._set_params, request,
-                          f"SetParameters({name})", timeout).version
+            bias=_per_channel(bias)),
+            self._retry_id(request_id, retries), expected_version)
+        return self._mutate(self._set_params, request,
+                            f"SetParameters({name})", timeout,
+                            retries).version
 
     def get_state(self, name, *, timeout=_MISSING) -> LayerState:
         """Returns the layer's state dict (PyTorch's names) as numpy arrays."""
@@ -512,14 +612,17 @@ class Client:
         return LayerState(_state_from_proto(response.state), response.version)
 
     def load_state(self, name, state, *, allow_missing=False,
+                   request_id=None, expected_version=None, retries=0,
                    timeout=_MISSING) -> int:
         """Loads a state dict (arrays, torch tensors or lists by PyTorch's
         names; all-or-nothing). allow_missing: load_state_dict(strict=False)
         for missing keys; unknown keys are always an error."""
-        request = pb.LoadStateRequest(name=name, state=_state_to_proto(state),
-                                      allow_missing=bool(allow_missing))
-        return self._call(self._load_state, request, f"LoadState({name})",
-                          timeout).version
+        request = _with_ids(
+            pb.LoadStateRequest(name=name, state=_state_to_proto(state),
+                                allow_missing=bool(allow_missing)),
+            self._retry_id(request_id, retries), expected_version)
+        return self._mutate(self._load_state, request, f"LoadState({name})",
+                            timeout, retries).version
 
     def train(self, *, timeout=None) -> "TrainStream":
         """Opens a Train stream (one training run; operations answered in
@@ -536,7 +639,9 @@ class TrainStream:
     Each ``op(...)`` blocks for its answer; ``op_async(...)`` returns a
     concurrent.futures.Future at once, so several operations can be in
     flight. A failed operation raises (or sets) its NormserveError and the
-    stream goes on. Use as a context manager or call close().
+    stream goes on. Use as a context manager or call close(). Mutating
+    operations take request_id= and expected_version= as the unary calls do
+    (no retries: a broken stream ends every operation on it).
     """
 
     def __init__(self, client, timeout):
@@ -634,11 +739,11 @@ class TrainStream:
 
     def forward_async(self, name, input, *, training=False, return_stats=False,
                       save_for_backward=None, dtype=None, layout=None,
-                      raw=False):
+                      request_id=None, expected_version=None, raw=False):
         wire = _as_wire(input, dtype, layout)
         return self._submit(
             2, _forward_parts(name, wire, training, return_stats,
-                              save_for_backward),
+                              save_for_backward, request_id, expected_version),
             lambda r, data: _forward_result(r.forward, data, raw),
             f"Train.Forward({name})")
 
@@ -649,11 +754,12 @@ class TrainStream:
     def backward_async(self, name, handle, grad_output, *,
                        accumulate_grad=False, retain_context=False,
                        skip_grad_input=False, dtype=None, layout=None,
-                       raw=False):
+                       request_id=None, expected_version=None, raw=False):
         wire = _as_wire(grad_output, dtype, layout)
         return self._submit(
             3, _backward_parts(name, handle, wire, accumulate_grad,
-                               retain_context, skip_grad_input),
+                               retain_context, skip_grad_input, request_id,
+                               expected_version),
             lambda r, data: _backward_result(r.backward, data, raw),
             f"Train.Backward({name})")
 
@@ -663,10 +769,12 @@ class TrainStream:
             self.backward_async(name, handle, grad_output, **kwargs), timeout,
             f"Train.Backward({name})")
 
-    def update_running_stats_async(self, name, mean, var, count):
-        request = pb.UpdateRunningStatsRequest(
+    def update_running_stats_async(self, name, mean, var, count, *,
+                                   request_id=None, expected_version=None):
+        request = _with_ids(pb.UpdateRunningStatsRequest(
             name=name, mean=_per_channel(mean),
-            var=_per_channel(var), count=int(count))
+            var=_per_channel(var), count=int(count)),
+            request_id, expected_version)
         return self._submit(
             4, self._message(request),
             lambda r, _: RunningStatsResult(
@@ -675,17 +783,19 @@ class TrainStream:
             f"Train.UpdateRunningStats({name})")
 
     def update_running_stats(self, name, mean, var, count, *,
-                             timeout=_MISSING):
+                             timeout=_MISSING, **kwargs):
         return self._wait(self.update_running_stats_async(name, mean, var,
-                                                          count), timeout,
-                          f"Train.UpdateRunningStats({name})")
+                                                          count, **kwargs),
+                          timeout, f"Train.UpdateRunningStats({name})")
 
     def optimizer_step_async(self, name, *, lr, momentum=0.0, dampening=0.0,
                              weight_decay=0.0, nesterov=False,
-                             keep_grad=False):
-        request = pb.OptimizerStepRequest(
+                             keep_grad=False, request_id=None,
+                             expected_version=None):
+        request = _with_ids(pb.OptimizerStepRequest(
             name=name, sgd=_sgd(lr, momentum, dampening, weight_decay,
-                                nesterov), keep_grad=bool(keep_grad))
+                                nesterov), keep_grad=bool(keep_grad)),
+            request_id, expected_version)
         return self._submit(5, self._message(request),
                             lambda r, _: r.optimizer_step.version,
                             f"Train.OptimizerStep({name})")
@@ -694,17 +804,19 @@ class TrainStream:
         return self._wait(self.optimizer_step_async(name, **kwargs), timeout,
                           f"Train.OptimizerStep({name})")
 
-    def set_parameters_async(self, name, weight=None, bias=None):
-        request = pb.SetParametersRequest(
+    def set_parameters_async(self, name, weight=None, bias=None, *,
+                             request_id=None, expected_version=None):
+        request = _with_ids(pb.SetParametersRequest(
             name=name, weight=_per_channel(weight),
-            bias=_per_channel(bias))
+            bias=_per_channel(bias)), request_id, expected_version)
         return self._submit(6, self._message(request),
                             lambda r, _: r.set_parameters.version,
                             f"Train.SetParameters({name})")
 
     def set_parameters(self, name, weight=None, bias=None, *,
-                       timeout=_MISSING):
-        return self._wait(self.set_parameters_async(name, weight, bias),
+                       timeout=_MISSING, **kwargs):
+        return self._wait(self.set_parameters_async(name, weight, bias,
+                                                    **kwargs),
                           timeout, f"Train.SetParameters({name})")
 
     def get_state_async(self, name):
@@ -718,18 +830,19 @@ class TrainStream:
         return self._wait(self.get_state_async(name), timeout,
                           f"Train.GetState({name})")
 
-    def load_state_async(self, name, state, *, allow_missing=False):
-        request = pb.LoadStateRequest(name=name, state=_state_to_proto(state),
-                                      allow_missing=bool(allow_missing))
+    def load_state_async(self, name, state, *, allow_missing=False,
+                         request_id=None, expected_version=None):
+        request = _with_ids(
+            pb.LoadStateRequest(name=name, state=_state_to_proto(state),
+                                allow_missing=bool(allow_missing)),
+            request_id, expected_version)
         return self._submit(8, self._message(request),
                             lambda r, _: r.load_state.version,
                             f"Train.LoadState({name})")
 
-    def load_state(self, name, state, *, allow_missing=False,
-                   timeout=_MISSING):
-        return self._wait(
-            self.load_state_async(name, state, allow_missing=allow_missing),
-            timeout, f"Train.LoadState({name})")
+    def load_state(self, name, state, *, timeout=_MISSING, **kwargs):
+        return self._wait(self.load_state_async(name, state, **kwargs),
+                          timeout, f"Train.LoadState({name})")
 
     def get_layer_async(self, name):
         return self._submit(9, self._message(pb.GetLayerRequest(name=name)),

@@ -66,7 +66,9 @@ class NotFoundError(NormserveError, LookupError):
 
 
 class AlreadyExistsError(NormserveError):
-    pass
+    """A taken layer id; or a request_id already applied (a repeated
+    training forward or accumulating backward) or used for another
+    operation."""
 
 
 class PermissionDeniedError(NormserveError):
@@ -78,11 +80,14 @@ class ResourceExhaustedError(NormserveError):
 
 
 class FailedPreconditionError(NormserveError):
-    """E.g. Backward on an unknown, evicted or consumed handle."""
+    """E.g. Backward on an unknown, evicted or consumed handle, or a layer
+    not at the call's expected_version ("layers/x is at version 7; the
+    request expected version 6")."""
 
 
 class AbortedError(NormserveError):
-    pass
+    """E.g. a create or delete whose request_id an earlier attempt is still
+    applying: retry."""
 
 
 class OutOfRangeError(NormserveError):
