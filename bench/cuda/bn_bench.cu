@@ -640,6 +640,7 @@ int main(int argc, char** argv) {
   std::string json_path;
   int reps = 30, warmup = 5;
   bool quick = false, list = false;
+  std::string filter;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--json" && i + 1 < argc) {
@@ -648,6 +649,8 @@ int main(int argc, char** argv) {
       reps = std::max(1, std::atoi(argv[++i]));
     } else if (arg == "--warmup" && i + 1 < argc) {
       warmup = std::max(0, std::atoi(argv[++i]));
+    } else if (arg == "--filter" && i + 1 < argc) {
+      filter = argv[++i];
     } else if (arg == "--quick") {
       quick = true;
     } else if (arg == "--list") {
@@ -655,11 +658,26 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: normserve_cuda_bench [--json FILE] [--reps N] "
-                   "[--warmup N] [--quick] [--list]\n");
+                   "[--warmup N] [--quick] [--filter SUBSTRING] [--list]\n"
+                   "  --filter: only the cases whose label (as --list "
+                   "prints it) contains SUBSTRING\n");
       return arg == "--help" ? 0 : 2;
     }
   }
-  const std::vector<Case> cases = Cases(quick);
+  std::vector<Case> cases = Cases(quick);
+  if (!filter.empty()) {
+    cases.erase(std::remove_if(cases.begin(), cases.end(),
+                               [&](const Case& c) {
+                                 return CaseLabel(c).find(filter) ==
+                                        std::string::npos;
+                               }),
+                cases.end());
+    if (cases.empty()) {
+      std::fprintf(stderr, "normserve_cuda_bench: no case matches '%s'\n",
+                   filter.c_str());
+      return 2;
+    }
+  }
   if (list) {
     for (const Case& c : cases) std::printf("%s\n", CaseLabel(c).c_str());
     std::printf("cudnn %zu (compiled against %d.%d.%d)\n", cudnnGetVersion(),
@@ -781,6 +799,9 @@ int main(int argc, char** argv) {
     std::fclose(f);
   }
   if (cudnn != nullptr) cudnnDestroy(cudnn);
+  // The backend keeps per-stream state for `stream` (scratch, staging) and
+  // synchronizes it on destruction: it goes before the stream does.
+  created->reset();
   cudaStreamDestroy(stream);
   // Our kernels must run on every case; cuDNN may decline some.
   for (const CaseResult& r : results) {

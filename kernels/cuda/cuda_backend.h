@@ -9,9 +9,11 @@
 // Streams: a null Stream means the calling thread's own CUDA stream,
 // created on first use and kept until the backend is destroyed, so every
 // executor worker queues its work on a stream of its own. A non-null Stream
-// is a cudaStream_t owned by the caller. Kernels are queued without a
-// device-wide synchronization; only CopyToHost and Synchronize wait, and
-// only for their stream.
+// is a cudaStream_t owned by the caller, which must outlive the backend (the
+// backend keeps scratch and staging per stream and synchronizes the stream
+// when it is destroyed). Kernels are queued without a device-wide
+// synchronization; only CopyToHost and Synchronize wait, and only for their
+// stream.
 //
 // Errors: out of device memory is RESOURCE_EXHAUSTED (the backend stays
 // usable); a failed launch or a fault on the device is INTERNAL with CUDA's
