@@ -80,10 +80,21 @@ struct BackwardParams {
   float* grad_bias = nullptr;    // Null: skip.
 };
 
-// The vector width (elements) used for T when extents and pointers allow.
+// The vector width (elements) of `bytes`-byte loads of T, used when the
+// extents and the pointers allow.
 template <typename T>
-constexpr int VectorWidth() {
-  return static_cast<int>(16 / sizeof(T));
+constexpr int VectorWidth(int bytes = 16) {
+  return bytes / static_cast<int>(sizeof(T));
+}
+
+// `half` for the 2-byte types (float16, bfloat16), `full` for float. The
+// entry points choose each kernel family's vector bytes and loads in flight
+// with it: the 2-byte types do best with other values than float, and not
+// the same ones in every family (measured on an H200; bench/cuda/NOTES.md
+// has the numbers, tests/gpu/variants.sh the way to measure them again).
+template <typename T>
+constexpr int ForHalf(int half, int full) {
+  return sizeof(T) == 2 ? half : full;
 }
 
 template <typename T>

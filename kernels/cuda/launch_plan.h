@@ -46,7 +46,8 @@ namespace normserve::kernels::cuda {
 constexpr int kBlockThreads = 256;
 // Threads per channel in the planes form when channels are small.
 constexpr int kWarpThreads = 32;
-// Vectors each thread loads before using them (loads in flight).
+// Vectors each thread loads before using them (loads in flight), unless a
+// kernel's entry point picks another number (see planes_kernels.cuh).
 constexpr int kUnroll = 4;
 // Planes: channels with at most this many vectors get one warp each.
 constexpr int64_t kMaxWarpChannelUnits = 1024;
@@ -241,20 +242,20 @@ struct PlaneCursor {
 };
 
 // Calls fn(offsets, valid) over one thread's vectors of channel ch: vectors
-// k0, k0 + stride, ... below k1, kUnroll at a time (the loads of a call are
+// k0, k0 + stride, ... below k1, kU at a time (the loads of a call are
 // independent, so they are in flight together). offsets[u] is the element
 // offset of the u-th vector; only the first `valid` are in range.
-template <typename Fn>
+template <int kU = kUnroll, typename Fn>
 NORMSERVE_HD void WalkPlanes(const PlanesGeometry& g, int64_t ch, int64_t k0,
                              int64_t k1, int64_t stride, Fn&& fn) {
   const PlaneStep step = MakePlaneStep(g, stride);
   PlaneCursor cur;
   cur.Init(g, ch, k0);
   while (cur.k < k1) {
-    int64_t offsets[kUnroll];
+    int64_t offsets[kU];
     int valid = 0;
     NORMSERVE_UNROLL
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       offsets[u] = cur.off;
       if (cur.k < k1) {
         ++valid;
@@ -324,18 +325,18 @@ struct RowsPlan {
 };
 
 // Calls fn(offsets, valid) over rows r, r + kRowThreads, ... below r1 of
-// column `col` in a row-major matrix of `c` columns, kUnroll rows at a time;
+// column `col` in a row-major matrix of `c` columns, kU rows at a time;
 // offsets[u] is the element offset of (row, col) of the u-th row.
-template <typename Fn>
+template <int kU = kUnroll, typename Fn>
 NORMSERVE_HD void WalkRows(int64_t c, int64_t col, int64_t r, int64_t r1,
                            Fn&& fn) {
   const int64_t step = int64_t{kRowThreads} * c;
   int64_t off = r * c + col;
   while (r < r1) {
-    int64_t offsets[kUnroll];
+    int64_t offsets[kU];
     int valid = 0;
     NORMSERVE_UNROLL
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       offsets[u] = off;
       if (r < r1) {
         ++valid;

@@ -4,7 +4,7 @@
 //
 // A group of kGroup threads (a warp, or the whole block) owns one channel
 // (or, in split kernels, one range of it) and walks its vectors with a
-// PlaneCursor, kUnroll vectors in flight per thread. Statistics are Welford
+// PlaneCursor, kU vectors in flight per thread. Statistics are Welford
 // over values shifted by the channel's first value, so that a large common
 // offset costs no precision; the elementwise pass subtracts the shift and
 // the shifted mean in turn.
@@ -56,16 +56,16 @@ struct BackwardArgs {
 
 // Welford statistics of this thread's vectors of [k0, k1), shifted by
 // `shift`.
-template <typename T, int V, int kGroup>
+template <typename T, int V, int kU, int kGroup>
 __device__ __forceinline__ Welford ThreadStats(const T* x,
                                                const PlanesGeometry& g,
                                                int64_t ch, int64_t k0,
                                                int64_t k1, float shift) {
   Welford w;
-  WalkPlanes(g, ch, k0, k1, kGroup, [&](const int64_t* off, int valid) {
-    float v[kUnroll * V];
+  WalkPlanes<kU>(g, ch, k0, k1, kGroup, [&](const int64_t* off, int valid) {
+    float v[kU * V];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       if (u < valid) {
         LoadVec<T, V>(x + off[u], v + u * V);
       } else {
@@ -74,30 +74,30 @@ __device__ __forceinline__ Welford ThreadStats(const T* x,
       }
     }
 #pragma unroll
-    for (int e = 0; e < kUnroll * V; ++e) v[e] -= shift;
+    for (int e = 0; e < kU * V; ++e) v[e] -= shift;
     WelfordAddGroup(w, v, valid * V);
   });
   return w;
 }
 
 // Σdy and Σdy·(x - mean) of this thread's vectors (x null: Σdy only).
-template <typename T, int V, int kGroup>
+template <typename T, int V, int kU, int kGroup>
 __device__ __forceinline__ GradSums ThreadGradSums(const T* x, const T* dy,
                                                    const PlanesGeometry& g,
                                                    int64_t ch, int64_t k0,
                                                    int64_t k1, float mean) {
   GradSums s;
-  WalkPlanes(g, ch, k0, k1, kGroup, [&](const int64_t* off, int valid) {
-    float d[kUnroll * V], v[kUnroll * V];
+  WalkPlanes<kU>(g, ch, k0, k1, kGroup, [&](const int64_t* off, int valid) {
+    float d[kU * V], v[kU * V];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       if (u < valid) {
         LoadVec<T, V>(dy + off[u], d + u * V);
         if (x != nullptr) LoadVec<T, V>(x + off[u], v + u * V);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       if (u < valid) {
 #pragma unroll
         for (int e = 0; e < V; ++e) {
@@ -112,20 +112,20 @@ __device__ __forceinline__ GradSums ThreadGradSums(const T* x, const T* dy,
 }
 
 // y = ((x - hi) - lo) * scale + bias over this thread's vectors.
-template <typename T, int V, int kGroup>
+template <typename T, int V, int kU, int kGroup>
 __device__ __forceinline__ void ThreadAffine(const T* x, T* y,
                                              const PlanesGeometry& g,
                                              int64_t ch, int64_t k0, int64_t k1,
                                              float hi, float lo, float scale,
                                              float bias) {
-  WalkPlanes(g, ch, k0, k1, kGroup, [&](const int64_t* off, int valid) {
-    float v[kUnroll * V];
+  WalkPlanes<kU>(g, ch, k0, k1, kGroup, [&](const int64_t* off, int valid) {
+    float v[kU * V];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       if (u < valid) LoadVec<T, V>(x + off[u], v + u * V);
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       if (u < valid) {
 #pragma unroll
         for (int e = 0; e < V; ++e) {
@@ -139,21 +139,21 @@ __device__ __forceinline__ void ThreadAffine(const T* x, T* y,
 
 // dx = (dy - gm - (x - mean) * k) * scale over this thread's vectors; x is
 // read only when `train`.
-template <typename T, int V, int kGroup>
+template <typename T, int V, int kU, int kGroup>
 __device__ __forceinline__ void ThreadGradInput(
     const T* x, const T* dy, T* dx, const PlanesGeometry& g, int64_t ch,
     int64_t k0, int64_t k1, const GradCoefficients& co, bool train) {
-  WalkPlanes(g, ch, k0, k1, kGroup, [&](const int64_t* off, int valid) {
-    float d[kUnroll * V], v[kUnroll * V];
+  WalkPlanes<kU>(g, ch, k0, k1, kGroup, [&](const int64_t* off, int valid) {
+    float d[kU * V], v[kU * V];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       if (u < valid) {
         LoadVec<T, V>(dy + off[u], d + u * V);
         if (train) LoadVec<T, V>(x + off[u], v + u * V);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       if (u < valid) {
 #pragma unroll
         for (int e = 0; e < V; ++e) {
@@ -203,7 +203,7 @@ __device__ __forceinline__ GradCoefficients WriteGrads(const BackwardArgs& a,
 // Kernels. Grid x: channel groups (or channels); grid y: splits.
 
 // Statistics and (when a.y) the normalized output, one group per channel.
-template <typename T, int V, int kGroup>
+template <typename T, int V, int kU, int kGroup>
 __global__ void __launch_bounds__(kBlockThreads)
     ForwardFusedKernel(ForwardArgs a, PlanesGeometry g) {
   using Reducer = GroupReducer<Welford, kGroup>;
@@ -216,7 +216,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (ch >= g.c) return;  // Whole groups only; never with kGroup == block.
   const T* x = static_cast<const T*>(a.x);
   const float shift = ToAcc(x[ch * g.s]);
-  const Welford w = ThreadStats<T, V, kGroup>(x, g, ch, lane, g.units, shift);
+  const Welford w =
+      ThreadStats<T, V, kU, kGroup>(x, g, ch, lane, g.units, shift);
   const Welford total = Reducer::Reduce(temp, w, WelfordCombineOp());
   if (lane == 0) {
     const ChannelStats st = WriteStats(a, ch, shift, total);
@@ -226,14 +227,14 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   if (a.y == nullptr) return;
   Reducer::Sync();
-  ThreadAffine<T, V, kGroup>(x, static_cast<T*>(a.y), g, ch, lane, g.units,
-                             shift, s_lo[group], s_scale[group],
-                             a.bias != nullptr ? a.bias[ch] : 0.0f);
+  ThreadAffine<T, V, kU, kGroup>(x, static_cast<T*>(a.y), g, ch, lane, g.units,
+                                 shift, s_lo[group], s_scale[group],
+                                 a.bias != nullptr ? a.bias[ch] : 0.0f);
 }
 
 // Partial statistics of one split; the last split of each channel merges
 // them, writes the statistics and the two parts of the mean (hi, lo).
-template <typename T, int V>
+template <typename T, int V, int kU>
 __global__ void __launch_bounds__(kBlockThreads)
     StatsPartialKernel(ForwardArgs a, PlanesGeometry g, int64_t per_split,
                        Welford* partials, float* hi, float* lo,
@@ -247,8 +248,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t k1 = MinI64(g.units, k0 + per_split);
   const T* x = static_cast<const T*>(a.x);
   const float shift = ToAcc(x[ch * g.s]);
-  const Welford w =
-      ThreadStats<T, V, kBlockThreads>(x, g, ch, k0 + threadIdx.x, k1, shift);
+  const Welford w = ThreadStats<T, V, kU, kBlockThreads>(
+      x, g, ch, k0 + threadIdx.x, k1, shift);
   Welford total = Reducer::Reduce(temp, w, WelfordCombineOp());
   if (threadIdx.x == 0) {
     partials[split * g.c + ch] = total;
@@ -268,7 +269,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-template <typename T, int V, int kGroup>
+template <typename T, int V, int kU, int kGroup>
 __global__ void __launch_bounds__(kBlockThreads)
     AffineKernel(AffineArgs a, PlanesGeometry g, int64_t per_split) {
   constexpr int kGroups = kBlockThreads / kGroup;
@@ -280,14 +281,14 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t k1 = MinI64(g.units, k0 + per_split);
   const float scale =
       a.invstd[ch] * (a.weight != nullptr ? a.weight[ch] : 1.0f);
-  ThreadAffine<T, V, kGroup>(
+  ThreadAffine<T, V, kU, kGroup>(
       static_cast<const T*>(a.x), static_cast<T*>(a.y), g, ch, k0 + lane, k1,
       a.hi != nullptr ? a.hi[ch] : 0.0f, a.lo != nullptr ? a.lo[ch] : 0.0f,
       scale, a.bias != nullptr ? a.bias[ch] : 0.0f);
 }
 
 // Gradient sums and (when a.dx) grad_input, one group per channel.
-template <typename T, int V, int kGroup>
+template <typename T, int V, int kU, int kGroup>
 __global__ void __launch_bounds__(kBlockThreads)
     BackwardFusedKernel(BackwardArgs a, PlanesGeometry g) {
   using Reducer = GroupReducer<GradSums, kGroup>;
@@ -303,19 +304,19 @@ __global__ void __launch_bounds__(kBlockThreads)
   const T* dy = static_cast<const T*>(a.dy);
   const float mean = a.mean != nullptr ? a.mean[ch] : 0.0f;
   const GradSums s =
-      ThreadGradSums<T, V, kGroup>(x, dy, g, ch, lane, g.units, mean);
+      ThreadGradSums<T, V, kU, kGroup>(x, dy, g, ch, lane, g.units, mean);
   const GradSums total = Reducer::Reduce(temp, s, GradSumsOp());
   if (lane == 0) s_co[group] = WriteGrads(a, ch, total);
   if (a.dx == nullptr) return;
   Reducer::Sync();
   const GradCoefficients co = s_co[group];
-  ThreadGradInput<T, V, kGroup>(x, dy, static_cast<T*>(a.dx), g, ch, lane,
-                                g.units, co, a.train);
+  ThreadGradInput<T, V, kU, kGroup>(x, dy, static_cast<T*>(a.dx), g, ch, lane,
+                                    g.units, co, a.train);
 }
 
 // Partial gradient sums of one split; the last split of each channel writes
 // the gradients and the coefficients of the elementwise pass.
-template <typename T, int V>
+template <typename T, int V, int kU>
 __global__ void __launch_bounds__(kBlockThreads)
     GradPartialKernel(BackwardArgs a, PlanesGeometry g, int64_t per_split,
                       GradSums* partials, GradCoefficients* coefficients,
@@ -328,7 +329,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t k0 = split * per_split;
   const int64_t k1 = MinI64(g.units, k0 + per_split);
   const float mean = a.mean != nullptr ? a.mean[ch] : 0.0f;
-  const GradSums s = ThreadGradSums<T, V, kBlockThreads>(
+  const GradSums s = ThreadGradSums<T, V, kU, kBlockThreads>(
       static_cast<const T*>(a.x), static_cast<const T*>(a.dy), g, ch,
       k0 + threadIdx.x, k1, mean);
   GradSums total = Reducer::Reduce(temp, s, GradSumsOp());
@@ -346,7 +347,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (threadIdx.x == 0) coefficients[ch] = WriteGrads(a, ch, total);
 }
 
-template <typename T, int V>
+template <typename T, int V, int kU>
 __global__ void __launch_bounds__(kBlockThreads)
     GradInputKernel(BackwardArgs a, PlanesGeometry g, int64_t per_split,
                     const GradCoefficients* coefficients) {
@@ -354,7 +355,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * per_split;
   const int64_t k1 = MinI64(g.units, k0 + per_split);
   const GradCoefficients co = coefficients[ch];
-  ThreadGradInput<T, V, kBlockThreads>(
+  ThreadGradInput<T, V, kU, kBlockThreads>(
       static_cast<const T*>(a.x), static_cast<const T*>(a.dy),
       static_cast<T*>(a.dx), g, ch, k0 + threadIdx.x, k1, co, a.train);
 }
@@ -362,12 +363,12 @@ __global__ void __launch_bounds__(kBlockThreads)
 // ---------------------------------------------------------------------------
 // Launchers.
 
-template <typename T, int V>
+template <typename T, int V, int kU>
 cudaError_t ForwardTrain(const ForwardTrainParams& p, const LaunchEnv& env) {
   const Extents& e = p.ext;
   const PlanesPlan plan =
       MakePlanesPlan(e.n, e.c, e.s, V, env.sm_count,
-                     BlocksPerSm<StatsPartialKernel<T, V>>(env.device));
+                     BlocksPerSm<StatsPartialKernel<T, V, kU>>(env.device));
   ForwardArgs a{p.x,
                 p.y,
                 p.weight,
@@ -383,10 +384,10 @@ cudaError_t ForwardTrain(const ForwardTrainParams& p, const LaunchEnv& env) {
                   static_cast<unsigned>(plan.grid_y));
   if (plan.fused()) {
     if (plan.warp_per_channel) {
-      ForwardFusedKernel<T, V, kWarpThreads>
+      ForwardFusedKernel<T, V, kU, kWarpThreads>
           <<<grid, kBlockThreads, 0, env.stream>>>(a, plan.geo);
     } else {
-      ForwardFusedKernel<T, V, kBlockThreads>
+      ForwardFusedKernel<T, V, kU, kBlockThreads>
           <<<grid, kBlockThreads, 0, env.stream>>>(a, plan.geo);
     }
     return cudaGetLastError();
@@ -402,48 +403,51 @@ cudaError_t ForwardTrain(const ForwardTrainParams& p, const LaunchEnv& env) {
   auto* partials = reinterpret_cast<Welford*>(base + wl.partials);
   auto* hi = reinterpret_cast<float*>(base + wl.per_channel);
   float* lo = hi + e.c;
-  StatsPartialKernel<T, V><<<grid, kBlockThreads, 0, env.stream>>>(
+  StatsPartialKernel<T, V, kU><<<grid, kBlockThreads, 0, env.stream>>>(
       a, plan.geo, plan.units_per_split, partials, hi, lo, counters);
   if (p.y != nullptr) {
     AffineArgs aa{p.x, p.y, hi, lo, p.save_invstd, p.weight, p.bias};
-    AffineKernel<T, V, kBlockThreads><<<grid, kBlockThreads, 0, env.stream>>>(
-        aa, plan.geo, plan.units_per_split);
+    AffineKernel<T, V, kU, kBlockThreads>
+        <<<grid, kBlockThreads, 0, env.stream>>>(aa, plan.geo,
+                                                 plan.units_per_split);
   }
   return cudaGetLastError();
 }
 
-template <typename T, int V>
+template <typename T, int V, int kU>
 cudaError_t Affine(const AffineArgs& a, const Extents& e,
                    const LaunchEnv& env) {
   const PlanesPlan plan = MakePlanesPlan(
       e.n, e.c, e.s, V, env.sm_count,
-      BlocksPerSm<AffineKernel<T, V, kBlockThreads>>(env.device));
+      BlocksPerSm<AffineKernel<T, V, kU, kBlockThreads>>(env.device));
   const dim3 grid(static_cast<unsigned>(plan.grid_x),
                   static_cast<unsigned>(plan.grid_y));
   if (plan.warp_per_channel) {
-    AffineKernel<T, V, kWarpThreads><<<grid, kBlockThreads, 0, env.stream>>>(
-        a, plan.geo, plan.units_per_split);
+    AffineKernel<T, V, kU, kWarpThreads>
+        <<<grid, kBlockThreads, 0, env.stream>>>(a, plan.geo,
+                                                 plan.units_per_split);
   } else {
-    AffineKernel<T, V, kBlockThreads><<<grid, kBlockThreads, 0, env.stream>>>(
-        a, plan.geo, plan.units_per_split);
+    AffineKernel<T, V, kU, kBlockThreads>
+        <<<grid, kBlockThreads, 0, env.stream>>>(a, plan.geo,
+                                                 plan.units_per_split);
   }
   return cudaGetLastError();
 }
 
-template <typename T, int V>
+template <typename T, int V, int kU>
 cudaError_t Backward(const BackwardParams& p, const LaunchEnv& env) {
   const Extents& e = p.ext;
   const bool need_sums =
       p.train || p.grad_weight != nullptr || p.grad_bias != nullptr;
   if (!need_sums) {  // Eval, dx only: dx = dy * invstd * weight.
     if (p.dx == nullptr) return cudaSuccess;
-    return Affine<T, V>(
+    return Affine<T, V, kU>(
         AffineArgs{p.dy, p.dx, nullptr, nullptr, p.invstd, p.weight, nullptr},
         e, env);
   }
   const PlanesPlan plan =
       MakePlanesPlan(e.n, e.c, e.s, V, env.sm_count,
-                     BlocksPerSm<GradPartialKernel<T, V>>(env.device));
+                     BlocksPerSm<GradPartialKernel<T, V, kU>>(env.device));
   BackwardArgs a{p.x,
                  p.dy,
                  p.dx,
@@ -458,10 +462,10 @@ cudaError_t Backward(const BackwardParams& p, const LaunchEnv& env) {
                   static_cast<unsigned>(plan.grid_y));
   if (plan.fused()) {
     if (plan.warp_per_channel) {
-      BackwardFusedKernel<T, V, kWarpThreads>
+      BackwardFusedKernel<T, V, kU, kWarpThreads>
           <<<grid, kBlockThreads, 0, env.stream>>>(a, plan.geo);
     } else {
-      BackwardFusedKernel<T, V, kBlockThreads>
+      BackwardFusedKernel<T, V, kU, kBlockThreads>
           <<<grid, kBlockThreads, 0, env.stream>>>(a, plan.geo);
     }
     return cudaGetLastError();
@@ -477,10 +481,10 @@ cudaError_t Backward(const BackwardParams& p, const LaunchEnv& env) {
   auto* partials = reinterpret_cast<GradSums*>(base + wl.partials);
   auto* coefficients =
       reinterpret_cast<GradCoefficients*>(base + wl.per_channel);
-  GradPartialKernel<T, V><<<grid, kBlockThreads, 0, env.stream>>>(
+  GradPartialKernel<T, V, kU><<<grid, kBlockThreads, 0, env.stream>>>(
       a, plan.geo, plan.units_per_split, partials, coefficients, counters);
   if (p.dx != nullptr) {
-    GradInputKernel<T, V><<<grid, kBlockThreads, 0, env.stream>>>(
+    GradInputKernel<T, V, kU><<<grid, kBlockThreads, 0, env.stream>>>(
         a, plan.geo, plan.units_per_split, coefficients);
   }
   return cudaGetLastError();
@@ -489,37 +493,41 @@ cudaError_t Backward(const BackwardParams& p, const LaunchEnv& env) {
 }  // namespace planes
 
 // ---------------------------------------------------------------------------
-// Typed entry points: pick the vector width, then the launcher.
+// Typed entry points: pick the vector width and the loads in flight (see
+// ForHalf in launch.h), then the launcher. The scalar fallback (unaligned
+// pointers, or planes that are not whole vectors) keeps kUnroll.
 
 template <typename T>
 cudaError_t ForwardTrainPlanes(const ForwardTrainParams& p,
                                const LaunchEnv& env) {
-  constexpr int kV = VectorWidth<T>();
-  if (p.ext.s % kV == 0 && AllAligned(16, p.x, p.y)) {
-    return planes::ForwardTrain<T, kV>(p, env);
+  constexpr int kV = VectorWidth<T>(16);
+  constexpr int kU = ForHalf<T>(2, kUnroll);
+  if (p.ext.s % kV == 0 && AllAligned(kV * sizeof(T), p.x, p.y)) {
+    return planes::ForwardTrain<T, kV, kU>(p, env);
   }
-  return planes::ForwardTrain<T, 1>(p, env);
+  return planes::ForwardTrain<T, 1, kUnroll>(p, env);
 }
 
 template <typename T>
 cudaError_t ForwardEvalPlanes(const ForwardEvalParams& p,
                               const LaunchEnv& env) {
-  constexpr int kV = VectorWidth<T>();
+  constexpr int kV = VectorWidth<T>(16);
   const planes::AffineArgs a{p.x,      p.y,      p.mean, nullptr,
                              p.invstd, p.weight, p.bias};
-  if (p.ext.s % kV == 0 && AllAligned(16, p.x, p.y)) {
-    return planes::Affine<T, kV>(a, p.ext, env);
+  if (p.ext.s % kV == 0 && AllAligned(kV * sizeof(T), p.x, p.y)) {
+    return planes::Affine<T, kV, kUnroll>(a, p.ext, env);
   }
-  return planes::Affine<T, 1>(a, p.ext, env);
+  return planes::Affine<T, 1, kUnroll>(a, p.ext, env);
 }
 
 template <typename T>
 cudaError_t BackwardPlanes(const BackwardParams& p, const LaunchEnv& env) {
-  constexpr int kV = VectorWidth<T>();
-  if (p.ext.s % kV == 0 && AllAligned(16, p.x, p.dy, p.dx)) {
-    return planes::Backward<T, kV>(p, env);
+  constexpr int kV = VectorWidth<T>(16);
+  constexpr int kU = ForHalf<T>(2, kUnroll);
+  if (p.ext.s % kV == 0 && AllAligned(kV * sizeof(T), p.x, p.dy, p.dx)) {
+    return planes::Backward<T, kV, kU>(p, env);
   }
-  return planes::Backward<T, 1>(p, env);
+  return planes::Backward<T, 1, kUnroll>(p, env);
 }
 
 }  // namespace normserve::kernels::cuda

@@ -3,7 +3,7 @@
 //
 // A block is kColThreads x kRowThreads threads (x fastest) over one tile of
 // kColThreads * V columns: thread (tx, ty) owns columns [tx * V, tx * V + V)
-// of the tile and rows ty, ty + kRowThreads, ... of its row range, kUnroll
+// of the tile and rows ty, ty + kRowThreads, ... of its row range, kU
 // rows in flight. Per-column results are reduced across ty through shared
 // memory, one warp per V columns with cub::WarpReduce.
 #pragma once
@@ -76,23 +76,23 @@ __device__ __forceinline__ Lane MakeLane(const Shape& sh) {
   return l;
 }
 
-template <typename T, int V>
+template <typename T, int V, int kU>
 __device__ __forceinline__ void ThreadStats(const T* x, const Shape& sh,
                                             const Lane& l, int64_t r0,
                                             int64_t r1, const float* shift,
                                             Welford* w) {
   if (!l.active) return;
-  WalkRows(sh.c, l.col, r0 + l.ty, r1, [&](const int64_t* off, int valid) {
-    float v[kUnroll][V];
+  WalkRows<kU>(sh.c, l.col, r0 + l.ty, r1, [&](const int64_t* off, int valid) {
+    float v[kU][V];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       if (u < valid) LoadVec<T, V>(x + off[u], v[u]);
     }
 #pragma unroll
     for (int e = 0; e < V; ++e) {
-      float column[kUnroll];
+      float column[kU];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kU; ++u) {
         column[u] = u < valid ? v[u][e] - shift[e] : 0.0f;
       }
       WelfordAddGroup(w[e], column, valid);
@@ -100,23 +100,23 @@ __device__ __forceinline__ void ThreadStats(const T* x, const Shape& sh,
   });
 }
 
-template <typename T, int V>
+template <typename T, int V, int kU>
 __device__ __forceinline__ void ThreadGradSums(const T* x, const T* dy,
                                                const Shape& sh, const Lane& l,
                                                int64_t r0, int64_t r1,
                                                const float* mean, GradSums* s) {
   if (!l.active) return;
-  WalkRows(sh.c, l.col, r0 + l.ty, r1, [&](const int64_t* off, int valid) {
-    float d[kUnroll][V], v[kUnroll][V];
+  WalkRows<kU>(sh.c, l.col, r0 + l.ty, r1, [&](const int64_t* off, int valid) {
+    float d[kU][V], v[kU][V];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       if (u < valid) {
         LoadVec<T, V>(dy + off[u], d[u]);
         if (x != nullptr) LoadVec<T, V>(x + off[u], v[u]);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       if (u < valid) {
 #pragma unroll
         for (int e = 0; e < V; ++e) {
@@ -128,19 +128,19 @@ __device__ __forceinline__ void ThreadGradSums(const T* x, const T* dy,
   });
 }
 
-template <typename T, int V>
+template <typename T, int V, int kU>
 __device__ __forceinline__ void ThreadAffine(
     const T* x, T* y, const Shape& sh, const Lane& l, int64_t r0, int64_t r1,
     const float* hi, const float* lo, const float* scale, const float* bias) {
   if (!l.active) return;
-  WalkRows(sh.c, l.col, r0 + l.ty, r1, [&](const int64_t* off, int valid) {
-    float v[kUnroll][V];
+  WalkRows<kU>(sh.c, l.col, r0 + l.ty, r1, [&](const int64_t* off, int valid) {
+    float v[kU][V];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       if (u < valid) LoadVec<T, V>(x + off[u], v[u]);
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       if (u < valid) {
 #pragma unroll
         for (int e = 0; e < V; ++e) {
@@ -152,24 +152,24 @@ __device__ __forceinline__ void ThreadAffine(
   });
 }
 
-template <typename T, int V>
+template <typename T, int V, int kU>
 __device__ __forceinline__ void ThreadGradInput(const T* x, const T* dy, T* dx,
                                                 const Shape& sh, const Lane& l,
                                                 int64_t r0, int64_t r1,
                                                 const GradCoefficients* co,
                                                 bool train) {
   if (!l.active) return;
-  WalkRows(sh.c, l.col, r0 + l.ty, r1, [&](const int64_t* off, int valid) {
-    float d[kUnroll][V], v[kUnroll][V];
+  WalkRows<kU>(sh.c, l.col, r0 + l.ty, r1, [&](const int64_t* off, int valid) {
+    float d[kU][V], v[kU][V];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       if (u < valid) {
         LoadVec<T, V>(dy + off[u], d[u]);
         if (train) LoadVec<T, V>(x + off[u], v[u]);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       if (u < valid) {
 #pragma unroll
         for (int e = 0; e < V; ++e) {
@@ -296,7 +296,7 @@ __device__ __forceinline__ void LoadShift(const T* x, const Lane& l,
 // ---------------------------------------------------------------------------
 // Kernels. Grid x: column tiles; grid y: row splits.
 
-template <typename T, int V>
+template <typename T, int V, int kU>
 __global__ void __launch_bounds__(kBlockThreads)
     ForwardFusedKernel(ForwardArgs a, Shape sh) {
   using Reducer = ColumnReducer<Welford, WelfordCombineOp, V>;
@@ -308,7 +308,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   float shift[V];
   LoadShift<T, V>(x, l, shift);
   Welford w[V];
-  ThreadStats<T, V>(x, sh, l, 0, sh.rows, shift, w);
+  ThreadStats<T, V, kU>(x, sh, l, 0, sh.rows, shift, w);
   const int64_t tile0 = static_cast<int64_t>(blockIdx.x) * kTileColumns;
   Reducer::Reduce(temp, l, w, [&](int column, const Welford& total) {
     const int64_t ch = tile0 + column;
@@ -327,11 +327,11 @@ __global__ void __launch_bounds__(kBlockThreads)
     scale[e] = s_scale[l.tx * V + e];
     bias[e] = a.bias != nullptr ? a.bias[l.col + e] : 0.0f;
   }
-  ThreadAffine<T, V>(x, static_cast<T*>(a.y), sh, l, 0, sh.rows, shift, lo,
-                     scale, bias);
+  ThreadAffine<T, V, kU>(x, static_cast<T*>(a.y), sh, l, 0, sh.rows, shift, lo,
+                         scale, bias);
 }
 
-template <typename T, int V>
+template <typename T, int V, int kU>
 __global__ void __launch_bounds__(kBlockThreads)
     StatsPartialKernel(ForwardArgs a, Shape sh, int64_t rows_per_split,
                        Welford* partials, float* hi, float* lo,
@@ -352,7 +352,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t split = blockIdx.y;
   const int64_t r0 = split * rows_per_split;
   const int64_t r1 = MinI64(sh.rows, r0 + rows_per_split);
-  ThreadStats<T, V>(x, sh, l, r0, r1, shift, w);
+  ThreadStats<T, V, kU>(x, sh, l, r0, r1, shift, w);
   const int64_t tile0 = static_cast<int64_t>(blockIdx.x) * kTileColumns;
   Reducer::Reduce(temp.reduce, l, w, [&](int column, const Welford& total) {
     const int64_t ch = tile0 + column;
@@ -372,7 +372,7 @@ __global__ void __launch_bounds__(kBlockThreads)
                 });
 }
 
-template <typename T, int V>
+template <typename T, int V, int kU>
 __global__ void __launch_bounds__(kBlockThreads)
     AffineKernel(AffineArgs a, Shape sh, int64_t rows_per_split) {
   const Lane l = MakeLane<V>(sh);
@@ -388,11 +388,11 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t r1 = MinI64(sh.rows, r0 + rows_per_split);
-  ThreadAffine<T, V>(static_cast<const T*>(a.x), static_cast<T*>(a.y), sh, l,
-                     r0, r1, hi, lo, scale, bias);
+  ThreadAffine<T, V, kU>(static_cast<const T*>(a.x), static_cast<T*>(a.y), sh,
+                         l, r0, r1, hi, lo, scale, bias);
 }
 
-template <typename T, int V>
+template <typename T, int V, int kU>
 __global__ void __launch_bounds__(kBlockThreads)
     BackwardFusedKernel(BackwardArgs a, Shape sh) {
   using Reducer = ColumnReducer<GradSums, GradSumsOp, V>;
@@ -409,7 +409,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     mean[e] = l.active && a.mean != nullptr ? a.mean[l.col + e] : 0.0f;
   }
   GradSums s[V];
-  ThreadGradSums<T, V>(x, dy, sh, l, 0, sh.rows, mean, s);
+  ThreadGradSums<T, V, kU>(x, dy, sh, l, 0, sh.rows, mean, s);
   const int64_t tile0 = static_cast<int64_t>(blockIdx.x) * kTileColumns;
   Reducer::Reduce(temp, l, s, [&](int column, const GradSums& total) {
     const int64_t ch = tile0 + column;
@@ -419,11 +419,11 @@ __global__ void __launch_bounds__(kBlockThreads)
   GradCoefficients co[V];
 #pragma unroll
   for (int e = 0; e < V; ++e) co[e] = s_co[l.tx * V + e];
-  ThreadGradInput<T, V>(x, dy, static_cast<T*>(a.dx), sh, l, 0, sh.rows, co,
-                        a.train);
+  ThreadGradInput<T, V, kU>(x, dy, static_cast<T*>(a.dx), sh, l, 0, sh.rows, co,
+                            a.train);
 }
 
-template <typename T, int V>
+template <typename T, int V, int kU>
 __global__ void __launch_bounds__(kBlockThreads)
     GradPartialKernel(BackwardArgs a, Shape sh, int64_t rows_per_split,
                       GradSums* partials, GradCoefficients* coefficients,
@@ -446,8 +446,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t split = blockIdx.y;
   const int64_t r0 = split * rows_per_split;
   const int64_t r1 = MinI64(sh.rows, r0 + rows_per_split);
-  ThreadGradSums<T, V>(static_cast<const T*>(a.x), static_cast<const T*>(a.dy),
-                       sh, l, r0, r1, mean, s);
+  ThreadGradSums<T, V, kU>(static_cast<const T*>(a.x),
+                           static_cast<const T*>(a.dy), sh, l, r0, r1, mean, s);
   const int64_t tile0 = static_cast<int64_t>(blockIdx.x) * kTileColumns;
   Reducer::Reduce(temp.reduce, l, s, [&](int column, const GradSums& total) {
     const int64_t ch = tile0 + column;
@@ -464,7 +464,7 @@ __global__ void __launch_bounds__(kBlockThreads)
                 });
 }
 
-template <typename T, int V>
+template <typename T, int V, int kU>
 __global__ void __launch_bounds__(kBlockThreads)
     GradInputKernel(BackwardArgs a, Shape sh, int64_t rows_per_split,
                     const GradCoefficients* coefficients) {
@@ -475,8 +475,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   for (int e = 0; e < V; ++e) co[e] = coefficients[l.col + e];
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t r1 = MinI64(sh.rows, r0 + rows_per_split);
-  ThreadGradInput<T, V>(static_cast<const T*>(a.x), static_cast<const T*>(a.dy),
-                        static_cast<T*>(a.dx), sh, l, r0, r1, co, a.train);
+  ThreadGradInput<T, V, kU>(static_cast<const T*>(a.x),
+                            static_cast<const T*>(a.dy), static_cast<T*>(a.dx),
+                            sh, l, r0, r1, co, a.train);
 }
 
 // ---------------------------------------------------------------------------
@@ -495,12 +496,12 @@ inline dim3 Grid(const RowsPlan& plan) {
               static_cast<unsigned>(plan.row_splits));
 }
 
-template <typename T, int V>
+template <typename T, int V, int kU>
 cudaError_t ForwardTrain(const ForwardTrainParams& p, const LaunchEnv& env) {
   const Shape sh = MakeShape(p.ext, V);
   const RowsPlan plan =
       MakeRowsPlan(sh.rows, sh.c, V, env.sm_count,
-                   BlocksPerSm<StatsPartialKernel<T, V>>(env.device));
+                   BlocksPerSm<StatsPartialKernel<T, V, kU>>(env.device));
   const ForwardArgs a{p.x,
                       p.y,
                       p.weight,
@@ -513,7 +514,7 @@ cudaError_t ForwardTrain(const ForwardTrainParams& p, const LaunchEnv& env) {
                       p.running_mean,
                       p.running_var};
   if (plan.fused()) {
-    ForwardFusedKernel<T, V>
+    ForwardFusedKernel<T, V, kU>
         <<<Grid(plan), kBlockThreads, 0, env.stream>>>(a, sh);
     return cudaGetLastError();
   }
@@ -528,48 +529,48 @@ cudaError_t ForwardTrain(const ForwardTrainParams& p, const LaunchEnv& env) {
   auto* partials = reinterpret_cast<Welford*>(base + wl.partials);
   auto* hi = reinterpret_cast<float*>(base + wl.per_channel);
   float* lo = hi + sh.c;
-  StatsPartialKernel<T, V><<<Grid(plan), kBlockThreads, 0, env.stream>>>(
+  StatsPartialKernel<T, V, kU><<<Grid(plan), kBlockThreads, 0, env.stream>>>(
       a, sh, plan.rows_per_split, partials, hi, lo, counters);
   if (p.y != nullptr) {
     const AffineArgs aa{p.x, p.y, hi, lo, p.save_invstd, p.weight, p.bias};
-    AffineKernel<T, V><<<Grid(plan), kBlockThreads, 0, env.stream>>>(
+    AffineKernel<T, V, kU><<<Grid(plan), kBlockThreads, 0, env.stream>>>(
         aa, sh, plan.rows_per_split);
   }
   return cudaGetLastError();
 }
 
-template <typename T, int V>
+template <typename T, int V, int kU>
 cudaError_t Affine(const AffineArgs& a, const Extents& e,
                    const LaunchEnv& env) {
   const Shape sh = MakeShape(e, V);
   const RowsPlan plan =
       MakeRowsPlan(sh.rows, sh.c, V, env.sm_count,
-                   BlocksPerSm<AffineKernel<T, V>>(env.device));
-  AffineKernel<T, V><<<Grid(plan), kBlockThreads, 0, env.stream>>>(
+                   BlocksPerSm<AffineKernel<T, V, kU>>(env.device));
+  AffineKernel<T, V, kU><<<Grid(plan), kBlockThreads, 0, env.stream>>>(
       a, sh, plan.rows_per_split);
   return cudaGetLastError();
 }
 
-template <typename T, int V>
+template <typename T, int V, int kU>
 cudaError_t Backward(const BackwardParams& p, const LaunchEnv& env) {
   const bool need_sums =
       p.train || p.grad_weight != nullptr || p.grad_bias != nullptr;
   if (!need_sums) {  // Eval, dx only: dx = dy * invstd * weight.
     if (p.dx == nullptr) return cudaSuccess;
-    return Affine<T, V>(
+    return Affine<T, V, kU>(
         AffineArgs{p.dy, p.dx, nullptr, nullptr, p.invstd, p.weight, nullptr},
         p.ext, env);
   }
   const Shape sh = MakeShape(p.ext, V);
   const RowsPlan plan =
       MakeRowsPlan(sh.rows, sh.c, V, env.sm_count,
-                   BlocksPerSm<GradPartialKernel<T, V>>(env.device));
+                   BlocksPerSm<GradPartialKernel<T, V, kU>>(env.device));
   const BackwardArgs a{p.x,           p.dy,        p.dx,
                        p.mean,        p.invstd,    p.weight,
                        p.grad_weight, p.grad_bias, static_cast<double>(sh.rows),
                        p.train};
   if (plan.fused()) {
-    BackwardFusedKernel<T, V>
+    BackwardFusedKernel<T, V, kU>
         <<<Grid(plan), kBlockThreads, 0, env.stream>>>(a, sh);
     return cudaGetLastError();
   }
@@ -584,10 +585,10 @@ cudaError_t Backward(const BackwardParams& p, const LaunchEnv& env) {
   auto* partials = reinterpret_cast<GradSums*>(base + wl.partials);
   auto* coefficients =
       reinterpret_cast<GradCoefficients*>(base + wl.per_channel);
-  GradPartialKernel<T, V><<<Grid(plan), kBlockThreads, 0, env.stream>>>(
+  GradPartialKernel<T, V, kU><<<Grid(plan), kBlockThreads, 0, env.stream>>>(
       a, sh, plan.rows_per_split, partials, coefficients, counters);
   if (p.dx != nullptr) {
-    GradInputKernel<T, V><<<Grid(plan), kBlockThreads, 0, env.stream>>>(
+    GradInputKernel<T, V, kU><<<Grid(plan), kBlockThreads, 0, env.stream>>>(
         a, sh, plan.rows_per_split, coefficients);
   }
   return cudaGetLastError();
@@ -596,36 +597,39 @@ cudaError_t Backward(const BackwardParams& p, const LaunchEnv& env) {
 }  // namespace rows
 
 // ---------------------------------------------------------------------------
-// Typed entry points: pick the vector width, then the launcher.
+// Typed entry points: pick the vector width and the loads in flight (see
+// ForHalf in launch.h), then the launcher. The scalar fallback (unaligned
+// pointers, or rows that are not whole vectors) keeps kUnroll.
 
 template <typename T>
 cudaError_t ForwardTrainRows(const ForwardTrainParams& p,
                              const LaunchEnv& env) {
-  constexpr int kV = VectorWidth<T>();
-  if (p.ext.c % kV == 0 && AllAligned(16, p.x, p.y)) {
-    return rows::ForwardTrain<T, kV>(p, env);
+  constexpr int kV = VectorWidth<T>(ForHalf<T>(8, 16));
+  if (p.ext.c % kV == 0 && AllAligned(kV * sizeof(T), p.x, p.y)) {
+    return rows::ForwardTrain<T, kV, kUnroll>(p, env);
   }
-  return rows::ForwardTrain<T, 1>(p, env);
+  return rows::ForwardTrain<T, 1, kUnroll>(p, env);
 }
 
 template <typename T>
 cudaError_t ForwardEvalRows(const ForwardEvalParams& p, const LaunchEnv& env) {
-  constexpr int kV = VectorWidth<T>();
+  constexpr int kV = VectorWidth<T>(ForHalf<T>(8, 16));
   const rows::AffineArgs a{p.x,      p.y,      p.mean, nullptr,
                            p.invstd, p.weight, p.bias};
-  if (p.ext.c % kV == 0 && AllAligned(16, p.x, p.y)) {
-    return rows::Affine<T, kV>(a, p.ext, env);
+  if (p.ext.c % kV == 0 && AllAligned(kV * sizeof(T), p.x, p.y)) {
+    return rows::Affine<T, kV, kUnroll>(a, p.ext, env);
   }
-  return rows::Affine<T, 1>(a, p.ext, env);
+  return rows::Affine<T, 1, kUnroll>(a, p.ext, env);
 }
 
 template <typename T>
 cudaError_t BackwardRows(const BackwardParams& p, const LaunchEnv& env) {
-  constexpr int kV = VectorWidth<T>();
-  if (p.ext.c % kV == 0 && AllAligned(16, p.x, p.dy, p.dx)) {
-    return rows::Backward<T, kV>(p, env);
+  constexpr int kV = VectorWidth<T>(16);
+  constexpr int kU = ForHalf<T>(2, kUnroll);
+  if (p.ext.c % kV == 0 && AllAligned(kV * sizeof(T), p.x, p.dy, p.dx)) {
+    return rows::Backward<T, kV, kU>(p, env);
   }
-  return rows::Backward<T, 1>(p, env);
+  return rows::Backward<T, 1, kUnroll>(p, env);
 }
 
 }  // namespace normserve::kernels::cuda
