@@ -1,6 +1,7 @@
 // Device-side building blocks shared by the BatchNorm kernels: dtype
-// conversion, 16-byte vector loads and stores, group reductions over CUB,
-// and the occupancy query the launchers plan with.
+// conversion, vector loads and stores, group reductions over CUB, the
+// kernel arguments and per-channel writes both forms use, and the occupancy
+// query the launchers plan with.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -123,6 +124,82 @@ __device__ __forceinline__ bool ArriveLast(unsigned* counter,
     return true;
   }
   return false;
+}
+
+// ---------------------------------------------------------------------------
+// Kernel arguments and per-channel results, the same in both forms.
+
+struct ForwardArgs {
+  const void* x;
+  void* y;
+  const float* weight;
+  const float* bias;
+  double eps;
+  double momentum;
+  double count;  // Values per channel.
+  float* save_mean;
+  float* save_invstd;
+  float* running_mean;
+  float* running_var;
+};
+
+// y = ((x - hi) - lo) * invstd * weight + bias; null arrays read as 0
+// (hi, lo, bias) or 1 (weight).
+struct AffineArgs {
+  const void* x;
+  void* y;
+  const float* hi;
+  const float* lo;
+  const float* invstd;
+  const float* weight;
+  const float* bias;
+};
+
+struct BackwardArgs {
+  const void* x;
+  const void* dy;
+  void* dx;
+  const float* mean;
+  const float* invstd;
+  const float* weight;
+  float* grad_weight;
+  float* grad_bias;
+  double count;
+  bool train;
+};
+
+// Writes the statistics of channel ch (shift: the value the Welford state
+// was shifted by) and returns them.
+__device__ __forceinline__ ChannelStats WriteStats(const ForwardArgs& a,
+                                                   int64_t ch, float shift,
+                                                   const Welford& total) {
+  const bool update = a.running_mean != nullptr;
+  const ChannelStats st = FinalizeStats(
+      shift, total, a.count, a.eps, update, a.momentum,
+      update ? a.running_mean[ch] : 0.0f, update ? a.running_var[ch] : 0.0f);
+  a.save_mean[ch] = st.save_mean;
+  a.save_invstd[ch] = st.save_invstd;
+  if (update) {
+    a.running_mean[ch] = st.running_mean;
+    a.running_var[ch] = st.running_var;
+  }
+  return st;
+}
+
+// Writes grad_weight/grad_bias of channel ch and returns its coefficients.
+__device__ __forceinline__ GradCoefficients WriteGrads(const BackwardArgs& a,
+                                                       int64_t ch,
+                                                       const GradSums& total) {
+  const float mean = a.mean != nullptr ? a.mean[ch] : 0.0f;
+  const float invstd = a.invstd[ch];
+  if (a.grad_bias != nullptr) a.grad_bias[ch] = total.sum_dy;
+  if (a.grad_weight != nullptr) {
+    a.grad_weight[ch] = static_cast<float>(
+        static_cast<double>(total.sum_dy_xmu) * static_cast<double>(invstd));
+  }
+  return MakeGradCoefficients(total, mean, invstd,
+                              a.weight != nullptr ? a.weight[ch] : 1.0f,
+                              a.count, a.train);
 }
 
 // ---------------------------------------------------------------------------

@@ -13,45 +13,6 @@
 namespace normserve::kernels::cuda {
 namespace rows {
 
-struct ForwardArgs {
-  const void* x;
-  void* y;
-  const float* weight;
-  const float* bias;
-  double eps;
-  double momentum;
-  double count;  // rows.
-  float* save_mean;
-  float* save_invstd;
-  float* running_mean;
-  float* running_var;
-};
-
-// y = ((x - hi) - lo) * invstd * weight + bias; null arrays read as 0
-// (hi, lo, bias) or 1 (weight).
-struct AffineArgs {
-  const void* x;
-  void* y;
-  const float* hi;
-  const float* lo;
-  const float* invstd;
-  const float* weight;
-  const float* bias;
-};
-
-struct BackwardArgs {
-  const void* x;
-  const void* dy;
-  void* dx;
-  const float* mean;
-  const float* invstd;
-  const float* weight;
-  float* grad_weight;
-  float* grad_bias;
-  double count;
-  bool train;
-};
-
 struct Shape {
   int64_t rows = 0;
   int64_t c = 0;
@@ -249,38 +210,6 @@ struct PartialMerger {
     if (part == 0 && ch < sh.c) fn(column, total);
   }
 };
-
-// Writes the statistics of channel ch (shift: its first value).
-__device__ __forceinline__ ChannelStats WriteStats(const ForwardArgs& a,
-                                                   int64_t ch, float shift,
-                                                   const Welford& total) {
-  const bool update = a.running_mean != nullptr;
-  const ChannelStats st = FinalizeStats(
-      shift, total, a.count, a.eps, update, a.momentum,
-      update ? a.running_mean[ch] : 0.0f, update ? a.running_var[ch] : 0.0f);
-  a.save_mean[ch] = st.save_mean;
-  a.save_invstd[ch] = st.save_invstd;
-  if (update) {
-    a.running_mean[ch] = st.running_mean;
-    a.running_var[ch] = st.running_var;
-  }
-  return st;
-}
-
-__device__ __forceinline__ GradCoefficients WriteGrads(const BackwardArgs& a,
-                                                       int64_t ch,
-                                                       const GradSums& total) {
-  const float mean = a.mean != nullptr ? a.mean[ch] : 0.0f;
-  const float invstd = a.invstd[ch];
-  if (a.grad_bias != nullptr) a.grad_bias[ch] = total.sum_dy;
-  if (a.grad_weight != nullptr) {
-    a.grad_weight[ch] = static_cast<float>(
-        static_cast<double>(total.sum_dy_xmu) * static_cast<double>(invstd));
-  }
-  return MakeGradCoefficients(total, mean, invstd,
-                              a.weight != nullptr ? a.weight[ch] : 1.0f,
-                              a.count, a.train);
-}
 
 template <typename T, int V>
 __device__ __forceinline__ void LoadShift(const T* x, const Lane& l,
@@ -614,8 +543,7 @@ cudaError_t ForwardTrainRows(const ForwardTrainParams& p,
 template <typename T>
 cudaError_t ForwardEvalRows(const ForwardEvalParams& p, const LaunchEnv& env) {
   constexpr int kV = VectorWidth<T>(ForHalf<T>(8, 16));
-  const rows::AffineArgs a{p.x,      p.y,      p.mean, nullptr,
-                           p.invstd, p.weight, p.bias};
+  const AffineArgs a{p.x, p.y, p.mean, nullptr, p.invstd, p.weight, p.bias};
   if (p.ext.c % kV == 0 && AllAligned(kV * sizeof(T), p.x, p.y)) {
     return rows::Affine<T, kV, kUnroll>(a, p.ext, env);
   }
