@@ -33,6 +33,7 @@
 #include "kernels/half.h"
 #include "kernels/reference/batch_norm_reference.h"
 #include "kernels/types.h"
+#include "tests/kernels/kernel_test_util.h"
 
 namespace normserve::kernels {
 namespace {
@@ -45,134 +46,15 @@ constexpr double kMomentum = 0.1;
 // ---------------------------------------------------------------------------
 // Host-side helpers.
 
-double RoundToDType(double v, DType dtype) {
-  const float f = static_cast<float>(v);
-  switch (dtype) {
-    case DType::kFloat32:
-      return f;
-    case DType::kFloat16:
-      return HalfToFloat(FloatToHalf(f));
-    case DType::kBFloat16:
-      return BFloat16ToFloat(FloatToBFloat16(f));
-  }
-  return f;
-}
-
-// One unit in the last place of `dtype` at magnitude |v|.
-double Ulp(DType dtype, double v) {
-  int mantissa_bits = 23, min_exponent = -126;
-  if (dtype == DType::kFloat16) {
-    mantissa_bits = 10;
-    min_exponent = -14;
-  } else if (dtype == DType::kBFloat16) {
-    mantissa_bits = 7;
-  }
-  const int e = v == 0 ? min_exponent : std::max(std::ilogb(v), min_exponent);
-  return std::ldexp(1.0, e - mantissa_bits);
-}
-
-std::vector<uint8_t> Encode(const std::vector<double>& values, DType dtype) {
-  std::vector<uint8_t> bytes(values.size() * DTypeSize(dtype));
-  for (size_t i = 0; i < values.size(); ++i) {
-    const float f = static_cast<float>(values[i]);
-    uint16_t h = 0;
-    switch (dtype) {
-      case DType::kFloat32:
-        std::memcpy(&bytes[4 * i], &f, 4);
-        continue;
-      case DType::kFloat16:
-        h = FloatToHalfBits(f);
-        break;
-      case DType::kBFloat16:
-        h = FloatToBFloat16Bits(f);
-        break;
-    }
-    std::memcpy(&bytes[2 * i], &h, 2);
-  }
-  return bytes;
-}
-
-std::vector<double> Decode(const std::vector<uint8_t>& bytes, DType dtype) {
-  const size_t n = bytes.size() / DTypeSize(dtype);
-  std::vector<double> values(n);
-  for (size_t i = 0; i < n; ++i) {
-    if (dtype == DType::kFloat32) {
-      float f;
-      std::memcpy(&f, &bytes[4 * i], 4);
-      values[i] = f;
-      continue;
-    }
-    uint16_t h;
-    std::memcpy(&h, &bytes[2 * i], 2);
-    values[i] =
-        dtype == DType::kFloat16 ? HalfBitsToFloat(h) : BFloat16BitsToFloat(h);
-  }
-  return values;
-}
-
-// A tensor in backend memory.
-class DeviceTensor {
- public:
-  DeviceTensor(Backend& backend, DType dtype, size_t numel)
-      : backend_(backend), dtype_(dtype), numel_(numel) {
-    absl::StatusOr<std::unique_ptr<Buffer>> buffer =
-        backend.Allocate(numel * DTypeSize(dtype));
-    if (!buffer.ok()) {
-      ADD_FAILURE() << buffer.status();
-      std::abort();
-    }
-    buffer_ = *std::move(buffer);
-  }
-
-  DeviceTensor(Backend& backend, DType dtype, const std::vector<double>& v)
-      : DeviceTensor(backend, dtype, v.size()) {
-    const std::vector<uint8_t> bytes = Encode(v, dtype);
-    EXPECT_TRUE(
-        backend_
-            .CopyToDevice(buffer_->data(), bytes.data(), bytes.size(), nullptr)
-            .ok());
-  }
-
-  void* data() { return buffer_->data(); }
-  float* f32() { return static_cast<float*>(buffer_->data()); }
-
-  std::vector<double> Read() {
-    std::vector<uint8_t> bytes(numel_ * DTypeSize(dtype_));
-    EXPECT_TRUE(
-        backend_.CopyToHost(bytes.data(), data(), bytes.size(), nullptr).ok());
-    return Decode(bytes, dtype_);
-  }
-
- private:
-  Backend& backend_;
-  DType dtype_;
-  size_t numel_;
-  std::unique_ptr<Buffer> buffer_;
-};
-
-std::vector<double> ToFloatPrecision(const std::vector<double>& v) {
-  std::vector<double> r;
-  for (double d : v) r.push_back(static_cast<float>(d));
-  return r;
-}
+using test_util::DeviceTensor;
+using test_util::Inputs;
+using test_util::MakeInputs;
+using test_util::ToFloatPrecision;
 
 void ExpectActivationsNear(const std::vector<double>& got,
                            const std::vector<double>& want, DType dtype,
                            const std::string& what) {
-  ASSERT_EQ(got.size(), want.size()) << what;
-  double scale = 0;
-  for (double w : want) scale = std::max(scale, std::abs(w));
-  int bad = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double tol = (dtype == DType::kFloat32 ? 1e-5 * std::abs(want[i])
-                                                 : Ulp(dtype, want[i])) +
-                       1e-6 * scale;
-    if (!(std::abs(got[i] - want[i]) <= tol) && ++bad <= 5) {
-      ADD_FAILURE() << what << "[" << i << "] = " << got[i] << ", want "
-                    << want[i] << " +- " << tol;
-    }
-  }
-  EXPECT_EQ(bad, 0) << what << ": mismatches out of " << want.size();
+  test_util::ExpectActivationsNear(got, want, dtype, what, 1e-6);
 }
 
 void ExpectStatsNear(const std::vector<double>& got,
@@ -270,49 +152,6 @@ std::vector<MatrixCase> AllCases() {
     }
   }
   return cases;
-}
-
-// Random inputs, rounded to what the backend sees.
-struct Inputs {
-  BatchNormShape shape;
-  DType dtype;
-  std::vector<double> x, dy;  // Rounded to dtype.
-  std::vector<double> weight, bias, running_mean, running_var;  // Float.
-};
-
-Inputs MakeInputs(const std::vector<int64_t>& dims, Layout layout, DType dtype,
-                  uint64_t seed, double offset = 0, double spread = 1) {
-  Inputs in;
-  absl::StatusOr<BatchNormShape> shape = MakeBatchNormShape(dims, layout);
-  EXPECT_TRUE(shape.ok()) << shape.status();
-  in.shape = *shape;
-  in.dtype = dtype;
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> normal;
-  std::uniform_real_distribution<double> uniform(0.5, 2.0);
-  const int64_t c = in.shape.c;
-  std::vector<double> mean(c), stddev(c);
-  for (int64_t ch = 0; ch < c; ++ch) {
-    mean[ch] = offset + 3 * spread * (uniform(rng) - 1.25);
-    stddev[ch] = spread * uniform(rng);
-    in.weight.push_back(
-        static_cast<float>((ch % 3 == 2 ? -1 : 1) * uniform(rng)));
-    in.bias.push_back(static_cast<float>(normal(rng)));
-    in.running_mean.push_back(static_cast<float>(normal(rng)));
-    in.running_var.push_back(static_cast<float>(uniform(rng)));
-  }
-  in.x.resize(in.shape.numel());
-  in.dy.resize(in.shape.numel());
-  for (int64_t i = 0; i < in.shape.n; ++i) {
-    for (int64_t ch = 0; ch < c; ++ch) {
-      for (int64_t j = 0; j < in.shape.s; ++j) {
-        const int64_t k = reference::Offset(in.shape, i, ch, j);
-        in.x[k] = RoundToDType(mean[ch] + stddev[ch] * normal(rng), dtype);
-        in.dy[k] = RoundToDType(normal(rng), dtype);
-      }
-    }
-  }
-  return in;
 }
 
 uint64_t SeedOf(const MatrixCase& c) {
