@@ -53,6 +53,7 @@ class Writer {
   }
   void Floats(const std::vector<float>& v) {
     Put<uint32_t>(static_cast<uint32_t>(v.size()));
+    if (v.empty()) return;  // data() may be null.
     out_.append(reinterpret_cast<const char*>(v.data()),
                 v.size() * sizeof(float));
   }
@@ -83,7 +84,8 @@ class Reader {
     uint32_t n = 0;
     if (!Get(&n) || in_.size() / sizeof(float) < n) return false;
     v->resize(n);
-    std::memcpy(v->data(), in_.data(), n * sizeof(float));
+    // An empty vector's data() may be null, which memcpy must not get.
+    if (n > 0) std::memcpy(v->data(), in_.data(), n * sizeof(float));
     in_.remove_prefix(n * sizeof(float));
     return true;
   }
