@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${ASAN_BUILD_DIR:-build-asan}
 jobs=${JOBS:-$(nproc)}
-tests=(integration_test security_test lifecycle_test wire_test
+tests=(integration_test security_test lifecycle_test wire_test idempotency_test
        request_fuzzer_replay)
 
 if [[ ! -f $dir/CMakeCache.txt ]]; then
