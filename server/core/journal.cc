@@ -651,7 +651,13 @@ absl::Status Journal::LogDelete(absl::string_view tenant,
     absl::MutexLock lock(&mu_);
     auto it = layers_.find(Key(tenant, name));
     if (it != layers_.end()) {
-      dead_uids_.insert(it->second.uid);
+      if (dead_uids_.insert(it->second.uid).second) {
+        dead_order_.push_back(it->second.uid);
+        while (dead_order_.size() > options_.max_dead_layers) {
+          dead_uids_.erase(dead_order_.front());
+          dead_order_.pop_front();
+        }
+      }
       layers_.erase(it);
     }
     const std::string tenant_key(tenant);

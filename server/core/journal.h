@@ -67,6 +67,11 @@ struct JournalOptions {
   int64_t snapshot_every = 10000;
   // Request ids remembered per layer.
   size_t max_request_ids = 1024;
+  // Deleted layers remembered, most recent first, so that a mutation of a
+  // deleted layer that finishes after its delete is not logged (which would
+  // bring the layer back after a restart). Such a mutation was queued before
+  // the delete; far fewer than this many deletes happen in between.
+  size_t max_dead_layers = 65536;
 };
 
 // Longest request id a call may carry.
@@ -228,7 +233,10 @@ class Journal {
 
   absl::Mutex mu_;
   std::map<Key, LayerEntry> layers_ ABSL_GUARDED_BY(mu_);
+  // The last max_dead_layers deleted layers' uids, oldest first in the
+  // queue.
   absl::flat_hash_set<uint64_t> dead_uids_ ABSL_GUARDED_BY(mu_);
+  std::deque<uint64_t> dead_order_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, TenantLifecycle> lifecycle_ ABSL_GUARDED_BY(mu_);
   // (tenant, request id) of CreateLayer / DeleteLayer calls in progress.
   absl::flat_hash_set<Key> lifecycle_claims_ ABSL_GUARDED_BY(mu_);

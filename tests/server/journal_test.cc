@@ -199,6 +199,38 @@ TEST_F(JournalTest, DeletedLayerStaysDeleted) {
   EXPECT_THAT((*journal)->recovered(), IsEmpty());
 }
 
+// Deleted layers are remembered up to a bound: a late mutation of one of
+// the last max_dead_layers is dropped, of an older one it is logged again.
+TEST_F(JournalTest, DeletedLayersAreRememberedUpToABound) {
+  JournalOptions options;  // In memory: the entries are what counts.
+  options.max_dead_layers = 2;
+  auto journal = Journal::Open(options);
+  ASSERT_TRUE(journal.ok());
+  auto info = [](uint64_t uid) {
+    LayerInfo i = Info(uid);
+    i.name = "layers/l" + std::to_string(uid);
+    return i;
+  };
+  auto late_mutation_kept = [&](uint64_t uid) {
+    const std::string id = "late" + std::to_string(uid);
+    EXPECT_TRUE((*journal)
+                    ->LogMutation("", info(uid), nullptr, id,
+                                  RequestResult{OpKind::kForward, 3, 1})
+                    .ok());
+    return (*journal)->LookupRequest("", info(uid).name, id).has_value();
+  };
+  for (uint64_t uid = 1; uid <= 3; ++uid) {
+    ASSERT_TRUE((*journal)
+                    ->LogMutation("", info(uid), nullptr, "",
+                                  RequestResult{OpKind::kForward, 2, 1})
+                    .ok());
+    ASSERT_TRUE((*journal)->LogDelete("", info(uid).name).ok());
+  }
+  EXPECT_FALSE(late_mutation_kept(3));
+  EXPECT_FALSE(late_mutation_kept(2));
+  EXPECT_TRUE(late_mutation_kept(1));  // Forgotten: beyond the bound.
+}
+
 TEST_F(JournalTest, RequestIdsAreBoundedPerLayer) {
   JournalOptions options;  // In memory.
   options.max_request_ids = 3;
