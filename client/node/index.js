@@ -13,6 +13,17 @@
 //   const fwd = await client.forward('bn1', x, { training: true });
 //   const bwd = await client.backward('bn1', fwd.handle, dy);
 //
+// Mutating calls (createLayer, deleteLayer, forward, backward,
+// updateRunningStats, optimizerStep, setParameters, loadState) also take
+// { requestId, expectedVersion, retries } in their options: a request id
+// makes a retry return the first result and change nothing (the server
+// keeps ids across restarts with --state_dir; a retried training forward or
+// accumulating backward gets ALREADY_EXISTS, its outputs not being kept);
+// expectedVersion makes the call fail with FAILED_PRECONDITION when the
+// layer has moved on (not on createLayer/deleteLayer); retries: N resends a
+// unary call after UNAVAILABLE, DEADLINE_EXCEEDED or ABORTED, always with
+// the same request id (a fresh one from newRequestId() when none was given).
+//
 // Tensors are { shape, dtype, layout, data }: shape in PyTorch's logical
 // order (N, C, ...spatial), dtype 'float32' | 'float16' | 'bfloat16', layout
 // 'NCHW' | 'NHWC' (the order of the bytes), data a Float32Array (float32) or
@@ -20,6 +31,7 @@
 // the same way, as views of the reply's bytes where alignment allows.
 'use strict';
 
+const crypto = require('crypto');
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -172,6 +184,49 @@ function stateToProto(state) {
   return { tensors };
 }
 
+// A fresh request id: 128 random bits in hex.
+function newRequestId() {
+  return crypto.randomBytes(16).toString('hex');
+}
+
+// Operations that change a layer, and whether they take expectedVersion.
+const MUTATING = { forward: true, backward: true, updateRunningStats: true,
+                   optimizerStep: true, setParameters: true, loadState: true,
+                   CreateLayer: false, DeleteLayer: false };
+const RETRYABLE = new Set([grpc.status.UNAVAILABLE,
+                           grpc.status.DEADLINE_EXCEEDED,
+                           grpc.status.ABORTED]);
+const RETRY_BACKOFF_MS = 50;
+
+// Adds options.requestId / options.expectedVersion to `request` (op is an
+// OPS key, or 'CreateLayer' / 'DeleteLayer').
+function withIds(op, request, o) {
+  const given = (v) => v !== undefined && v !== null;
+  if (!(op in MUTATING) && (given(o.requestId) || given(o.expectedVersion))) {
+    throw new TypeError(`${op} changes nothing: no requestId or ` +
+                        'expectedVersion');
+  }
+  if (o.requestId !== undefined && o.requestId !== null) {
+    request.request_id = String(o.requestId);
+  }
+  if (o.expectedVersion !== undefined && o.expectedVersion !== null) {
+    if (!MUTATING[op]) {
+      throw new TypeError(`expectedVersion does not apply to ${op}`);
+    }
+    request.expected_version = String(o.expectedVersion);
+  }
+  return request;
+}
+
+// Options with a request id when retries are asked for without one.
+function withRetryId(op, options) {
+  if (!(op in MUTATING) || !options.retries ||
+      (options.requestId !== undefined && options.requestId !== null)) {
+    return options;
+  }
+  return { ...options, requestId: newRequestId() };
+}
+
 const floats = (values) => Float32Array.from(values || []);
 const list = (values) => (values ? Array.from(values, Number) : []);
 
@@ -300,14 +355,33 @@ class Client {
       });
     for (const op of Object.keys(OPS)) {
       this[op] = (...all) => {
-        const { args, options } = splitArgs(op, all);
-        return this._unary(RPC_NAMES[op], OPS[op].request(...args, options),
-                           options, args[0]).then(OPS[op].result);
+        const split = splitArgs(op, all);
+        const options = withRetryId(op, split.options);
+        const request = withIds(op, OPS[op].request(...split.args, options),
+                                options);
+        return this._unary(RPC_NAMES[op], request, options, split.args[0])
+          .then(OPS[op].result);
       };
     }
   }
 
-  _unary(method, request, options = {}, layer) {
+  // One unary call, resent up to options.retries times after a retryable
+  // status (the request carries its request id, so a resend is safe).
+  async _unary(method, request, options = {}, layer) {
+    const retries = Number(options.retries || 0);
+    let backoff = RETRY_BACKOFF_MS;
+    for (let attempt = 0; ; ++attempt) {
+      try {
+        return await this._unaryOnce(method, request, options, layer);
+      } catch (err) {
+        if (attempt >= retries || !RETRYABLE.has(err.code)) throw err;
+      }
+      await new Promise((resolve) => setTimeout(resolve, backoff));
+      backoff *= 2;
+    }
+  }
+
+  _unaryOnce(method, request, options, layer) {
     const timeoutMs = options.timeoutMs === undefined
       ? this.timeoutMs : options.timeoutMs;
     const callOptions = timeoutMs ? { deadline: Date.now() + timeoutMs } : {};
@@ -326,10 +400,13 @@ class Client {
 
   // Creates a BatchNorm layer with torch.nn.BatchNorm's arguments:
   // { layerId, eps, momentum (null: cumulative average), affine,
-  //   trackRunningStats, layout, dtype, spatialDims, device, timeoutMs }.
+  //   trackRunningStats, layout, dtype, spatialDims, device, timeoutMs,
+  //   requestId, retries }.
   async createLayer(numFeatures, options = {}) {
+    const o = withRetryId('CreateLayer', options);
     return layerFromProto(await this._unary(
-      'CreateLayer', createRequest(numFeatures, options), options));
+      'CreateLayer', withIds('CreateLayer', createRequest(numFeatures, o), o),
+      o));
   }
 
   async listLayers({ pageSize = 0, pageToken = '', timeoutMs } = {}) {
@@ -340,8 +417,11 @@ class Client {
              nextPageToken: r.next_page_token };
   }
 
+  // options: { timeoutMs, requestId, retries }.
   async deleteLayer(name, options = {}) {
-    await this._unary('DeleteLayer', { name }, options, name);
+    const o = withRetryId('DeleteLayer', options);
+    await this._unary('DeleteLayer', withIds('DeleteLayer', { name }, o), o,
+                      name);
   }
 
   // Opens a Train stream: the same operations as methods, answered in order.
@@ -375,10 +455,22 @@ class TrainStream {
     this._call.on('end', () => this._failAll(new NormserveError(
       grpc.status.UNKNOWN, 'the Train stream ended before answering',
       'Train', client.address)));
+    // Request ids and expected versions work as in unary calls; retries
+    // don't apply (resend on a new stream).
     for (const op of Object.keys(OPS)) {
       this[op] = (...all) => {
         const { args, options } = splitArgs(op, all);
-        return this._submit(op, OPS[op].request(...args, options), args[0]);
+        if (options.retries) {
+          return Promise.reject(new TypeError(
+            'retries applies to unary calls; a stream op fails alone'));
+        }
+        let request;
+        try {
+          request = withIds(op, OPS[op].request(...args, options), options);
+        } catch (err) {
+          return Promise.reject(err);
+        }
+        return this._submit(op, request, args[0]);
       };
     }
   }
@@ -423,4 +515,4 @@ class TrainStream {
 }
 
 module.exports = { Client, TrainStream, NormserveError, tensor, loadApi,
-                   status: grpc.status };
+                   newRequestId, status: grpc.status };

@@ -218,3 +218,77 @@ const {{ Client, tensor, status }} = require({json.dumps(node_dir)});
     assert "input has 4 channels" in out["shape"][1]
     assert out["stream"] == "NOT_FOUND" and out["after"] == 3
     assert out["dead"] == "UNAVAILABLE"
+
+
+def test_node_request_ids(server, node, tmp_path):
+    """Request ids, expected versions and retries through the Node client."""
+    node_binary, node_dir = node
+    script = tmp_path / "ids.js"
+    script.write_text(f"""
+const {{ Client, newRequestId }} = require({json.dumps(node_dir)});
+(async () => {{
+  const out = {{}};
+  const c = new Client({json.dumps(server.address)}, {{ timeoutMs: 10000 }});
+  const createId = newRequestId();
+  const a = await c.createLayer(3, {{ requestId: createId }});
+  const b = await c.createLayer(3, {{ requestId: createId }});
+  out.create = [a.name, b.name, createId.length];
+  const name = a.name;
+  out.set1 = await c.setParameters(name, {{ weight: [1, 2, 3],
+                                            bias: [0, 0, 0],
+                                            requestId: 'set-1' }});
+  out.set1Retry = await c.setParameters(name, {{ weight: [4, 5, 6],
+                                                 bias: [1, 1, 1],
+                                                 requestId: 'set-1' }});
+  out.weight = Array.from((await c.getState(name)).tensors.weight);
+  try {{
+    await c.setParameters(name, {{ weight: [7, 7, 7],
+                                   expectedVersion: out.set1 - 1 }});
+  }} catch (e) {{ out.stale = [e.codeName, e.details]; }}
+  out.match = await c.setParameters(name, {{ weight: [7, 7, 7],
+                                             bias: [0, 0, 0],
+                                             expectedVersion: out.set1 }});
+  const s = c.train();
+  const u1 = await s.updateRunningStats(name, [0, 0, 0], [1, 1, 1], 4,
+                                        {{ requestId: 'urs-1' }});
+  const u2 = await s.updateRunningStats(name, [5, 5, 5], [2, 2, 2], 4,
+                                        {{ requestId: 'urs-1' }});
+  try {{ await s.getLayer(name, {{ retries: 1 }}); }}
+  catch (e) {{ out.streamRetries = e instanceof TypeError; }}
+  await s.end();
+  out.stream = [u1.version, u2.version, u1.numBatchesTracked,
+                u2.numBatchesTracked];
+  out.runningMean = Array.from((await c.getState(name)).tensors.running_mean);
+  out.retried = await c.setParameters(name, {{ weight: [1, 1, 1],
+                                               bias: [0, 0, 0], retries: 2 }});
+  try {{ await c.getLayer(name, {{ requestId: 'x' }}); }}
+  catch (e) {{ out.readId = e instanceof TypeError; }}
+  try {{ await c.deleteLayer(name, {{ expectedVersion: 1 }}); }}
+  catch (e) {{ out.deleteVersion = e instanceof TypeError; }}
+  const deleteId = newRequestId();
+  await c.deleteLayer(name, {{ requestId: deleteId }});
+  await c.deleteLayer(name, {{ requestId: deleteId }});
+  try {{ await c.getLayer(name); }} catch (e) {{ out.gone = e.codeName; }}
+  console.log(JSON.stringify(out));
+  c.close();
+}})().catch((e) => {{ console.error(e); process.exit(1); }});
+""")
+    out = json.loads(run([node_binary, str(script)]))
+    # A retried create returns the layer the first attempt made.
+    assert out["create"][0] == out["create"][1]
+    assert out["create"][2] == 32
+    # A retry returns the first result and changes nothing.
+    assert out["set1Retry"] == out["set1"]
+    assert out["weight"] == [1, 2, 3]
+    assert out["stale"][0] == "FAILED_PRECONDITION"
+    assert f"at version {out['set1']}" in out["stale"][1]
+    assert f"expected version {out['set1'] - 1}" in out["stale"][1]
+    assert out["match"] == out["set1"] + 1
+    # On the stream too: the retry's answer is the first one, applied once.
+    assert out["stream"][0] == out["stream"][1]
+    assert out["stream"][2] == out["stream"][3] == 1
+    assert out["runningMean"] == [0, 0, 0]
+    assert out["streamRetries"] is True
+    assert out["retried"] == out["stream"][0] + 1
+    assert out["readId"] is True and out["deleteVersion"] is True
+    assert out["gone"] == "NOT_FOUND"
