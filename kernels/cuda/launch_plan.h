@@ -47,7 +47,8 @@ constexpr int kBlockThreads = 256;
 // Threads per channel in the planes form when channels are small.
 constexpr int kWarpThreads = 32;
 // Vectors each thread loads before using them (loads in flight), unless a
-// kernel's entry point picks another number (see planes_kernels.cuh).
+// typed entry point picks another number (planes_kernels.cuh,
+// rows_kernels.cuh).
 constexpr int kUnroll = 4;
 // Planes: channels with at most this many vectors get one warp each.
 constexpr int64_t kMaxWarpChannelUnits = 1024;
