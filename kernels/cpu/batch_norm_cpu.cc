@@ -25,7 +25,9 @@
 // is the lone outlier; typical data loses a bit or two. Either way the
 // double result is far more precise than the float it is rounded to, for
 // any offset of the data (naive E[x²] - E[x]² in float loses everything
-// once |mean| >> std).
+// once |mean| >> std). The rows form sums in float over runs of rows,
+// shifted by a near-mean value per column, and folds each run into these
+// double sums exactly (cpu_kernels_impl.inc, StatsRows).
 #include "kernels/cpu/batch_norm_cpu.h"
 
 #include <algorithm>
@@ -207,7 +209,7 @@ size_t ScratchBytes(const Plan& p) {
   const double len = static_cast<double>(p.rows ? p.width : p.c);
   const double c = static_cast<double>(p.c);
   const double doubles = 4 * c + p.tasks * (2 * len + 8) + len;
-  const double floats = 8 * c + 8 * len;
+  const double floats = 8 * c + 8 * len + p.tasks * (3 * len + 16);
   const double bytes = 8 * doubles + 4 * floats;
   return bytes < 1e18 ? static_cast<size_t>(bytes) : 0;
 }
@@ -582,13 +584,16 @@ class CpuBackend final : public Backend {
     if (p.rows) {
       const Partials parts(scratch, p.tasks, p.width);
       const double* shift_col = ExpandToColumns(p, scratch, shift);
+      // Float work space for stats_rows, 3 * width per task.
+      const size_t work_stride = RoundUp(3 * static_cast<size_t>(p.width), 16);
+      float* work = scratch.Take<float>(work_stride * p.tasks);
       pool_.Run(p.tasks, [&](int t) {
         parts.Zero(t);
         ForEachRowBlock(
             p, t,
             [&](int64_t off, int64_t rows, int64_t ld, int64_t c0, int64_t c1) {
               k.stats_rows(x + off, rows, ld, c0, c1, shift_col, parts.first(t),
-                           parts.second(t));
+                           parts.second(t), work + work_stride * t);
             });
       });
       MergePartials(p, parts, sum, sumsq);

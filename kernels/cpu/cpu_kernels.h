@@ -5,9 +5,10 @@
 // planes), or a block of `rows` rows of stride `ld` elements of which columns
 // [c0, c1) are visited, column j belonging to the per-column parameters and
 // accumulators at index j (NHWC rows, or NCHW planes folded into rows).
-// Elements are loaded as float; accumulators are double; outputs are
-// computed in float and rounded to T to nearest even. Accumulating functions
-// add to what their outputs already hold.
+// Elements are loaded as float; accumulators are double (stats_rows folds
+// float partial sums into them); outputs are computed in float and rounded
+// to T to nearest even. Accumulating functions add to what their outputs
+// already hold.
 #pragma once
 
 #include <cstdint>
@@ -22,9 +23,11 @@ struct KernelSet {
   void (*stats_segment)(const T* x, int64_t len, double shift, double* sum,
                         double* sumsq);
   // sum[j] += Σ_r (x[r][j] - shift[j]); sumsq[j] += Σ_r (x[r][j] - shift[j])².
+  // `work` has room for 3 * c1 floats and is clobbered. Sums in float over
+  // runs of rows, folded into double (see StatsRows).
   void (*stats_rows)(const T* x, int64_t rows, int64_t ld, int64_t c0,
                      int64_t c1, const double* shift, double* sum,
-                     double* sumsq);
+                     double* sumsq, float* work);
   // y = (x - shift) * alpha + beta.
   void (*affine_segment)(const T* x, T* y, int64_t len, float shift,
                          float alpha, float beta);
