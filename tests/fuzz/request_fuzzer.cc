@@ -40,6 +40,10 @@ World* GetWorld() {
     options.max_saved_contexts = 16;
     options.max_saved_bytes = 1 << 20;
     options.max_layers = 8;
+    // Layers up to 2^27 features are valid; allocating and zeroing one
+    // (2 GiB) takes seconds and most of the RSS limit, and the fuzzer would
+    // spend its runs there. 1 MiB of state still takes every path.
+    options.max_state_bytes = 1 << 20;
     w->engine = *Engine::Create(options, *CreateBackend("cpu", 1));
     w->ops = std::make_unique<Operations>(w->engine.get());
     return w;
