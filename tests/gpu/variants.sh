@@ -18,7 +18,8 @@
 #       case) and the benchmark (BENCH_ARGS passed on), then the baseline's
 #       benchmark again (the spread between its two runs is the noise).
 #       Results in $OUT: variants.log, bench-NAME.json, and the table of
-#       ratios, printed last.
+#       ratios (variants.txt), printed last. The device tool returns at most
+#       8 files: up to 4 variants per call come back whole.
 #
 # From the session's device tool:
 #   run(command="tests/gpu/variants.sh run",
@@ -86,7 +87,6 @@ do_run() {
       timeout 120 "${dirs[$i]}/gpu_kernels_test" --gtest_brief=1 --gtest_color=no \
         --gtest_filter='-*Huge*' || rc=$?
       echo "tests ${names[$i]}: exit $rc"
-      # The baseline's benchmark may predate --filter and its exit fix.
       timeout 120 "${dirs[$i]}/normserve_cuda_bench" --json "$out/bench-${names[$i]}.json" ${BENCH_ARGS:-}
       echo "bench ${names[$i]}: exit $?"
     done
@@ -130,5 +130,5 @@ PY
 case "${1:-}" in
   build) shift; do_build "$@" ;;
   run) shift; do_run "$@" ;;
-  *) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
