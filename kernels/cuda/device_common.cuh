@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cub/block/block_reduce.cuh>
 #include <cub/warp/warp_reduce.cuh>
+#include <type_traits>
 
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/launch_plan.h"
@@ -225,6 +226,35 @@ int BlocksPerSm(int device) {
   }
   if (cacheable) cache[device].store(blocks, std::memory_order_relaxed);
   return blocks;
+}
+
+// The device scratch of a split plan (launch_plan.h, WorkspaceLayout),
+// reserved in env's workspace: [splits][channels] partials, the
+// per-channel results (forward: hi then lo, c floats each; backward: the
+// GradCoefficients) and the counters.
+template <typename Partial, typename PerChannel>
+struct SplitScratch {
+  Partial* partials = nullptr;
+  PerChannel* per_channel = nullptr;
+  unsigned* counters = nullptr;
+};
+
+template <typename Partial, typename PerChannel>
+cudaError_t ReserveSplitScratch(const LaunchEnv& env, int64_t splits,
+                                int64_t channels, int64_t counters,
+                                SplitScratch<Partial, PerChannel>* out) {
+  constexpr bool kBackward = std::is_same_v<Partial, GradSums>;
+  static_assert(kBackward || std::is_same_v<Partial, Welford>);
+  const WorkspaceLayout wl =
+      MakeWorkspaceLayout(splits, channels, counters, kBackward);
+  void* ws = nullptr;
+  const cudaError_t err =
+      env.workspace->Reserve(wl.bytes, wl.counters, &ws, &out->counters);
+  if (err != cudaSuccess) return err;
+  char* base = static_cast<char*>(ws);
+  out->partials = reinterpret_cast<Partial*>(base + wl.partials);
+  out->per_channel = reinterpret_cast<PerChannel*>(base + wl.per_channel);
+  return cudaSuccess;
 }
 
 // True when every non-null pointer is aligned to `bytes`.

@@ -320,19 +320,13 @@ cudaError_t ForwardTrain(const ForwardTrainParams& p, const LaunchEnv& env) {
     }
     return cudaGetLastError();
   }
-  const WorkspaceLayout wl =
-      MakeWorkspaceLayout(plan.splits, e.c, e.c, /*backward=*/false);
-  void* ws = nullptr;
-  unsigned* counters = nullptr;
-  cudaError_t err =
-      env.workspace->Reserve(wl.bytes, wl.counters, &ws, &counters);
+  SplitScratch<Welford, float> ws;
+  const cudaError_t err = ReserveSplitScratch(env, plan.splits, e.c, e.c, &ws);
   if (err != cudaSuccess) return err;
-  auto* base = static_cast<char*>(ws);
-  auto* partials = reinterpret_cast<Welford*>(base + wl.partials);
-  auto* hi = reinterpret_cast<float*>(base + wl.per_channel);
+  float* hi = ws.per_channel;
   float* lo = hi + e.c;
   StatsPartialKernel<T, V, kU><<<grid, kBlockThreads, 0, env.stream>>>(
-      a, plan.geo, plan.units_per_split, partials, hi, lo, counters);
+      a, plan.geo, plan.units_per_split, ws.partials, hi, lo, ws.counters);
   if (p.y != nullptr) {
     AffineArgs aa{p.x, p.y, hi, lo, p.save_invstd, p.weight, p.bias};
     AffineKernel<T, V, kU, kBlockThreads>
@@ -398,19 +392,13 @@ cudaError_t Backward(const BackwardParams& p, const LaunchEnv& env) {
     }
     return cudaGetLastError();
   }
-  const WorkspaceLayout wl =
-      MakeWorkspaceLayout(plan.splits, e.c, e.c, /*backward=*/true);
-  void* ws = nullptr;
-  unsigned* counters = nullptr;
-  cudaError_t err =
-      env.workspace->Reserve(wl.bytes, wl.counters, &ws, &counters);
+  SplitScratch<GradSums, GradCoefficients> ws;
+  const cudaError_t err = ReserveSplitScratch(env, plan.splits, e.c, e.c, &ws);
   if (err != cudaSuccess) return err;
-  auto* base = static_cast<char*>(ws);
-  auto* partials = reinterpret_cast<GradSums*>(base + wl.partials);
-  auto* coefficients =
-      reinterpret_cast<GradCoefficients*>(base + wl.per_channel);
+  GradCoefficients* coefficients = ws.per_channel;
   GradPartialKernel<T, V, kU><<<grid, kBlockThreads, 0, env.stream>>>(
-      a, plan.geo, plan.units_per_split, partials, coefficients, counters);
+      a, plan.geo, plan.units_per_split, ws.partials, coefficients,
+      ws.counters);
   if (p.dx != nullptr) {
     GradInputKernel<T, V, kU><<<grid, kBlockThreads, 0, env.stream>>>(
         a, plan.geo, plan.units_per_split, coefficients);

@@ -447,19 +447,14 @@ cudaError_t ForwardTrain(const ForwardTrainParams& p, const LaunchEnv& env) {
         <<<Grid(plan), kBlockThreads, 0, env.stream>>>(a, sh);
     return cudaGetLastError();
   }
-  const WorkspaceLayout wl = MakeWorkspaceLayout(
-      plan.row_splits, sh.c, plan.col_tiles, /*backward=*/false);
-  void* ws = nullptr;
-  unsigned* counters = nullptr;
+  SplitScratch<Welford, float> ws;
   const cudaError_t err =
-      env.workspace->Reserve(wl.bytes, wl.counters, &ws, &counters);
+      ReserveSplitScratch(env, plan.row_splits, sh.c, plan.col_tiles, &ws);
   if (err != cudaSuccess) return err;
-  auto* base = static_cast<char*>(ws);
-  auto* partials = reinterpret_cast<Welford*>(base + wl.partials);
-  auto* hi = reinterpret_cast<float*>(base + wl.per_channel);
+  float* hi = ws.per_channel;
   float* lo = hi + sh.c;
   StatsPartialKernel<T, V, kU><<<Grid(plan), kBlockThreads, 0, env.stream>>>(
-      a, sh, plan.rows_per_split, partials, hi, lo, counters);
+      a, sh, plan.rows_per_split, ws.partials, hi, lo, ws.counters);
   if (p.y != nullptr) {
     const AffineArgs aa{p.x, p.y, hi, lo, p.save_invstd, p.weight, p.bias};
     AffineKernel<T, V, kU><<<Grid(plan), kBlockThreads, 0, env.stream>>>(
@@ -503,19 +498,13 @@ cudaError_t Backward(const BackwardParams& p, const LaunchEnv& env) {
         <<<Grid(plan), kBlockThreads, 0, env.stream>>>(a, sh);
     return cudaGetLastError();
   }
-  const WorkspaceLayout wl = MakeWorkspaceLayout(
-      plan.row_splits, sh.c, plan.col_tiles, /*backward=*/true);
-  void* ws = nullptr;
-  unsigned* counters = nullptr;
+  SplitScratch<GradSums, GradCoefficients> ws;
   const cudaError_t err =
-      env.workspace->Reserve(wl.bytes, wl.counters, &ws, &counters);
+      ReserveSplitScratch(env, plan.row_splits, sh.c, plan.col_tiles, &ws);
   if (err != cudaSuccess) return err;
-  auto* base = static_cast<char*>(ws);
-  auto* partials = reinterpret_cast<GradSums*>(base + wl.partials);
-  auto* coefficients =
-      reinterpret_cast<GradCoefficients*>(base + wl.per_channel);
+  GradCoefficients* coefficients = ws.per_channel;
   GradPartialKernel<T, V, kU><<<Grid(plan), kBlockThreads, 0, env.stream>>>(
-      a, sh, plan.rows_per_split, partials, coefficients, counters);
+      a, sh, plan.rows_per_split, ws.partials, coefficients, ws.counters);
   if (p.dx != nullptr) {
     GradInputKernel<T, V, kU><<<Grid(plan), kBlockThreads, 0, env.stream>>>(
         a, sh, plan.rows_per_split, coefficients);
