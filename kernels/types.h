@@ -1,4 +1,4 @@
-// Element types, layouts and the shape of a normalization problem.
+// The shape of a BatchNorm problem, and the element types and layouts.
 //
 // Shared by every backend and by the server; no gRPC, no protobuf.
 #pragma once
@@ -9,16 +9,18 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/types.h"
 
 namespace normserve::kernels {
 
-enum class DType { kFloat32, kFloat16, kBFloat16 };
-enum class Layout { kNCHW, kNHWC };
-
-// Returns the size in bytes of one element of `dtype`.
-size_t DTypeSize(DType dtype);
-const char* DTypeName(DType dtype);
-const char* LayoutName(Layout layout);
+// The shared element types and layouts (common/types.h), as the kernels'
+// interface names them.
+using ::normserve::DType;
+using ::normserve::DTypeName;
+using ::normserve::DTypeSize;
+using ::normserve::Layout;
+using ::normserve::LayoutName;
+using ::normserve::ShapeToString;
 
 // A BatchNorm problem reduced to three extents. For NCHW the memory is
 // [n][c][s]; for NHWC it is [n][s][c]. `s` is the product of the spatial
@@ -39,7 +41,5 @@ struct BatchNormShape {
 // outside [2, 5], a dimension < 1, or an element count that overflows int64.
 absl::StatusOr<BatchNormShape> MakeBatchNormShape(
     const std::vector<int64_t>& dims, Layout layout);
-
-std::string ShapeToString(const std::vector<int64_t>& dims);
 
 }  // namespace normserve::kernels

@@ -23,7 +23,7 @@
 #include "client/cpp/client.h"
 #include "client/cpp/tensor.h"
 #include "kernels/reference/batch_norm_reference.h"
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 #include "kernels/types.h"
 #include "normserve/v1/normserve.grpc.pb.h"
 

@@ -21,7 +21,7 @@
 #include "client/cpp/state_json.h"
 #include "client/cpp/tensor.h"
 #include "google/protobuf/text_format.h"
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 
 namespace normserve::client::cli {
 namespace {

@@ -10,7 +10,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/time.h"
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 
 namespace normserve::client::cli {
 namespace {

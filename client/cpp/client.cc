@@ -14,7 +14,7 @@
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/support/channel_arguments.h"
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 
 namespace normserve::client {
 namespace {

@@ -32,7 +32,7 @@
 #include "client/cpp/client.h"
 #include "client/cpp/remote_batch_norm.h"
 #include "client/cpp/tensor.h"
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 
 namespace normserve::client {
 namespace {

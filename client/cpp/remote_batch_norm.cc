@@ -4,7 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/cpp/tensor.h"
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 
 namespace normserve::client {
 

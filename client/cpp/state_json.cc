@@ -8,7 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "client/cpp/tensor.h"
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 
 namespace normserve::client {
 namespace {

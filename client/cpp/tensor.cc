@@ -5,7 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "kernels/half.h"
+#include "common/half.h"
 
 namespace normserve::client {
 namespace {
@@ -90,8 +90,8 @@ absl::StatusOr<v1::Tensor> MakeTensor(absl::Span<const float> values,
       data->resize(values.size() * sizeof(uint16_t));
       const bool half = dtype == v1::DTYPE_FLOAT16;
       for (size_t i = 0; i < values.size(); ++i) {
-        const uint16_t bits = half ? kernels::FloatToHalfBits(values[i])
-                                   : kernels::FloatToBFloat16Bits(values[i]);
+        const uint16_t bits =
+            half ? FloatToHalfBits(values[i]) : FloatToBFloat16Bits(values[i]);
         std::memcpy(data->data() + i * sizeof(bits), &bits, sizeof(bits));
       }
       break;
@@ -146,8 +146,7 @@ absl::StatusOr<std::vector<float>> TensorToFloats(const v1::Tensor& tensor) {
   for (size_t i = 0; i < values.size(); ++i) {
     uint16_t bits;
     std::memcpy(&bits, data + i * sizeof(bits), sizeof(bits));
-    values[i] = half ? kernels::HalfBitsToFloat(bits)
-                     : kernels::BFloat16BitsToFloat(bits);
+    values[i] = half ? HalfBitsToFloat(bits) : BFloat16BitsToFloat(bits);
   }
   return values;
 }

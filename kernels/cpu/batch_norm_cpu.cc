@@ -48,8 +48,8 @@
 #include "kernels/batch_norm.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cpu/parallel.h"
-#include "kernels/half.h"
-#include "kernels/status_macros.h"
+#include "common/half.h"
+#include "common/status_macros.h"
 #include "kernels/types.h"
 
 namespace normserve::kernels {

@@ -13,7 +13,7 @@
 
 #include <cstdint>
 
-#include "kernels/half.h"
+#include "common/half.h"
 
 namespace normserve::kernels::cpu {
 

@@ -6,7 +6,7 @@
 #include <cstring>
 
 #include "kernels/cpu/cpu_kernels.h"
-#include "kernels/half.h"
+#include "common/half.h"
 
 // GCC only: clang 14 (the fuzz and sanitizer builds, scripts/fuzz.sh) has
 // neither `#pragma GCC target` nor __builtin_cpu_supports("f16c"); it gets

@@ -3,7 +3,7 @@
 #include <cstring>
 
 #include "kernels/cpu/cpu_kernels.h"
-#include "kernels/half.h"
+#include "common/half.h"
 
 #if defined(__SSE2__)
 #include <immintrin.h>

@@ -21,7 +21,7 @@
 #include "absl/synchronization/mutex.h"
 #include "kernels/arg_checks.h"
 #include "kernels/cuda/launch.h"
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 #include "kernels/types.h"
 
 namespace normserve::kernels {

@@ -2,7 +2,7 @@
 
 #include <utility>
 
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 
 namespace normserve::server {
 

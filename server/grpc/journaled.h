@@ -12,7 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 #include "server/core/batch_norm_layer.h"
 #include "server/core/journal.h"
 

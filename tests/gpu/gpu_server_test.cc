@@ -14,7 +14,7 @@
 #include "client/cpp/tensor.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "kernels/half.h"
+#include "common/half.h"
 #include "server/core/batch_norm_layer.h"
 #include "server/core/device.h"
 #include "server/grpc/server.h"

@@ -33,7 +33,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 #include "server/core/batch_norm_layer.h"
 #include "server/core/device.h"
 

@@ -16,7 +16,7 @@
 #include <cstdint>
 #include <cstring>
 
-namespace normserve::kernels {
+namespace normserve {
 
 // A binary16 value held as its bits (1 sign, 5 exponent, 10 mantissa bits).
 struct Half {
@@ -121,4 +121,4 @@ inline BFloat16 FromFloat<BFloat16>(float f) {
   return FloatToBFloat16(f);
 }
 
-}  // namespace normserve::kernels
+}  // namespace normserve

@@ -1,4 +1,4 @@
-#include "kernels/half.h"
+#include "common/half.h"
 
 #include <algorithm>
 #include <cmath>
@@ -9,7 +9,7 @@
 
 #include "gtest/gtest.h"
 
-namespace normserve::kernels {
+namespace normserve {
 namespace {
 
 // Every finite non-negative binary16 value, ascending, as double.
@@ -188,4 +188,4 @@ TEST(BFloat16Test, MatchesTruncationPlusRoundingBitOnRandomFloats) {
 }
 
 }  // namespace
-}  // namespace normserve::kernels
+}  // namespace normserve
