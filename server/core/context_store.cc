@@ -14,9 +14,7 @@ SavedContext::~SavedContext() {
   if (pool != nullptr) pool->Release(std::move(x));
 }
 
-size_t SavedContext::bytes() const {
-  return (x ? x->size() : 0) + (mean.size() + invstd.size()) * sizeof(float);
-}
+size_t SavedContext::bytes() const { return x ? x->size() : 0; }
 
 absl::Status ContextStore::CheckFits(size_t bytes) const {
   if (bytes > max_bytes_) {

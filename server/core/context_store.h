@@ -24,27 +24,25 @@
 
 namespace normserve::server {
 
+// What one Forward saved for its Backward. Each kind derives its own (the
+// statistics and shapes it needs); the store only bounds, ages and hands
+// them back. A context is taken back only by the layer (uid) that stored
+// it, so that layer may cast it to its own type.
 struct SavedContext {
   SavedContext() = default;
   SavedContext(const SavedContext&) = delete;
   SavedContext& operator=(const SavedContext&) = delete;
   // Returns `x` to `pool` for reuse.
-  ~SavedContext();
+  virtual ~SavedContext();
 
   uint64_t layer_uid = 0;
-  // True: the forward normalized with the batch's own statistics, so the
-  // training backward applies. False: it used constants (eval mode).
-  bool batch_stats = true;
-  std::vector<int64_t> dims;
-  kernels::BatchNormShape shape;
-  kernels::DType dtype = kernels::DType::kFloat32;
-  // A copy of the forward input; null when backward does not need it.
+  // A copy of the forward input in backend memory; null when backward does
+  // not need it.
   std::unique_ptr<kernels::Buffer> x;
-  std::vector<float> mean;    // [C]
-  std::vector<float> invstd;  // [C]
   BufferPool* pool = nullptr;
 
-  size_t bytes() const;
+  // Bytes held: x plus what the kind adds.
+  virtual size_t bytes() const;
 };
 
 class ContextStore {

@@ -1,9 +1,13 @@
 #include "server/core/engine.h"
 
 #include <algorithm>
+#include <random>
 #include <thread>
+#include <tuple>
 
+#include "absl/hash/hash.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 
@@ -13,8 +17,6 @@ namespace {
 constexpr absl::string_view kNamePrefix = "layers/";
 constexpr int kDefaultPageSize = 100;
 constexpr int kMaxPageSize = 1000;
-// Channels of one layer (4 GiB of float32 state); more is a malformed config.
-constexpr int64_t kMaxNumFeatures = int64_t{1} << 27;
 
 bool IsValidId(absl::string_view id) {
   if (id.empty() || id.size() > 63) return false;
@@ -46,30 +48,29 @@ std::string LayerKey(absl::string_view tenant, absl::string_view id) {
   return absl::StrCat(tenant, "/", id);
 }
 
-size_t Engine::StateBytes(const BatchNormConfig& config) {
-  // weight, bias, running_mean, running_var, grad_weight, grad_bias and two
-  // momentum buffers, float32 each, plus a fixed overhead per layer.
-  constexpr size_t kPerChannel = 8 * sizeof(float);
-  constexpr size_t kPerLayer = 1024;
-  return kPerLayer +
-         static_cast<size_t>(std::max<int64_t>(config.num_features, 0)) *
-             kPerChannel;
-}
-
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
-    const EngineOptions& options, std::unique_ptr<kernels::Backend> backend) {
+    const EngineOptions& options, std::unique_ptr<kernels::Backend> backend,
+    const KindRegistry* kinds) {
   if (backend == nullptr) {
     return absl::InvalidArgumentError("Engine needs a kernel backend");
+  }
+  if (kinds == nullptr) {
+    return absl::InvalidArgumentError("Engine needs a kind registry");
   }
   if (options.max_saved_contexts == 0) {
     return absl::InvalidArgumentError("max_saved_contexts must be > 0");
   }
-  return std::unique_ptr<Engine>(new Engine(options, std::move(backend)));
+  return std::unique_ptr<Engine>(
+      new Engine(options, std::move(backend), kinds));
 }
 
 Engine::Engine(const EngineOptions& options,
-               std::unique_ptr<kernels::Backend> backend)
+               std::unique_ptr<kernels::Backend> backend,
+               const KindRegistry* kinds)
     : options_(options),
+      kinds_(kinds),
+      token_key_((uint64_t{std::random_device()()} << 32) ^
+                 std::random_device()()),
       backend_(std::move(backend)),
       pool_(backend_.get(), options.max_saved_bytes),
       contexts_(options.max_saved_contexts, options.max_saved_bytes) {
@@ -87,7 +88,7 @@ Engine::~Engine() {
 }
 
 absl::StatusOr<LayerInfo> Engine::CreateLayer(absl::string_view id,
-                                              BatchNormConfig config,
+                                              LayerConfig config,
                                               absl::string_view tenant) {
   // "" is the server's device; "cuda" is the server's GPU, if it has one.
   const std::string server_device = backend_->device();
@@ -100,20 +101,17 @@ absl::StatusOr<LayerInfo> Engine::CreateLayer(absl::string_view id,
         "device '", config.device, "' is not available; this server runs on ",
         backend_->name()));
   }
-  RETURN_IF_ERROR(ValidateConfig(config));
+  ASSIGN_OR_RETURN(const LayerKind* kind, kinds_->Get(config.kind));
+  if (config.params == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a ", config.kind, " layer needs its config"));
+  }
+  RETURN_IF_ERROR(kind->Validate(*config.params));
   std::string layer_id;
   if (!id.empty()) {
     ASSIGN_OR_RETURN(layer_id, ParseLayerName(id));
   }
-
-  if (config.num_features > kMaxNumFeatures) {
-    // Checked before anything is allocated for the layer: a huge count must
-    // be an error, not an allocation failure that aborts the server.
-    return absl::InvalidArgumentError(
-        absl::StrCat("num_features is ", config.num_features,
-                     "; expected at most ", kMaxNumFeatures));
-  }
-  const size_t state_bytes = StateBytes(config);
+  const size_t state_bytes = kind->StateBytes(*config.params);
 
   absl::MutexLock lock(&mu_);
   if (layers_.size() >= options_.max_layers) {
@@ -131,15 +129,15 @@ absl::StatusOr<LayerInfo> Engine::CreateLayer(absl::string_view id,
   if (options_.max_state_bytes > 0 &&
       state_bytes_.load() + state_bytes > options_.max_state_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "a layer of ", config.num_features, " features needs ", state_bytes,
+        "a ", config.kind, " layer of this config needs ", state_bytes,
         " bytes of state; the server holds ", state_bytes_.load(), " of ",
         options_.max_state_bytes, " (--max_state_mb); delete some first"));
   }
   const uint64_t uid = next_uid_++;
   if (layer_id.empty()) {
-    layer_id = absl::StrCat("bn-", uid);
+    layer_id = absl::StrCat(kind->id_prefix(), "-", uid);
     while (layers_.count(LayerKey(tenant, layer_id))) {
-      layer_id = absl::StrCat("bn-", next_uid_++);
+      layer_id = absl::StrCat(kind->id_prefix(), "-", next_uid_++);
     }
   } else if (layers_.count(LayerKey(tenant, layer_id))) {
     return absl::AlreadyExistsError(
@@ -151,8 +149,8 @@ absl::StatusOr<LayerInfo> Engine::CreateLayer(absl::string_view id,
   env.pool = &pool_;
   env.max_tensor_bytes = options_.max_tensor_bytes;
   auto entry = std::make_shared<Entry>();
-  entry->layer = std::make_unique<BatchNormLayer>(
-      absl::StrCat(kNamePrefix, layer_id), uid, config, env);
+  entry->layer =
+      kind->Create(absl::StrCat(kNamePrefix, layer_id), uid, config, env);
   entry->strand = std::make_shared<Strand>(executor_.get());
   entry->tenant = std::string(tenant);
   entry->state_bytes = state_bytes;
@@ -188,14 +186,27 @@ absl::StatusOr<ListLayersResult> Engine::ListLayers(
   }
   if (page_size == 0) page_size = kDefaultPageSize;
   page_size = std::min(page_size, kMaxPageSize);
+  // The token is "{id}~{tag}": the id of the last layer of the previous
+  // page, signed for the tenant by this engine.
+  std::string after;
+  if (!page_token.empty()) {
+    const size_t tilde = page_token.rfind('~');
+    if (tilde == absl::string_view::npos ||
+        PageToken(tenant, page_token.substr(0, tilde)) != page_token) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "page_token '", page_token,
+          "' was not issued by this server; expected \"\" or the "
+          "next_page_token of an earlier ListLayers answer (tokens last as "
+          "long as the server process)"));
+    }
+    after = std::string(page_token.substr(0, tilde));
+  }
   ListLayersResult result;
   absl::MutexLock lock(&mu_);
-  // The token is the id of the last layer of the previous page. A tenant's
-  // keys share the prefix "tenant/" and sort together.
+  // A tenant's keys share the prefix "tenant/" and sort together.
   const std::string prefix = LayerKey(tenant, "");
-  auto it = page_token.empty()
-                ? layers_.lower_bound(prefix)
-                : layers_.upper_bound(LayerKey(tenant, page_token));
+  auto it = page_token.empty() ? layers_.lower_bound(prefix)
+                               : layers_.upper_bound(LayerKey(tenant, after));
   std::string last_id;
   bool more = false;
   for (; it != layers_.end(); ++it) {
@@ -208,13 +219,20 @@ absl::StatusOr<ListLayersResult> Engine::ListLayers(
     result.layers.push_back(it->second->layer->Info());
     last_id = it->first.substr(prefix.size());
   }
-  if (more) result.next_page_token = last_id;  // Resume after it.
+  if (more) result.next_page_token = PageToken(tenant, last_id);
   return result;
 }
 
-absl::Status Engine::DeleteLayer(absl::string_view name,
-                                 absl::string_view tenant,
-                                 std::function<void(const LayerInfo&)> then) {
+std::string Engine::PageToken(absl::string_view tenant,
+                              absl::string_view id) const {
+  const uint64_t tag =
+      absl::Hash<std::tuple<uint64_t, absl::string_view, absl::string_view>>()(
+          std::make_tuple(token_key_, tenant, id));
+  return absl::StrCat(id, "~", absl::Hex(tag, absl::kZeroPad16));
+}
+
+absl::StatusOr<std::shared_ptr<Engine::Entry>> Engine::Remove(
+    absl::string_view name, absl::string_view tenant) {
   ASSIGN_OR_RETURN(std::string id, ParseLayerName(name));
   std::shared_ptr<Entry> entry;
   {
@@ -233,15 +251,44 @@ absl::Status Engine::DeleteLayer(absl::string_view name,
     state_bytes_ -= entry->state_bytes;
   }
   entry->deleted.store(true);
+  return entry;
+}
+
+void Engine::Reinstate(const std::string& key, std::shared_ptr<Entry> entry) {
+  absl::MutexLock lock(&mu_);
+  if (layers_.count(key)) return;  // Re-created meanwhile: that one stays.
+  entry->deleted.store(false);
+  ++tenant_layers_[entry->tenant];
+  state_bytes_ += entry->state_bytes;
+  layers_.emplace(key, std::move(entry));
+}
+
+absl::Status Engine::DeleteLayer(absl::string_view name,
+                                 absl::string_view tenant) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Entry> entry, Remove(name, tenant));
   // Saved contexts go now; the layer itself when its last queued job ends.
   contexts_.DropLayer(entry->layer->uid());
-  if (then != nullptr) {
-    std::shared_ptr<Strand> strand = entry->strand;
-    strand->Post([entry = std::move(entry), then = std::move(then)] {
-      then(entry->layer->Info());
-    });
-  }
   return absl::OkStatus();
+}
+
+void Engine::DeleteLayer(absl::string_view name, absl::string_view tenant,
+                         std::function<absl::Status(const LayerInfo&)> log,
+                         std::function<void(absl::Status)> done) {
+  absl::StatusOr<std::shared_ptr<Entry>> removed = Remove(name, tenant);
+  if (!removed.ok()) return done(removed.status());
+  std::shared_ptr<Entry> entry = *std::move(removed);
+  std::shared_ptr<Strand> strand = entry->strand;
+  const std::string key = LayerKey(tenant, *ParseLayerName(name));
+  strand->Post([this, key, entry = std::move(entry), log = std::move(log),
+                done = std::move(done)]() mutable {
+    absl::Status logged = log(entry->layer->Info());
+    if (logged.ok()) {
+      contexts_.DropLayer(entry->layer->uid());
+    } else {
+      Reinstate(key, std::move(entry));  // Its saved contexts are intact.
+    }
+    done(logged);
+  });
 }
 
 }  // namespace normserve::server

@@ -1,5 +1,7 @@
 // The core of the server: the layer registry, the executor, and the shared
-// resources layers use (backend, saved contexts, buffer pool).
+// resources layers use (backend, saved contexts, buffer pool). It knows no
+// layer kind: configs are validated and layers built by their kind
+// (layer_kind.h).
 //
 // Lifecycle calls (create, get, list, delete) are quick and run on the
 // caller's thread. Compute on a layer runs through RunOnLayer on that
@@ -24,11 +26,12 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "kernels/batch_norm.h"
-#include "server/core/batch_norm_layer.h"
 #include "server/core/buffer_pool.h"
 #include "server/core/context_store.h"
 #include "server/core/executor.h"
 #include "server/core/journal.h"
+#include "server/core/layer.h"
+#include "server/core/layer_kind.h"
 
 namespace normserve::server {
 
@@ -60,47 +63,54 @@ struct ListLayersResult {
 
 class Engine {
  public:
+  // `kinds` (not owned) must outlive the engine.
   static absl::StatusOr<std::unique_ptr<Engine>> Create(
-      const EngineOptions& options, std::unique_ptr<kernels::Backend> backend);
+      const EngineOptions& options, std::unique_ptr<kernels::Backend> backend,
+      const KindRegistry* kinds = &BuiltinKinds());
   // Finishes queued work, then frees the layers.
   ~Engine();
 
-  // Creates a layer with the client's `id` ("" lets the server choose).
-  // INVALID_ARGUMENT for a bad id or config, ALREADY_EXISTS for a taken id,
-  // RESOURCE_EXHAUSTED at the layer limit.
-  // RESOURCE_EXHAUSTED at the layer, per-tenant or state-bytes limit.
+  // Creates a layer with the client's `id` ("" lets the server choose
+  // "{kind's id prefix}-{n}"). Device "" is the server's device, "cuda" the
+  // server's GPU if it has one. INVALID_ARGUMENT for a bad id, kind, device
+  // or config; ALREADY_EXISTS for a taken id; RESOURCE_EXHAUSTED at the
+  // layer, per-tenant or state-bytes limit.
   absl::StatusOr<LayerInfo> CreateLayer(absl::string_view id,
-                                        BatchNormConfig config,
+                                        LayerConfig config,
                                         absl::string_view tenant = "");
   // `name` is "layers/{id}" or "{id}"; NOT_FOUND when there is none.
   absl::StatusOr<LayerInfo> GetLayer(absl::string_view name,
                                      absl::string_view tenant = "");
   // The tenant's layers ordered by name; `page_size` 0 means 100, at most
-  // 1000.
+  // 1000. `page_token` is "" or a next_page_token this engine issued to the
+  // tenant; any other is INVALID_ARGUMENT.
   absl::StatusOr<ListLayersResult> ListLayers(int page_size,
                                               absl::string_view page_token,
                                               absl::string_view tenant = "");
   // Removes the layer; operations already queued on it fail with NOT_FOUND,
-  // one already running completes. When it returns OK and `then` is given,
-  // `then` runs with the layer's last info on the layer's strand, after
-  // every job queued on it before (the place to log the delete in order
-  // with the layer's mutations), on an executor thread.
-  absl::Status DeleteLayer(
-      absl::string_view name, absl::string_view tenant = "",
-      std::function<void(const LayerInfo&)> then = nullptr);
+  // one already running completes.
+  absl::Status DeleteLayer(absl::string_view name,
+                           absl::string_view tenant = "");
+  // As above, then runs `log` with the layer's last info on the layer's
+  // strand, after every job queued on it before (the place to log the
+  // delete in order with the layer's mutations), on an executor thread, and
+  // `done` with the outcome. When `log` fails the delete is undone: the
+  // layer is back (unless its name was taken meanwhile) and `done` gets
+  // log's status. NOT_FOUND goes to `done` at once.
+  void DeleteLayer(absl::string_view name, absl::string_view tenant,
+                   std::function<absl::Status(const LayerInfo&)> log,
+                   std::function<void(absl::Status)> done);
 
   // Runs `op` on the layer's strand, then `done` with its result, on an
   // executor thread. When the layer does not exist `done` runs at once on the
   // caller's thread with NOT_FOUND.
   template <typename T>
   void RunOnLayer(absl::string_view name,
-                  std::function<absl::StatusOr<T>(BatchNormLayer&)> op,
+                  std::function<absl::StatusOr<T>(Layer&)> op,
                   std::function<void(absl::StatusOr<T>)> done,
                   absl::string_view tenant = "");
 
-  // Bytes of state a layer with `config` holds (StateBytes's estimate:
-  // weight, bias, running stats, two gradients, momentum buffers).
-  static size_t StateBytes(const BatchNormConfig& config);
+  const KindRegistry& kinds() const { return *kinds_; }
   // Bytes of layer state held now by all layers.
   size_t state_bytes() const { return state_bytes_.load(); }
 
@@ -114,7 +124,7 @@ class Engine {
 
  private:
   struct Entry {
-    std::unique_ptr<BatchNormLayer> layer;
+    std::unique_ptr<Layer> layer;
     std::shared_ptr<Strand> strand;
     std::atomic<bool> deleted{false};
     std::string tenant;
@@ -122,11 +132,22 @@ class Engine {
   };
 
   Engine(const EngineOptions& options,
-         std::unique_ptr<kernels::Backend> backend);
+         std::unique_ptr<kernels::Backend> backend, const KindRegistry* kinds);
   absl::StatusOr<std::shared_ptr<Entry>> Find(absl::string_view name,
                                               absl::string_view tenant);
+  // Takes the layer out of the registry and marks it deleted; its saved
+  // contexts stay until the caller drops them.
+  absl::StatusOr<std::shared_ptr<Entry>> Remove(absl::string_view name,
+                                                absl::string_view tenant);
+  // Puts a removed layer back under `key` unless the key was taken since.
+  void Reinstate(const std::string& key, std::shared_ptr<Entry> entry);
+  // The page token that resumes a tenant's list after layer `id`.
+  std::string PageToken(absl::string_view tenant, absl::string_view id) const;
 
   const EngineOptions options_;
+  const KindRegistry* const kinds_;
+  // Signs page tokens: a token this process never issued does not verify.
+  const uint64_t token_key_;
   std::unique_ptr<kernels::Backend> backend_;
   BufferPool pool_;
   ContextStore contexts_;
@@ -153,7 +174,7 @@ std::string LayerKey(absl::string_view tenant, absl::string_view id);
 
 template <typename T>
 void Engine::RunOnLayer(absl::string_view name,
-                        std::function<absl::StatusOr<T>(BatchNormLayer&)> op,
+                        std::function<absl::StatusOr<T>(Layer&)> op,
                         std::function<void(absl::StatusOr<T>)> done,
                         absl::string_view tenant) {
   absl::StatusOr<std::shared_ptr<Entry>> entry = Find(name, tenant);

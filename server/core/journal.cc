@@ -7,12 +7,14 @@
 
 #include <array>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "server/core/layer_codec.h"
 
 namespace normserve::server {
 namespace {
@@ -94,63 +96,6 @@ class Reader {
  private:
   absl::string_view in_;
 };
-
-std::string EncodeBlob(const BatchNormConfig& c, const DurableLayerState& s) {
-  Writer w;
-  w.Put<int64_t>(c.num_features);
-  w.Put<double>(c.eps);
-  w.Put<uint8_t>(c.momentum.has_value());
-  w.Put<double>(c.momentum.value_or(0));
-  w.Put<uint8_t>(c.affine);
-  w.Put<uint8_t>(c.track_running_stats);
-  w.Put<uint8_t>(static_cast<uint8_t>(c.layout));
-  w.Put<uint8_t>(static_cast<uint8_t>(c.dtype));
-  w.Put<int32_t>(c.spatial_dims);
-  w.Floats(s.weight);
-  w.Floats(s.bias);
-  w.Floats(s.running_mean);
-  w.Floats(s.running_var);
-  w.Put<int64_t>(s.num_batches_tracked);
-  w.Floats(s.grad_weight);
-  w.Floats(s.grad_bias);
-  w.Put<uint8_t>(s.has_grad);
-  w.Floats(s.weight_momentum);
-  w.Floats(s.bias_momentum);
-  w.Put<int64_t>(s.version);
-  return std::move(w.out());
-}
-
-bool DecodeBlob(absl::string_view blob, BatchNormConfig* c,
-                DurableLayerState* s) {
-  Reader r(blob);
-  uint8_t has_momentum = 0, affine = 0, track = 0, layout = 0, dtype = 0,
-          has_grad = 0;
-  double momentum = 0;
-  if (!r.Get(&c->num_features) || !r.Get(&c->eps) || !r.Get(&has_momentum) ||
-      !r.Get(&momentum) || !r.Get(&affine) || !r.Get(&track) ||
-      !r.Get(&layout) || !r.Get(&dtype) || !r.Get(&c->spatial_dims) ||
-      !r.Floats(&s->weight) || !r.Floats(&s->bias) ||
-      !r.Floats(&s->running_mean) || !r.Floats(&s->running_var) ||
-      !r.Get(&s->num_batches_tracked) || !r.Floats(&s->grad_weight) ||
-      !r.Floats(&s->grad_bias) || !r.Get(&has_grad) ||
-      !r.Floats(&s->weight_momentum) || !r.Floats(&s->bias_momentum) ||
-      !r.Get(&s->version) || !r.done()) {
-    return false;
-  }
-  if (has_momentum > 1 || affine > 1 || track > 1 || has_grad > 1 ||
-      layout > static_cast<uint8_t>(kernels::Layout::kNHWC) ||
-      dtype > static_cast<uint8_t>(kernels::DType::kBFloat16)) {
-    return false;
-  }
-  c->momentum = has_momentum ? std::optional<double>(momentum) : std::nullopt;
-  c->affine = affine;
-  c->track_running_stats = track;
-  c->layout = static_cast<kernels::Layout>(layout);
-  c->dtype = static_cast<kernels::DType>(dtype);
-  c->device = "";  // Restored on this server's device.
-  s->has_grad = has_grad;
-  return ValidateConfig(*c).ok();
-}
 
 void PutResult(Writer& w, const RequestResult& r) {
   w.Put<uint8_t>(static_cast<uint8_t>(r.kind));
@@ -287,8 +232,8 @@ Frames ReadFrames(absl::string_view data, bool skip_bad) {
 }  // namespace journal_format
 
 absl::StatusOr<std::unique_ptr<Journal>> Journal::Open(
-    const JournalOptions& options) {
-  std::unique_ptr<Journal> journal(new Journal(options));
+    const JournalOptions& options, const KindRegistry* kinds) {
+  std::unique_ptr<Journal> journal(new Journal(options, kinds));
   if (options.dir.empty()) return journal;
   RETURN_IF_ERROR(journal->Recover());
   if (options.fsync == FsyncPolicy::kInterval) {
@@ -318,6 +263,9 @@ absl::Status Journal::Recover() {
   const std::string snapshot_path = absl::StrCat(dir, "/", kSnapshotFile);
   const std::string wal_path = absl::StrCat(dir, "/", kWalFile);
   absl::MutexLock lock(&mu_);
+  // A snapshot.tmp is a snapshot that was never completed.
+  ::unlink(absl::StrCat(dir, "/", kSnapshotTmp).c_str());
+  size_t unknown_records = 0;
 
   // 1. The snapshot.
   bool exists = false;
@@ -338,7 +286,16 @@ absl::Status Journal::Recover() {
           absl::string_view(snap).substr(kSnapshotMagic.size()), true);
       size_t bad = frames.skipped;
       for (const std::string& payload : frames.payloads) {
-        if (!Apply(payload, true)) ++bad;
+        switch (Apply(payload, true)) {
+          case Applied::kOk:
+            break;
+          case Applied::kMalformed:
+            ++bad;
+            break;
+          case Applied::kUnknownType:
+            ++unknown_records;
+            break;
+        }
       }
       snapshot_layers = layers_.size();
       if (bad > 0 || !frames.error.empty()) {
@@ -350,9 +307,11 @@ absl::Status Journal::Recover() {
     }
   }
 
-  // 2. The log after it.
+  // 2. The log after it. Whatever follows its last good record is cut off
+  // the file now, so that records appended from here on follow good ones.
   const std::string wal = ReadWhole(wal_path, &exists);
   size_t replayed = 0;
+  size_t keep = 0;  // Bytes of wal.log to keep.
   if (exists && !wal.empty()) {
     if (wal.size() < kWalMagic.size() ||
         absl::string_view(wal).substr(0, kWalMagic.size()) != kWalMagic) {
@@ -362,41 +321,60 @@ absl::Status Journal::Recover() {
     } else {
       absl::string_view body = absl::string_view(wal).substr(kWalMagic.size());
       journal_format::Frames frames = journal_format::ReadFrames(body, false);
-      size_t good_bytes = frames.valid_bytes;
+      size_t good_bytes = 0;
       for (const std::string& payload : frames.payloads) {
-        if (!Apply(payload, false)) {
+        const Applied applied = Apply(payload, false);
+        if (applied == Applied::kMalformed) {
           frames.error = "a record with a valid checksum did not decode";
           break;
         }
+        if (applied == Applied::kUnknownType) ++unknown_records;
         ++replayed;
+        good_bytes += 8 + payload.size();
       }
       if (!frames.error.empty()) {
-        // Recompute the good prefix when a record failed to decode.
-        size_t pos = 0;
-        for (size_t i = 0; i < replayed; ++i) {
-          pos += 8 + frames.payloads[i].size();
-        }
-        good_bytes = pos;
         report_.push_back(
             absl::StrCat("WARNING: ", wal_path, ": ", frames.error, "; cut ",
                          body.size() - good_bytes, " byte(s) after ", replayed,
                          " good record(s)"));
       }
+      keep = kWalMagic.size() + good_bytes;
     }
+  }
+  if (unknown_records > 0) {
+    report_.push_back(absl::StrCat(
+        "WARNING: ", unknown_records,
+        " record(s) of a type this release does not know (written by a "
+        "newer one) skipped"));
   }
 
   // 3. What to re-create.
+  size_t kept_opaque = 0;
   for (auto it = layers_.begin(); it != layers_.end();) {
     RecoveredLayer layer;
     layer.tenant = it->first.first;
     layer.name = it->first.second;
-    if (!DecodeBlob(it->second.blob, &layer.config, &layer.state)) {
+    absl::StatusOr<DecodedLayer> decoded =
+        DecodeLayer(*kinds_, it->second.blob);
+    if (absl::IsUnimplemented(decoded.status())) {
+      report_.push_back(
+          absl::StrCat("WARNING: ", layer.name, " (tenant '", layer.tenant,
+                       "') is not served: ", decoded.status().message(),
+                       "; its state is kept in the directory unchanged"));
+      it->second.opaque = true;
+      ++kept_opaque;
+      ++it;
+      continue;
+    }
+    if (!decoded.ok()) {
       report_.push_back(absl::StrCat("WARNING: state of ", layer.name,
                                      " does not decode; "
                                      "dropped"));
       it = layers_.erase(it);
       continue;
     }
+    layer.config = std::move(decoded->config);
+    layer.state = std::move(decoded->state);
     recovered_.push_back(std::move(layer));
     ++it;
   }
@@ -404,7 +382,9 @@ absl::Status Journal::Recover() {
   report_.push_back(absl::StrCat(
       "state_dir ", dir, ": ", recovered_.size(), " layer(s) restored (",
       snapshot_layers, " from the snapshot, ", replayed,
-      " log record(s) replayed); fsync=",
+      " log record(s) replayed", kept_opaque > 0 ? ", " : "",
+      kept_opaque > 0 ? absl::StrCat(kept_opaque, " kept unread") : "",
+      "); fsync=",
       options_.fsync == FsyncPolicy::kAlways
           ? "always"
           : absl::StrCat("interval (", options_.fsync_interval_ms, " ms)")));
@@ -412,88 +392,103 @@ absl::Status Journal::Recover() {
   fd_ =
       ::open(wal_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
   if (fd_ < 0) return ErrnoStatus("cannot open", wal_path);
+  // Cutting needs no free space; the magic is written with the first
+  // record if it cannot be written now.
+  if (::ftruncate(fd_, static_cast<off_t>(keep)) != 0) {
+    return ErrnoStatus("cannot truncate", wal_path);
+  }
+  log_size_ = keep;
+  if (log_size_ == 0 && WriteAll(fd_, kWalMagic, wal_path).ok()) {
+    log_size_ = kWalMagic.size();
+  } else if (log_size_ == 0) {
+    (void)::ftruncate(fd_, 0);
+  }
   return absl::OkStatus();
 }
 
-bool Journal::Apply(absl::string_view payload, bool from_snapshot) {
+Journal::Applied Journal::Apply(absl::string_view payload, bool from_snapshot) {
   Reader r(payload);
   uint8_t type = 0;
   uint64_t lsn = 0;
-  if (!r.Get(&type) || !r.Get(&lsn)) return false;
+  if (!r.Get(&type) || !r.Get(&lsn)) return Applied::kMalformed;
+  // Types this release writes; a newer release may add more after them.
+  if (type > kSnapshotLifecycle) return Applied::kUnknownType;
   if (from_snapshot) {
     if (type == kSnapshotHeader) {
       snapshot_lsn_ = lsn;
       lsn_ = std::max(lsn_, lsn);
-      return true;
+      return Applied::kOk;
     }
     if (type == kSnapshotLifecycle) {
       std::string tenant;
       uint32_t n = 0;
-      if (!r.Str(&tenant) || !r.Get(&n)) return false;
+      if (!r.Str(&tenant) || !r.Get(&n)) return Applied::kMalformed;
       std::vector<std::pair<std::string, LifecycleResult>> entries;
       for (uint32_t i = 0; i < n; ++i) {
         std::string id;
         LifecycleResult result;
-        if (!GetLifecycle(r, &id, &result)) return false;
+        if (!GetLifecycle(r, &id, &result)) return Applied::kMalformed;
         entries.emplace_back(std::move(id), std::move(result));
       }
-      if (!r.done()) return false;
+      if (!r.done()) return Applied::kMalformed;
       for (auto& [id, result] : entries) {
         RememberLifecycle(tenant, id, std::move(result));
       }
-      return true;
+      return Applied::kOk;
     }
-    if (type != kSnapshotLayer) return false;
+    if (type != kSnapshotLayer) return Applied::kMalformed;
     Key key;
     LayerEntry entry;
     uint32_t n = 0;
     if (!r.Str(&key.first) || !r.Str(&key.second) || !r.Str(&entry.blob) ||
         !r.Get(&n)) {
-      return false;
+      return Applied::kMalformed;
     }
     for (uint32_t i = 0; i < n; ++i) {
       std::string id;
       RequestResult result;
-      if (!r.Str(&id) || !GetResult(r, &result)) return false;
+      if (!r.Str(&id) || !GetResult(r, &result)) return Applied::kMalformed;
       Remember(entry, id, result);
     }
-    if (!r.done()) return false;
+    if (!r.done()) return Applied::kMalformed;
     layers_[key] = std::move(entry);
-    return true;
+    return Applied::kOk;
   }
-  if (lsn <= snapshot_lsn_) return true;  // Already in the snapshot.
+  if (lsn <= snapshot_lsn_) return Applied::kOk;  // Already in the snapshot.
   lsn_ = std::max(lsn_, lsn);
   Key key;
-  if (!r.Str(&key.first) || !r.Str(&key.second)) return false;
+  if (!r.Str(&key.first) || !r.Str(&key.second)) return Applied::kMalformed;
   if (type == kDelete) {
     std::string request_id;  // Absent in records of older servers.
-    if (!r.done() && (!r.Str(&request_id) || !r.done())) return false;
+    if (!r.done() && (!r.Str(&request_id) || !r.done())) {
+      return Applied::kMalformed;
+    }
     layers_.erase(key);
     MarkCreatesGone(key.first, key.second);
     if (!request_id.empty()) {
       RememberLifecycle(key.first, request_id,
                         LifecycleResult{OpKind::kDeleteLayer, key.second});
     }
-    return true;
+    return Applied::kOk;
   }
-  if (type != kPut) return false;
+  if (type != kPut) return Applied::kMalformed;
   uint64_t uid = 0;
   std::string blob, request_id;
   RequestResult result;
   if (!r.Get(&uid) || !r.Str(&blob) || !r.Str(&request_id) ||
       !GetResult(r, &result) || !r.done()) {
-    return false;
+    return Applied::kMalformed;
   }
   LayerEntry& entry = layers_[key];
   entry.blob = std::move(blob);
-  if (request_id.empty()) return true;
+  if (request_id.empty()) return Applied::kOk;
   if (result.kind == OpKind::kCreateLayer) {
     RememberLifecycle(key.first, request_id,
                       LifecycleResult{OpKind::kCreateLayer, key.second});
   } else {
     Remember(entry, request_id, result);
   }
-  return true;
+  return Applied::kOk;
 }
 
 void Journal::Remember(LayerEntry& entry, absl::string_view request_id,
@@ -546,7 +541,18 @@ absl::Status Journal::FinishRecovery(
   }
   recovered_.clear();
   if (fd_ < 0) return absl::OkStatus();
-  return SnapshotLocked();
+  // Without room for a snapshot the server still starts, with the previous
+  // snapshot and the log as they are (FinishRecovery changed nothing on
+  // disk), and tries again after the next records.
+  if (absl::Status snapshot = SnapshotLocked(); !snapshot.ok()) {
+    report_.insert(report_.end() - 1,
+                   absl::StrCat("WARNING: could not write a snapshot at "
+                                "start-up (",
+                                snapshot.message(),
+                                "); serving what was loaded, the directory "
+                                "unchanged"));
+  }
+  return absl::OkStatus();
 }
 
 std::optional<RequestResult> Journal::LookupRequest(
@@ -586,7 +592,7 @@ void Journal::ReleaseLifecycle(absl::string_view tenant,
 }
 
 absl::Status Journal::LogCreate(absl::string_view tenant, const LayerInfo& info,
-                                const DurableLayerState& state,
+                                const LayerState& state,
                                 absl::string_view request_id) {
   if (fd_ < 0 && request_id.empty()) return absl::OkStatus();
   if (request_id.empty()) {
@@ -602,19 +608,83 @@ absl::Status Journal::LogCreate(absl::string_view tenant, const LayerInfo& info,
                                    info.num_batches_tracked});
 }
 
+absl::Status Journal::WriteError(absl::string_view what, int error) const {
+  return absl::UnavailableError(absl::StrCat("state_dir ", options_.dir,
+                                             ": cannot ", what, ": ",
+                                             std::strerror(error)));
+}
+
+absl::Status Journal::Heal() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (broken_.ok()) return absl::OkStatus();
+  }
+  // A failed fsync may have lost records; only a snapshot, written from the
+  // state in memory, makes the directory consistent again.
+  return Snapshot();
+}
+
+absl::Status Journal::Append(absl::string_view payload) {
+  if (!broken_.ok()) return broken_;  // Heal() lost a race; retry later.
+  std::string frame = journal_format::Frame(payload);
+  if (log_size_ == 0) frame.insert(0, kWalMagic.data(), kWalMagic.size());
+  int error =
+      options_.fail_append_for_test ? options_.fail_append_for_test() : 0;
+  if (error == 0) {
+    absl::Status written = WriteAll(fd_, frame, options_.dir);
+    if (!written.ok()) error = errno != 0 ? errno : EIO;
+  }
+  if (error != 0) {
+    // Cut off what part of the frame was written, so that the next record
+    // follows the last whole one (cutting needs no free space).
+    (void)::ftruncate(fd_, static_cast<off_t>(log_size_));
+    return WriteError("append to wal.log", error);
+  }
+  log_size_ += frame.size();
+  appended_ += frame.size();
+  ++since_snapshot_;
+  return absl::OkStatus();
+}
+
 absl::Status Journal::LogMutation(absl::string_view tenant,
                                   const LayerInfo& info,
-                                  const DurableLayerState* state,
+                                  const LayerState* state,
                                   absl::string_view request_id,
                                   const RequestResult& result) {
+  if (fd_ >= 0) RETURN_IF_ERROR(Heal());
   std::string blob;
-  if (fd_ >= 0 && state != nullptr) blob = EncodeBlob(info.config, *state);
-  std::string payload;
+  if (fd_ >= 0 && state != nullptr) {
+    const LayerKind* kind = kinds_->Find(info.config.kind);
+    if (kind == nullptr) {
+      return absl::InternalError(absl::StrCat("layer kind '", info.config.kind,
+                                              "' is not registered"));
+    }
+    blob = EncodeLayer(*kind, info.config, *state);
+  }
   {
     absl::MutexLock lock(&mu_);
     if (dead_uids_.contains(info.uid)) return absl::OkStatus();
+    if (fd_ >= 0) {
+      Writer w;
+      w.Put<uint8_t>(kPut);
+      w.Put<uint64_t>(lsn_ + 1);
+      w.Str(tenant);
+      w.Str(info.name);
+      w.Put<uint64_t>(info.uid);
+      w.Str(blob);
+      w.Str(request_id);
+      PutResult(w, result);
+      // Appended under mu_ so records land in lsn order; nothing is
+      // remembered unless it was written.
+      RETURN_IF_ERROR(Append(w.out()));
+      ++lsn_;
+    }
     LayerEntry& entry = layers_[Key(tenant, info.name)];
     entry.uid = info.uid;
+    if (fd_ >= 0) {
+      entry.blob = std::move(blob);
+      entry.opaque = false;
+    }
     if (!request_id.empty()) {
       if (result.kind == OpKind::kCreateLayer) {
         RememberLifecycle(std::string(tenant), request_id,
@@ -624,22 +694,6 @@ absl::Status Journal::LogMutation(absl::string_view tenant,
       }
     }
     if (fd_ < 0) return absl::OkStatus();
-    Writer w;
-    w.Put<uint8_t>(kPut);
-    w.Put<uint64_t>(++lsn_);
-    w.Str(tenant);
-    w.Str(info.name);
-    w.Put<uint64_t>(info.uid);
-    w.Str(blob);
-    w.Str(request_id);
-    PutResult(w, result);
-    entry.blob = std::move(blob);
-    payload = std::move(w.out());
-    // Append under mu_ so records land in lsn order.
-    std::string frame = journal_format::Frame(payload);
-    RETURN_IF_ERROR(WriteAll(fd_, frame, options_.dir));
-    appended_ += frame.size();
-    ++since_snapshot_;
   }
   return Commit();
 }
@@ -647,8 +701,19 @@ absl::Status Journal::LogMutation(absl::string_view tenant,
 absl::Status Journal::LogDelete(absl::string_view tenant,
                                 absl::string_view name,
                                 absl::string_view request_id) {
+  if (fd_ >= 0) RETURN_IF_ERROR(Heal());
   {
     absl::MutexLock lock(&mu_);
+    if (fd_ >= 0) {
+      Writer w;
+      w.Put<uint8_t>(kDelete);
+      w.Put<uint64_t>(lsn_ + 1);
+      w.Str(tenant);
+      w.Str(name);
+      w.Str(request_id);
+      RETURN_IF_ERROR(Append(w.out()));
+      ++lsn_;
+    }
     auto it = layers_.find(Key(tenant, name));
     if (it != layers_.end()) {
       if (dead_uids_.insert(it->second.uid).second) {
@@ -668,38 +733,43 @@ absl::Status Journal::LogDelete(absl::string_view tenant,
           LifecycleResult{OpKind::kDeleteLayer, std::string(name)});
     }
     if (fd_ < 0) return absl::OkStatus();
-    Writer w;
-    w.Put<uint8_t>(kDelete);
-    w.Put<uint64_t>(++lsn_);
-    w.Str(tenant);
-    w.Str(name);
-    w.Str(request_id);
-    std::string frame = journal_format::Frame(w.out());
-    RETURN_IF_ERROR(WriteAll(fd_, frame, options_.dir));
-    appended_ += frame.size();
-    ++since_snapshot_;
   }
   return Commit();
 }
 
 // The record is already written (under mu_, in lsn order); this makes it
-// durable per the policy and snapshots when due.
+// durable per the policy and snapshots when due. A snapshot that fails is
+// not the record's failure: the record is in the log; it is retried later.
 absl::Status Journal::Commit() {
   uint64_t end = 0;
   bool snapshot_due = false;
   {
     absl::MutexLock lock(&mu_);
     end = appended_;
-    snapshot_due = since_snapshot_ >= options_.snapshot_every;
+    snapshot_due = since_snapshot_ >= options_.snapshot_every &&
+                   since_snapshot_ >= snapshot_retry_at_;
   }
   if (options_.fsync == FsyncPolicy::kAlways) RETURN_IF_ERROR(SyncTo(end));
-  if (snapshot_due) return Snapshot();
+  if (snapshot_due) {
+    if (absl::Status snapshot = Snapshot(); !snapshot.ok()) {
+      absl::MutexLock lock(&mu_);
+      // Every tenth of the interval, so a full disk is not hit with a whole
+      // snapshot at every record.
+      snapshot_retry_at_ =
+          since_snapshot_ + std::max<int64_t>(options_.snapshot_every / 10, 1);
+      std::fprintf(stderr, "normserve: WARNING: %s; the log keeps growing\n",
+                   std::string(snapshot.message()).c_str());
+    }
+  }
   return absl::OkStatus();
 }
 
 // Group commit: one fdatasync covers every record appended before it began.
 absl::Status Journal::SyncTo(uint64_t end) {
   absl::MutexLock sync_lock(&sync_mu_);
+  if (end <= failed_through_ && end > synced_) {
+    return WriteError("fsync wal.log (an earlier fsync failed)", EIO);
+  }
   if (synced_ >= end) return absl::OkStatus();
   uint64_t target = 0;
   {
@@ -707,7 +777,13 @@ absl::Status Journal::SyncTo(uint64_t end) {
     target = appended_;
   }
   if (::fdatasync(fd_) != 0) {
-    return ErrnoStatus("cannot fsync the log in", options_.dir);
+    const int error = errno;
+    // The records since synced_ may be lost whatever a later fsync says.
+    failed_through_ = target;
+    absl::Status status = WriteError("fsync wal.log", error);
+    absl::MutexLock lock(&mu_);
+    broken_ = status;
+    return status;
   }
   synced_ = target;
   return absl::OkStatus();
@@ -728,7 +804,7 @@ void Journal::FlushLoop() {
       absl::MutexLock lock(&mu_);
       end = appended_;
     }
-    (void)SyncTo(end);  // An error shows again on the next append's fsync.
+    (void)SyncTo(end);  // A failure blocks the log until a snapshot.
   }
 }
 
@@ -776,15 +852,21 @@ absl::Status Journal::SnapshotLocked() {
     }
     out += journal_format::Frame(w.out());
   }
+  // Until the rename, the previous snapshot and the log stand; a failure
+  // before it leaves them as they were.
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return ErrnoStatus("cannot create", tmp);
-  absl::Status status = WriteAll(fd, out, tmp);
-  if (status.ok() && ::fsync(fd) != 0)
-    status = ErrnoStatus("cannot fsync", tmp);
+  if (fd < 0) return WriteError("create snapshot.tmp", errno);
+  int error = 0;
+  if (!WriteAll(fd, out, tmp).ok()) {
+    error = errno;
+  } else if (::fsync(fd) != 0) {
+    error = errno;
+  }
   ::close(fd);
-  RETURN_IF_ERROR(status);
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    return ErrnoStatus("cannot rename to", path);
+  if (error == 0 && ::rename(tmp.c_str(), path.c_str()) != 0) error = errno;
+  if (error != 0) {
+    ::unlink(tmp.c_str());  // Frees the space it took.
+    return WriteError("write a snapshot", error);
   }
   RETURN_IF_ERROR(FsyncDir(options_.dir));
   snapshot_lsn_ = lsn_;
@@ -792,12 +874,20 @@ absl::Status Journal::SnapshotLocked() {
   if (::ftruncate(fd_, 0) != 0) {
     return ErrnoStatus("cannot truncate the log in", options_.dir);
   }
-  RETURN_IF_ERROR(WriteAll(fd_, kWalMagic, options_.dir));
+  log_size_ = 0;
+  if (WriteAll(fd_, kWalMagic, options_.dir).ok()) {
+    log_size_ = kWalMagic.size();
+  } else {
+    (void)::ftruncate(fd_, 0);  // The magic goes with the first record.
+  }
   if (::fdatasync(fd_) != 0) {
-    return ErrnoStatus("cannot fsync the log in", options_.dir);
+    return WriteError("fsync wal.log", errno);
   }
   synced_ = appended_;
+  failed_through_ = 0;
+  broken_ = absl::OkStatus();
   since_snapshot_ = 0;
+  snapshot_retry_at_ = 0;
   return absl::OkStatus();
 }
 

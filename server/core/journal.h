@@ -9,13 +9,28 @@
 //              snapshot
 // Both are a magic string followed by frames:
 //   u32 payload length | u32 CRC32C of the payload | payload
-// Each log record carries the layer's tenant, name, config and *full*
-// post-mutation state (DurableLayerState), the request id and a compact
-// result, so replay is "last record per layer wins" and a record never
-// depends on an earlier one. On open, a frame whose length runs past the end
-// or whose checksum does not match ends the log: the tail is cut with a
-// warning and everything before it loads. A damaged snapshot frame is
-// skipped with a warning.
+// Each log record carries the layer's tenant, name, and its kind, config
+// and *full* post-mutation state in the versioned layer encoding
+// (layer_codec.h), the request id and a compact result, so replay is "last
+// record per layer wins" and a record never depends on an earlier one. On
+// open, a frame whose length runs past the end or whose checksum does not
+// match ends the log: the tail is cut (truncated) with a warning and
+// everything before it loads. A damaged snapshot frame is skipped with a
+// warning. A record of a type this release does not know, or a layer
+// encoded in a format, kind or config format it does not know (a newer
+// release wrote it), is skipped with a warning and never misread; such a
+// layer is not served, and its bytes are kept in later snapshots unchanged
+// until a layer of that name is created or deleted here.
+//
+// A full disk (or any failed write): a record is appended whole or not at
+// all (a partial frame is cut off again), and nothing of it is remembered
+// unless it was written; such calls return UNAVAILABLE naming the state
+// directory and the cause, so the caller can undo its change and the client
+// retry. After a failed fsync every record not yet known durable fails too,
+// and the log accepts records again only after a snapshot succeeds. A
+// snapshot that cannot be written leaves the previous one and the log as
+// they were (start-up goes on serving what it loaded) and is tried again
+// later.
 //
 // Request ids: the last `max_request_ids` ids per layer (FIFO) with their
 // result, kept in memory and in every snapshot, rebuilt from the log.
@@ -31,6 +46,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -45,7 +61,8 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
-#include "server/core/batch_norm_layer.h"
+#include "server/core/layer.h"
+#include "server/core/layer_kind.h"
 
 namespace normserve::server {
 
@@ -72,6 +89,9 @@ struct JournalOptions {
   // bring the layer back after a restart). Such a mutation was queued before
   // the delete; far fewer than this many deletes happen in between.
   size_t max_dead_layers = 65536;
+  // Tests only: when set, each append of a record first calls this; a
+  // non-zero errno it returns fails the append as the write would have.
+  std::function<int()> fail_append_for_test;
 };
 
 // Longest request id a call may carry.
@@ -109,8 +129,8 @@ struct RequestResult {
 struct RecoveredLayer {
   std::string tenant;
   std::string name;  // "layers/{id}"
-  BatchNormConfig config;
-  DurableLayerState state;
+  LayerConfig config;
+  LayerState state;
 };
 
 // Frame encoding, exposed for tests.
@@ -133,8 +153,10 @@ class Journal {
  public:
   // Opens or creates `options.dir` and reads what it holds (see recovered()
   // and report()). Fails only when the directory cannot be used at all.
+  // `kinds` (not owned) decodes layers and must outlive the journal.
   static absl::StatusOr<std::unique_ptr<Journal>> Open(
-      const JournalOptions& options);
+      const JournalOptions& options,
+      const KindRegistry* kinds = &BuiltinKinds());
   ~Journal();
 
   bool durable() const { return fd_ >= 0; }
@@ -164,13 +186,13 @@ class Journal {
   // `request_id` (when not empty) as the tenant's create of it. A layer
   // deleted meanwhile is not logged.
   absl::Status LogCreate(absl::string_view tenant, const LayerInfo& info,
-                         const DurableLayerState& state,
+                         const LayerState& state,
                          absl::string_view request_id = "");
   // Logs the post-mutation state of a layer and remembers `request_id`
   // (when not empty). Returns once durable under FsyncPolicy::kAlways.
   // A layer deleted meanwhile (by uid) is not logged.
   absl::Status LogMutation(absl::string_view tenant, const LayerInfo& info,
-                           const DurableLayerState* state,
+                           const LayerState* state,
                            absl::string_view request_id,
                            const RequestResult& result);
   // Logs that the layer is gone (its request ids with it) and remembers
@@ -189,11 +211,16 @@ class Journal {
   void ReleaseLifecycle(absl::string_view tenant, absl::string_view request_id);
   // Writes a snapshot and truncates the log.
   absl::Status Snapshot();
+  // The state directory ("" without one).
+  const std::string& dir() const { return options_.dir; }
 
  private:
   struct LayerEntry {
     uint64_t uid = 0;
-    std::string blob;  // Encoded config + DurableLayerState.
+    std::string blob;  // The layer encoded (layer_codec.h).
+    // The blob is of a format, kind or config this release cannot read:
+    // kept as it is, not restored.
+    bool opaque = false;
     std::deque<std::string> request_order;
     absl::flat_hash_map<std::string, RequestResult> requests;
   };
@@ -204,11 +231,22 @@ class Journal {
     absl::flat_hash_map<std::string, LifecycleResult> results;
   };
 
-  explicit Journal(const JournalOptions& options) : options_(options) {}
+  Journal(const JournalOptions& options, const KindRegistry* kinds)
+      : options_(options), kinds_(kinds) {}
   absl::Status Recover();
-  // Applies one decoded log payload to layers_; false when it is malformed.
-  bool Apply(absl::string_view payload, bool from_snapshot)
+  enum class Applied { kOk, kMalformed, kUnknownType };
+  // Applies one decoded log payload to layers_.
+  Applied Apply(absl::string_view payload, bool from_snapshot)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Appends one record's payload as a frame, whole or not at all; UNAVAILABLE
+  // (naming the directory and the cause) when it cannot.
+  absl::Status Append(absl::string_view payload)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // After a failed fsync: writes the snapshot that lets the log take
+  // records again. OK when nothing failed.
+  absl::Status Heal() ABSL_LOCKS_EXCLUDED(sync_mu_, mu_);
+  // UNAVAILABLE for a failed write or fsync of `what` in the directory.
+  absl::Status WriteError(absl::string_view what, int error) const;
   void Remember(LayerEntry& entry, absl::string_view request_id,
                 const RequestResult& result);
   void RememberLifecycle(const std::string& tenant,
@@ -224,12 +262,16 @@ class Journal {
   void FlushLoop();
 
   const JournalOptions options_;
+  const KindRegistry* const kinds_;
   int fd_ = -1;  // wal.log, O_APPEND; -1 without a directory.
   std::vector<RecoveredLayer> recovered_;
   std::vector<std::string> report_;
 
   absl::Mutex sync_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   uint64_t synced_ ABSL_GUARDED_BY(sync_mu_) = 0;  // Bytes known durable.
+  // After a failed fsync: records ending at or before this may be lost, and
+  // the log takes no record until a snapshot succeeds (broken_).
+  uint64_t failed_through_ ABSL_GUARDED_BY(sync_mu_) = 0;
 
   absl::Mutex mu_;
   std::map<Key, LayerEntry> layers_ ABSL_GUARDED_BY(mu_);
@@ -243,7 +285,12 @@ class Journal {
   uint64_t lsn_ ABSL_GUARDED_BY(mu_) = 0;  // Last record's sequence.
   uint64_t snapshot_lsn_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t appended_ ABSL_GUARDED_BY(mu_) = 0;  // Bytes ever appended.
+  uint64_t log_size_ ABSL_GUARDED_BY(mu_) = 0;  // wal.log's size now.
   int64_t since_snapshot_ ABSL_GUARDED_BY(mu_) = 0;
+  // Records after which a failed snapshot is tried again.
+  int64_t snapshot_retry_at_ ABSL_GUARDED_BY(mu_) = 0;
+  // A failed fsync's status, until a snapshot has rewritten the state.
+  absl::Status broken_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::thread flusher_;
 };

@@ -11,7 +11,8 @@ namespace normserve::server {
 
 absl::StatusOr<std::unique_ptr<Journal>> OpenAndRestore(
     const JournalOptions& options, Engine* engine) {
-  ASSIGN_OR_RETURN(std::unique_ptr<Journal> journal, Journal::Open(options));
+  ASSIGN_OR_RETURN(std::unique_ptr<Journal> journal,
+                   Journal::Open(options, &engine->kinds()));
   std::vector<RecoveredLayer> layers = journal->recovered();
   std::vector<std::pair<RecoveredLayer*, uint64_t>> bound;
   std::vector<std::string> problems;
@@ -25,8 +26,8 @@ absl::StatusOr<std::unique_ptr<Journal>> OpenAndRestore(
       absl::Status result;
       engine->RunOnLayer<int64_t>(
           info.name,
-          [&layer](BatchNormLayer& target) -> absl::StatusOr<int64_t> {
-            RETURN_IF_ERROR(target.RestoreDurable(layer.state));
+          [&layer](Layer& target) -> absl::StatusOr<int64_t> {
+            RETURN_IF_ERROR(target.RestoreState(layer.state));
             return target.Info().version;
           },
           [&](absl::StatusOr<int64_t> version) {

@@ -63,7 +63,32 @@ pb::Layout LayoutToProto(kernels::Layout layout) {
   return layout == kernels::Layout::kNCHW ? pb::LAYOUT_NCHW : pb::LAYOUT_NHWC;
 }
 
-absl::StatusOr<BatchNormConfig> ConfigFromProto(const pb::BatchNormConfig& in) {
+absl::StatusOr<LayerConfig> LayerConfigFromProto(
+    const pb::CreateLayerRequest& request) {
+  switch (request.config_case()) {
+    case pb::CreateLayerRequest::kBatchNorm:
+      return ConfigFromProto(request.batch_norm());
+    case pb::CreateLayerRequest::CONFIG_NOT_SET:
+      break;
+  }
+  return absl::InvalidArgumentError(
+      "CreateLayer needs a config; expected batch_norm");
+}
+
+void LayerInfoToProto(const LayerInfo& in, pb::Layer* out) {
+  out->set_name(in.name);
+  out->set_kind(in.config.kind);
+  if (const auto* bn = in.config.As<BatchNormConfig>()) {
+    ConfigToProto(*bn, in.config.device, out->mutable_batch_norm());
+    out->mutable_batch_norm_status()->set_num_batches_tracked(
+        in.num_batches_tracked);
+  }
+  out->set_version(in.version);
+  out->set_num_batches_tracked(in.num_batches_tracked);
+  out->set_has_accumulated_grad(in.has_accumulated_grad);
+}
+
+absl::StatusOr<LayerConfig> ConfigFromProto(const pb::BatchNormConfig& in) {
   BatchNormConfig config;
   config.num_features = in.num_features();
   if (in.has_eps()) config.eps = in.eps();
@@ -88,11 +113,11 @@ absl::StatusOr<BatchNormConfig> ConfigFromProto(const pb::BatchNormConfig& in) {
                    DTypeFromProto(in.dtype(), "config"));
   config.dtype = dtype.value_or(kernels::DType::kFloat32);
   config.spatial_dims = in.spatial_dims();
-  config.device = in.device();
-  return config;
+  return BatchNormLayerConfig(config, in.device());
 }
 
-void ConfigToProto(const BatchNormConfig& in, pb::BatchNormConfig* out) {
+void ConfigToProto(const BatchNormConfig& in, const std::string& device,
+                   pb::BatchNormConfig* out) {
   out->set_num_features(in.num_features);
   out->set_eps(in.eps);
   if (in.momentum.has_value()) {
@@ -105,15 +130,7 @@ void ConfigToProto(const BatchNormConfig& in, pb::BatchNormConfig* out) {
   out->set_layout(LayoutToProto(in.layout));
   out->set_dtype(DTypeToProto(in.dtype));
   out->set_spatial_dims(in.spatial_dims);
-  out->set_device(in.device);
-}
-
-void LayerInfoToProto(const LayerInfo& in, pb::Layer* out) {
-  out->set_name(in.name);
-  ConfigToProto(in.config, out->mutable_batch_norm());
-  out->set_version(in.version);
-  out->set_num_batches_tracked(in.num_batches_tracked);
-  out->set_has_accumulated_grad(in.has_accumulated_grad);
+  out->set_device(device);
 }
 
 absl::StatusOr<TensorRef> TensorRefFromProto(const pb::Tensor& in,

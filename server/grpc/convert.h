@@ -5,18 +5,28 @@
 
 #include "absl/status/statusor.h"
 #include "normserve/v1/normserve.pb.h"
-#include "server/core/batch_norm_layer.h"
 #include "server/core/engine.h"
+#include "server/core/layer.h"
+#include "server/core/layers/batch_norm_layer.h"
 
 namespace normserve::server {
 
 namespace pb = ::normserve::v1;
 
-// Fills defaults (eps 1e-5, momentum 0.1, affine, track_running_stats, NCHW,
-// float32); INVALID_ARGUMENT for unknown enum values.
-absl::StatusOr<BatchNormConfig> ConfigFromProto(const pb::BatchNormConfig& in);
-void ConfigToProto(const BatchNormConfig& in, pb::BatchNormConfig* out);
+// The kinds' configs. Each kind has its case in CreateLayerRequest's and
+// Layer's `config` oneof and a pair of functions here; these two are the
+// only places that dispatch on the case.
+//
+// INVALID_ARGUMENT without a config or for unknown enum values.
+absl::StatusOr<LayerConfig> LayerConfigFromProto(
+    const pb::CreateLayerRequest& request);
 void LayerInfoToProto(const LayerInfo& in, pb::Layer* out);
+
+// BatchNorm: fills defaults (eps 1e-5, momentum 0.1, affine,
+// track_running_stats, NCHW, float32).
+absl::StatusOr<LayerConfig> ConfigFromProto(const pb::BatchNormConfig& in);
+void ConfigToProto(const BatchNormConfig& in, const std::string& device,
+                   pb::BatchNormConfig* out);
 
 // Points into `in`, which must outlive the result.
 absl::StatusOr<TensorRef> TensorRefFromProto(const pb::Tensor& in,

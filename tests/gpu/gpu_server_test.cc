@@ -12,11 +12,11 @@
 #include "absl/strings/str_cat.h"
 #include "client/cpp/client.h"
 #include "client/cpp/tensor.h"
+#include "common/half.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "common/half.h"
-#include "server/core/batch_norm_layer.h"
 #include "server/core/device.h"
+#include "server/core/layers/batch_norm_layer.h"
 #include "server/grpc/server.h"
 #include "tests/gpu/gpu_test_util.h"
 

@@ -34,8 +34,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/status_macros.h"
-#include "server/core/batch_norm_layer.h"
 #include "server/core/device.h"
+#include "server/core/layers/batch_norm_layer.h"
 
 namespace normserve::server {
 namespace {

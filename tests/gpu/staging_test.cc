@@ -18,7 +18,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/batch_norm.h"
-#include "server/core/batch_norm_layer.h"
+#include "server/core/layers/batch_norm_layer.h"
 
 namespace normserve::server {
 namespace {

@@ -1,7 +1,7 @@
 // Layer semantics against the double-precision reference: 20 training steps
 // (forward, backward, SGD) and then eval, for every config flag, as PyTorch's
 // nn.BatchNorm + optim.SGD would run them.
-#include "server/core/batch_norm_layer.h"
+#include "server/core/layers/batch_norm_layer.h"
 
 #include <cmath>
 #include <cstring>

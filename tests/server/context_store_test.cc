@@ -1,6 +1,7 @@
 #include "server/core/context_store.h"
 
 #include <memory>
+#include <vector>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -10,8 +11,17 @@ namespace {
 
 using ::testing::HasSubstr;
 
+// A kind's context: per-channel statistics beside the base's input copy.
+struct StatsContext final : SavedContext {
+  std::vector<float> mean, invstd;
+  size_t bytes() const override {
+    return SavedContext::bytes() +
+           (mean.size() + invstd.size()) * sizeof(float);
+  }
+};
+
 std::shared_ptr<SavedContext> MakeContext(uint64_t layer_uid, size_t channels) {
-  auto context = std::make_shared<SavedContext>();
+  auto context = std::make_shared<StatsContext>();
   context->layer_uid = layer_uid;
   context->mean.assign(channels, 0.0f);
   context->invstd.assign(channels, 1.0f);

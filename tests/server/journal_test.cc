@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -9,8 +10,11 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_join.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/core/layer_codec.h"
+#include "server/core/layers/batch_norm_layer.h"
 
 namespace normserve::server {
 namespace {
@@ -82,20 +86,29 @@ class JournalTest : public ::testing::Test {
     return options;
   }
 
+  static BatchNormConfig Params() {
+    BatchNormConfig params;
+    params.num_features = 2;
+    return params;
+  }
+
   static LayerInfo Info(uint64_t uid) {
     LayerInfo info;
     info.name = "layers/a";
     info.uid = uid;
-    info.config.num_features = 2;
+    info.config = BatchNormLayerConfig(Params());
     return info;
   }
 
-  static DurableLayerState State(float value, int64_t version) {
-    DurableLayerState state = InitialDurableState(Info(1).config);
-    state.running_mean = {value, value};
-    state.num_batches_tracked = version - 1;
-    state.version = version;
+  static LayerState State(float value, int64_t version) {
+    LayerState state{InitialState(BatchNormStateSpec(Params())), version};
+    state.arrays.at("running_mean").values = {value, value};
+    state.arrays.at("num_batches_tracked").int_value = version - 1;
     return state;
+  }
+
+  static std::vector<float> RunningMean(const RecoveredLayer& layer) {
+    return layer.state.arrays.at("running_mean").values;
   }
 
   // Copies the directory as a crash would leave it (the journal still open).
@@ -117,12 +130,12 @@ TEST_F(JournalTest, RestoresTheLastStateAndRequestIds) {
     ASSERT_TRUE((*journal)->FinishRecovery({}).ok());
     ASSERT_TRUE((*journal)->LogCreate("", Info(1), State(0, 1)).ok());
     for (int v = 2; v <= 4; ++v) {
-      DurableLayerState state = State(v, v);
+      LayerState state = State(v, v);
       ASSERT_TRUE((*journal)
                       ->LogMutation("", Info(1), &state, "", RequestResult())
                       .ok());
     }
-    DurableLayerState last = State(7, 5);
+    LayerState last = State(7, 5);
     ASSERT_TRUE((*journal)
                     ->LogMutation("", Info(1), &last, "rid-5",
                                   RequestResult{OpKind::kSetParameters, 5, 4})
@@ -135,7 +148,8 @@ TEST_F(JournalTest, RestoresTheLastStateAndRequestIds) {
   const RecoveredLayer& layer = (*journal)->recovered()[0];
   EXPECT_EQ(layer.name, "layers/a");
   EXPECT_EQ(layer.state.version, 5);
-  EXPECT_EQ(layer.state.running_mean, std::vector<float>({7, 7}));
+  EXPECT_EQ(RunningMean(layer), std::vector<float>({7, 7}));
+  EXPECT_EQ(layer.config.kind, "batch_norm");
   std::vector<RecoveredLayer> layers = (*journal)->recovered();
   ASSERT_TRUE((*journal)->FinishRecovery({{&layers[0], 9}}).ok());
   std::optional<RequestResult> prior =
@@ -154,7 +168,7 @@ TEST_F(JournalTest, TornLogTailIsCutWithAWarning) {
     auto journal = Journal::Open(Options(dir_));
     ASSERT_TRUE(journal.ok());
     ASSERT_TRUE((*journal)->FinishRecovery({}).ok());
-    DurableLayerState first = State(1, 2), second = State(2, 3);
+    LayerState first = State(1, 2), second = State(2, 3);
     ASSERT_TRUE((*journal)
                     ->LogMutation("", Info(1), &first, "r1",
                                   RequestResult{OpKind::kForward, 2, 1})
@@ -188,7 +202,7 @@ TEST_F(JournalTest, DeletedLayerStaysDeleted) {
     ASSERT_TRUE((*journal)->LogCreate("", Info(1), State(0, 1)).ok());
     ASSERT_TRUE((*journal)->LogDelete("", "layers/a").ok());
     // A mutation of the deleted layer that finished after the delete.
-    DurableLayerState late = State(3, 2);
+    LayerState late = State(3, 2);
     ASSERT_TRUE((*journal)
                     ->LogMutation("", Info(1), &late, "",
                                   RequestResult{OpKind::kForward, 2, 1})
@@ -365,6 +379,144 @@ TEST_F(JournalTest, DeleteRecordWithoutRequestIdReplays) {
   auto journal = Journal::Open(Options(dir_ + "_copy"));
   ASSERT_TRUE(journal.ok());
   EXPECT_THAT((*journal)->recovered(), IsEmpty());
+  EXPECT_THAT((*journal)->report().front(), ::testing::Not(HasSubstr("WARN")));
+  fs::remove_all(dir_ + "_copy");
+}
+
+// Appends raw frames to a copy's log, as a newer release might have.
+void AppendFrames(const std::string& wal,
+                  const std::vector<std::string>& payloads) {
+  std::ofstream out(wal, std::ios::binary | std::ios::app);
+  for (const std::string& payload : payloads) out << Frame(payload);
+}
+
+std::string Str(absl::string_view s) {
+  const uint32_t n = static_cast<uint32_t>(s.size());
+  return std::string(reinterpret_cast<const char*>(&n), sizeof(n)) +
+         std::string(s);
+}
+
+// A kPut record (type 1) for `name` carrying `blob`.
+std::string PutRecord(uint64_t lsn, absl::string_view name,
+                      absl::string_view blob) {
+  std::string payload(1, '\x01');
+  payload.append(reinterpret_cast<const char*>(&lsn), sizeof(lsn));
+  payload += Str("") + Str(name);
+  const uint64_t uid = 77;
+  payload.append(reinterpret_cast<const char*>(&uid), sizeof(uid));
+  payload += Str(blob) + Str("");
+  payload.push_back(1);  // Result: kForward, version 2, 0 batches.
+  const int64_t version = 2, batches = 0;
+  payload.append(reinterpret_cast<const char*>(&version), sizeof(version));
+  payload.append(reinterpret_cast<const char*>(&batches), sizeof(batches));
+  return payload;
+}
+
+TEST_F(JournalTest, LayerEncodingRoundTripsEveryArray) {
+  LayerState state = State(3.5f, 9);
+  state.arrays.at("weight_momentum_buffer").values = {1, 2};
+  state.arrays.at("bias_momentum_buffer").values = {3, 4};
+  state.arrays.at("has_accumulated_grad").int_value = 1;
+  const LayerConfig config = Info(1).config;
+  const std::string blob =
+      EncodeLayer(*BuiltinKinds().Find("batch_norm"), config, state);
+  absl::StatusOr<DecodedLayer> decoded = DecodeLayer(BuiltinKinds(), blob);
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_EQ(decoded->config.kind, "batch_norm");
+  EXPECT_EQ(decoded->config.As<BatchNormConfig>()->num_features, 2);
+  EXPECT_EQ(decoded->state.version, 9);
+  EXPECT_EQ(decoded->state.arrays, state.arrays);
+  // Every cut is damage, never a misread.
+  for (size_t cut = 0; cut < blob.size(); ++cut) {
+    EXPECT_FALSE(DecodeLayer(BuiltinKinds(), blob.substr(0, cut)).ok()) << cut;
+  }
+}
+
+TEST_F(JournalTest, NewerFormatsAreKeptUnreadNotMisread) {
+  const std::string good = EncodeLayer(*BuiltinKinds().Find("batch_norm"),
+                                       Info(1).config, State(1, 2));
+  std::string future_format = good;
+  future_format[4] = 3;  // Layer format 3.
+  std::string future_kind =
+      "NSLR" + std::string("\x02\0\0\0", 4) + Str("group_norm");
+  EXPECT_EQ(DecodeLayer(BuiltinKinds(), future_format).status().code(),
+            absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(DecodeLayer(BuiltinKinds(), future_kind).status().code(),
+            absl::StatusCode::kUnimplemented);
+  {
+    auto journal = Journal::Open(Options(dir_));
+    ASSERT_TRUE(journal.ok());
+    ASSERT_TRUE((*journal)->FinishRecovery({}).ok());
+    ASSERT_TRUE((*journal)->LogCreate("", Info(1), State(0, 1)).ok());
+  }
+  // A newer release appended: a record type this one does not know, a
+  // layer in a newer format, one of an unknown kind, then a good record.
+  std::string unknown_type(1, '\x09');
+  const uint64_t lsn = 100;
+  unknown_type.append(reinterpret_cast<const char*>(&lsn), sizeof(lsn));
+  unknown_type += "whatever comes next";
+  AppendFrames(dir_ + "/wal.log",
+               {unknown_type, PutRecord(101, "layers/f", future_format),
+                PutRecord(102, "layers/g", future_kind),
+                PutRecord(103, "layers/a", good)});
+  for (int round = 0; round < 2; ++round) {
+    SCOPED_TRACE(round == 0 ? "from the log" : "from the snapshot");
+    auto journal = Journal::Open(Options(dir_));
+    ASSERT_TRUE(journal.ok());
+    ASSERT_EQ((*journal)->recovered().size(), 1u);
+    EXPECT_EQ(RunningMean((*journal)->recovered()[0]),
+              std::vector<float>({1, 1}))
+        << "the record after the unknown ones replayed";
+    const std::string report = absl::StrJoin((*journal)->report(), "\n");
+    EXPECT_THAT(report, HasSubstr("layers/f (tenant '') is not served: layer "
+                                  "state of format 3, written by a newer"));
+    EXPECT_THAT(report, HasSubstr("layer kind 'group_norm' is not built"));
+    if (round == 0) {
+      EXPECT_THAT(report, HasSubstr("1 record(s) of a type this release does "
+                                    "not know"));
+    }
+    EXPECT_THAT(report, HasSubstr("2 kept unread"));
+    EXPECT_THAT(report, ::testing::Not(HasSubstr("cut")));
+    std::vector<RecoveredLayer> layers = (*journal)->recovered();
+    // Writes a snapshot in which the unread layers' bytes stay as they were.
+    ASSERT_TRUE((*journal)->FinishRecovery({{&layers[0], 1}}).ok());
+  }
+}
+
+TEST_F(JournalTest, AFailedAppendLeavesNothingBehind) {
+  int fail = 0;
+  JournalOptions options = Options(dir_);
+  options.fail_append_for_test = [&fail] { return fail; };
+  {
+    auto journal = Journal::Open(options);
+    ASSERT_TRUE(journal.ok());
+    ASSERT_TRUE((*journal)->FinishRecovery({}).ok());
+    ASSERT_TRUE((*journal)->LogCreate("", Info(1), State(0, 1)).ok());
+    fail = ENOSPC;
+    LayerState second = State(2, 2);
+    absl::Status full = (*journal)->LogMutation(
+        "", Info(1), &second, "r2", RequestResult{OpKind::kForward, 2, 1});
+    EXPECT_EQ(full.code(), absl::StatusCode::kUnavailable);
+    EXPECT_THAT(full.message(), HasSubstr("state_dir " + dir_));
+    EXPECT_THAT(full.message(), HasSubstr("No space left on device"));
+    EXPECT_FALSE((*journal)->LookupRequest("", "layers/a", "r2").has_value())
+        << "a request id is remembered only once its record is written";
+    EXPECT_EQ((*journal)->LogDelete("", "layers/a", "d").code(),
+              absl::StatusCode::kUnavailable);
+    // Space is back: the same record goes in.
+    fail = 0;
+    ASSERT_TRUE((*journal)
+                    ->LogMutation("", Info(1), &second, "r2",
+                                  RequestResult{OpKind::kForward, 2, 1})
+                    .ok());
+    fs::remove_all(dir_ + "_copy");
+    fs::copy(dir_, dir_ + "_copy");
+  }
+  auto journal = Journal::Open(Options(dir_ + "_copy"));
+  ASSERT_TRUE(journal.ok());
+  ASSERT_EQ((*journal)->recovered().size(), 1u) << "the delete never happened";
+  EXPECT_EQ(RunningMean((*journal)->recovered()[0]),
+            std::vector<float>({2, 2}));
   EXPECT_THAT((*journal)->report().front(), ::testing::Not(HasSubstr("WARN")));
   fs::remove_all(dir_ + "_copy");
 }

@@ -13,6 +13,7 @@
 #include "client/cpp/tensor.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/core/layers/batch_norm_layer.h"
 #include "server/grpc/server.h"
 
 namespace normserve {
@@ -56,7 +57,7 @@ class LifecycleTest : public ::testing::Test {
     auto started = std::make_shared<absl::Notification>();
     server_->engine().RunOnLayer<int>(
         id,
-        [release, started](server::BatchNormLayer&) -> absl::StatusOr<int> {
+        [release, started](server::Layer&) -> absl::StatusOr<int> {
           started->Notify();
           release->WaitForNotification();
           return 0;
@@ -233,7 +234,8 @@ TEST_F(LifecycleTest, StateBytesLimit) {
   server::BatchNormConfig config;
   config.num_features = 1000;
   server::ServerOptions options;
-  options.engine.max_state_bytes = 2 * server::Engine::StateBytes(config) + 10;
+  options.engine.max_state_bytes =
+      2 * server::NewBatchNormKind()->StateBytes(config) + 10;
   Start(options);
   Create("a", 1000);
   Create("b", 1000);

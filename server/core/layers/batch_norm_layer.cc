@@ -1,0 +1,768 @@
+#include "server/core/layers/batch_norm_layer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "server/core/sgd.h"
+
+namespace normserve::server {
+namespace {
+
+using kernels::BatchNormShape;
+using kernels::DType;
+using kernels::Layout;
+
+std::string ExpectedRank(int spatial_dims) {
+  switch (spatial_dims) {
+    case 1:
+      return "2D or 3D";
+    case 2:
+      return "4D";
+    case 3:
+      return "5D";
+  }
+  return "2D to 5D";
+}
+
+// What a BatchNorm Forward saves for its Backward.
+struct BatchNormContext final : SavedContext {
+  // True: the forward normalized with the batch's own statistics, so the
+  // training backward applies. False: it used constants (eval mode).
+  bool batch_stats = true;
+  std::vector<int64_t> dims;
+  BatchNormShape shape;
+  DType dtype = DType::kFloat32;
+  std::vector<float> mean;    // [C]
+  std::vector<float> invstd;  // [C]
+
+  size_t bytes() const override {
+    return SavedContext::bytes() +
+           (mean.size() + invstd.size()) * sizeof(float);
+  }
+};
+
+}  // namespace
+
+absl::Status ValidateConfig(const BatchNormConfig& config) {
+  if (config.num_features < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_features is ", config.num_features,
+                     "; expected a positive number of channels"));
+  }
+  if (!(config.eps > 0) || !std::isfinite(config.eps)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("eps is ", config.eps, "; expected a finite value > 0"));
+  }
+  if (config.momentum.has_value() &&
+      !(*config.momentum >= 0 && *config.momentum <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("momentum is ", *config.momentum,
+                     "; expected a value in [0, 1] (or cumulative_average "
+                     "for PyTorch's momentum=None)"));
+  }
+  if (config.spatial_dims < 0 || config.spatial_dims > 3) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("spatial_dims is ", config.spatial_dims,
+                     "; expected 1, 2 or 3 (BatchNorm1d/2d/3d) or 0 (any)"));
+  }
+  if (config.num_features > kMaxNumFeatures) {
+    // A huge count must be this error, not an allocation failure that
+    // aborts the server.
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_features is ", config.num_features,
+                     "; expected at most ", kMaxNumFeatures));
+  }
+  return absl::OkStatus();
+}
+
+LayerConfig BatchNormLayerConfig(const BatchNormConfig& params,
+                                 std::string device) {
+  LayerConfig config;
+  config.kind = BatchNormConfig::kKind;
+  config.device = std::move(device);
+  config.params = std::make_shared<BatchNormConfig>(params);
+  return config;
+}
+
+StateSpec BatchNormStateSpec(const BatchNormConfig& config) {
+  const int64_t c = config.num_features;
+  StateSpec spec;
+  if (config.affine) {
+    spec.push_back({"weight", false, c, 1.0});
+    spec.push_back({"bias", false, c, 0.0});
+    spec.push_back({"weight_momentum_buffer", false, c, 0.0, true, true});
+    spec.push_back({"bias_momentum_buffer", false, c, 0.0, true, true});
+    spec.push_back({"grad_weight", false, c, 0.0, false});
+    spec.push_back({"grad_bias", false, c, 0.0, false});
+    spec.push_back({"has_accumulated_grad", true, 0, 0.0, false});
+  }
+  if (config.track_running_stats) {
+    spec.push_back({"running_mean", false, c, 0.0});
+    spec.push_back({"running_var", false, c, 1.0});
+    spec.push_back({"num_batches_tracked", true, 0, 0.0});
+  }
+  return spec;
+}
+
+BatchNormLayer::BatchNormLayer(std::string name, uint64_t uid,
+                               const BatchNormConfig& config,
+                               const LayerEnv& env)
+    : Layer(std::move(name), uid,
+            BatchNormLayerConfig(config, env.backend->device()), env),
+      params_(config),
+      spec_(BatchNormStateSpec(config)),
+      resident_(*env.backend, config.num_features) {
+  absl::MutexLock lock(&mu_);
+  state_ = InitialState(spec_);
+  BindArrays();
+}
+
+BatchNormLayer::BatchNormLayer(std::string name, uint64_t uid,
+                               const LayerConfig& config, const LayerEnv& env)
+    : BatchNormLayer(std::move(name), uid, *config.As<BatchNormConfig>(), env) {
+}
+
+void BatchNormLayer::BindArrays() {
+  auto floats = [&](const char* key) -> std::vector<float>* {
+    auto it = state_.find(key);
+    return it == state_.end() ? nullptr : &it->second.values;
+  };
+  auto scalar = [&](const char* key) -> int64_t* {
+    auto it = state_.find(key);
+    return it == state_.end() ? nullptr : &it->second.int_value;
+  };
+  weight_ = floats("weight");
+  bias_ = floats("bias");
+  running_mean_ = floats("running_mean");
+  running_var_ = floats("running_var");
+  num_batches_tracked_ = scalar("num_batches_tracked");
+  grad_weight_ = floats("grad_weight");
+  grad_bias_ = floats("grad_bias");
+  has_grad_ = scalar("has_accumulated_grad");
+  weight_momentum_ = floats("weight_momentum_buffer");
+  bias_momentum_ = floats("bias_momentum_buffer");
+}
+
+int64_t BatchNormLayer::Mutated() {
+  ++version_;
+  PublishInfo(version_, num_batches_tracked_ ? *num_batches_tracked_ : 0,
+              has_grad_ != nullptr && *has_grad_ != 0);
+  return version_;
+}
+
+double BatchNormLayer::NextMomentum() const {
+  return params_.momentum.has_value()
+             ? *params_.momentum
+             : 1.0 / static_cast<double>(*num_batches_tracked_ + 1);
+}
+
+absl::StatusOr<const float*> BatchNormLayer::WeightOrNull() {
+  if (!params_.affine) return nullptr;
+  return resident_.Get(ResidentArrays::kWeight, *weight_);
+}
+
+absl::StatusOr<const float*> BatchNormLayer::BiasOrNull() {
+  if (!params_.affine) return nullptr;
+  return resident_.Get(ResidentArrays::kBias, *bias_);
+}
+
+absl::StatusOr<ForwardResult> BatchNormLayer::Forward(const ForwardArgs& args) {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(ResolvedTensor in, Resolve(args.input, "input"));
+  const bool batch_stats = args.training || !params_.track_running_stats;
+  const bool update = args.training && params_.track_running_stats;
+  if (batch_stats && in.shape.per_channel() <= 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Expected more than 1 value per channel when training, got input "
+        "size ",
+        kernels::ShapeToString(args.input.dims)));
+  }
+  const size_t bytes = args.input.bytes;
+  void* y = args.output(bytes);
+  if (y == nullptr) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("could not allocate ", bytes, " bytes for the output"));
+  }
+
+  // Prepare the saved context and every buffer first: once running stats
+  // moved, nothing may fail.
+  kernels::Backend& backend = *env().backend;
+  std::shared_ptr<BatchNormContext> context;
+  // After the context: on an error path its destructor waits for queued
+  // copies before the context's buffer can go back to the pool.
+  Staging staging(backend, *env().pool);
+  if (args.save_for_backward) {
+    context = std::make_shared<BatchNormContext>();
+    context->layer_uid = uid();
+    context->batch_stats = batch_stats;
+    context->dims = args.input.dims;
+    context->shape = in.shape;
+    context->dtype = in.dtype;
+    context->pool = env().pool;
+    // Eval-mode backward needs x only for grad_weight.
+    if (batch_stats || params_.affine) {
+      RETURN_IF_ERROR(env().contexts->CheckFits(bytes));
+      ASSIGN_OR_RETURN(context->x, env().pool->Acquire(bytes));
+      RETURN_IF_ERROR(env().backend->CopyToDevice(
+          context->x->data(), args.input.data, bytes, nullptr));
+    }
+  }
+
+  // The saved copy of x already is backend memory; on the CPU the kernel
+  // reads the request's bytes in place.
+  const void* x = nullptr;
+  if (context != nullptr && context->x != nullptr && !staging.zero_copy()) {
+    x = context->x->data();
+  } else {
+    ASSIGN_OR_RETURN(x, staging.Input(args.input.data, bytes));
+  }
+  ASSIGN_OR_RETURN(void* y_out, staging.Output(y, bytes));
+  const size_t c = static_cast<size_t>(params_.num_features);
+  std::vector<float> mean(c), invstd(c);
+  ASSIGN_OR_RETURN(float* invstd_out, staging.Output(invstd));
+  ASSIGN_OR_RETURN(const float* weight, WeightOrNull());
+  ASSIGN_OR_RETURN(const float* bias, BiasOrNull());
+  const size_t stat_bytes = c * sizeof(float);
+  if (batch_stats) {
+    ASSIGN_OR_RETURN(float* mean_out, staging.Output(mean));
+    kernels::BatchNormForwardTrainArgs k;
+    k.shape = in.shape;
+    k.dtype = in.dtype;
+    k.x = x;
+    k.y = y_out;
+    k.weight = weight;
+    k.bias = bias;
+    k.eps = params_.eps;
+    k.save_mean = mean_out;
+    k.save_invstd = invstd_out;
+    if (update) {
+      ASSIGN_OR_RETURN(
+          k.running_mean,
+          resident_.Get(ResidentArrays::kRunningMean, *running_mean_));
+      ASSIGN_OR_RETURN(k.running_var, resident_.Get(ResidentArrays::kRunningVar,
+                                                    *running_var_));
+      k.momentum = NextMomentum();
+      // The kernel updates the device copies; bring them back with y.
+      staging.CopyBack(running_mean_->data(), k.running_mean, stat_bytes);
+      staging.CopyBack(running_var_->data(), k.running_var, stat_bytes);
+    }
+    absl::Status status = backend.ForwardTrain(k, nullptr);
+    if (status.ok()) status = staging.Finish();
+    if (!status.ok()) {
+      if (update) {  // Host and device copies may disagree now.
+        resident_.Invalidate(ResidentArrays::kRunningMean);
+        resident_.Invalidate(ResidentArrays::kRunningVar);
+      }
+      return status;
+    }
+  } else {
+    mean = *running_mean_;
+    ASSIGN_OR_RETURN(
+        const float* running_mean,
+        resident_.Get(ResidentArrays::kRunningMean, *running_mean_));
+    ASSIGN_OR_RETURN(const float* running_var,
+                     resident_.Get(ResidentArrays::kRunningVar, *running_var_));
+    RETURN_IF_ERROR(backend.InvStd(params_.num_features, running_var,
+                                   params_.eps, invstd_out, nullptr));
+    kernels::BatchNormForwardEvalArgs k;
+    k.shape = in.shape;
+    k.dtype = in.dtype;
+    k.x = x;
+    k.y = y_out;
+    k.mean = running_mean;
+    k.invstd = invstd_out;
+    k.weight = weight;
+    k.bias = bias;
+    RETURN_IF_ERROR(backend.ForwardEval(k, nullptr));
+    RETURN_IF_ERROR(staging.Finish());
+  }
+
+  ForwardResult result;
+  result.dtype = in.dtype;
+  result.layout = in.shape.layout;
+  if (update) {
+    ++*num_batches_tracked_;
+    Mutated();
+  }
+  result.version = version_;
+
+  if (context != nullptr) {
+    context->mean = mean;
+    context->invstd = invstd;
+    ASSIGN_OR_RETURN(result.handle, env().contexts->Insert(std::move(context)));
+  }
+  if (args.return_stats && batch_stats) {
+    result.mean = std::move(mean);
+    result.invstd = std::move(invstd);
+  }
+  return result;
+}
+
+absl::StatusOr<BackwardResult> BatchNormLayer::Backward(
+    const BackwardArgs& args) {
+  absl::MutexLock lock(&mu_);
+  // Look without consuming, so a rejected request leaves the context usable.
+  ASSIGN_OR_RETURN(std::shared_ptr<SavedContext> saved,
+                   env().contexts->Take(args.handle, uid(), /*retain=*/true));
+  // Only this layer stores contexts under its uid.
+  const auto* context = static_cast<const BatchNormContext*>(saved.get());
+  ASSIGN_OR_RETURN(ResolvedTensor dy, Resolve(args.grad_output, "grad_output"));
+  if (args.grad_output.dims != context->dims) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "grad_output has shape ", kernels::ShapeToString(args.grad_output.dims),
+        "; the forward input (handle ", args.handle, ") had shape ",
+        kernels::ShapeToString(context->dims)));
+  }
+  if (dy.dtype != context->dtype || dy.shape.layout != context->shape.layout) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "grad_output is ", kernels::DTypeName(dy.dtype), " ",
+        kernels::LayoutName(dy.shape.layout), "; the forward input was ",
+        kernels::DTypeName(context->dtype), " ",
+        kernels::LayoutName(context->shape.layout)));
+  }
+
+  BackwardResult result;
+  result.dtype = dy.dtype;
+  result.layout = dy.shape.layout;
+  void* dx = nullptr;
+  if (!args.skip_grad_input) {
+    dx = args.grad_input(args.grad_output.bytes);
+    if (dx == nullptr) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("could not allocate ", args.grad_output.bytes,
+                       " bytes for grad_input"));
+    }
+    result.has_grad_input = true;
+  }
+  const size_t c = static_cast<size_t>(params_.num_features);
+  if (params_.affine) {
+    result.grad_weight.assign(c, 0.0f);
+    result.grad_bias.assign(c, 0.0f);
+  }
+  kernels::Backend& backend = *env().backend;
+  Staging staging(backend, *env().pool);
+  kernels::BatchNormBackwardArgs k;
+  k.shape = context->shape;
+  k.dtype = context->dtype;
+  k.x = context->x ? context->x->data() : nullptr;  // Backend memory.
+  ASSIGN_OR_RETURN(
+      k.dy, staging.Input(args.grad_output.data, args.grad_output.bytes));
+  if (dx != nullptr) {
+    ASSIGN_OR_RETURN(k.dx, staging.Output(dx, args.grad_output.bytes));
+  }
+  ASSIGN_OR_RETURN(k.mean, staging.Input(context->mean));
+  ASSIGN_OR_RETURN(k.invstd, staging.Input(context->invstd));
+  ASSIGN_OR_RETURN(k.weight, WeightOrNull());
+  if (params_.affine) {
+    ASSIGN_OR_RETURN(k.grad_weight, staging.Output(result.grad_weight));
+    ASSIGN_OR_RETURN(k.grad_bias, staging.Output(result.grad_bias));
+  }
+  RETURN_IF_ERROR(context->batch_stats ? backend.BackwardTrain(k, nullptr)
+                                       : backend.BackwardEval(k, nullptr));
+  RETURN_IF_ERROR(staging.Finish());
+
+  if (!args.retain_context) {
+    env().contexts->Take(args.handle, uid(), /*retain=*/false).IgnoreError();
+  }
+  if (args.accumulate_grad && params_.affine) {
+    for (size_t i = 0; i < c; ++i) {
+      (*grad_weight_)[i] += result.grad_weight[i];
+      (*grad_bias_)[i] += result.grad_bias[i];
+    }
+    *has_grad_ = 1;
+    Mutated();
+  }
+  result.version = version_;
+  return result;
+}
+
+absl::StatusOr<BatchNormLayer::ResolvedTensor> BatchNormLayer::Resolve(
+    const TensorRef& tensor, const char* what) const {
+  const Layout layout = tensor.layout.value_or(params_.layout);
+  const DType dtype = tensor.dtype.value_or(params_.dtype);
+  ASSIGN_OR_RETURN(BatchNormShape shape,
+                   kernels::MakeBatchNormShape(tensor.dims, layout));
+  const int rank = static_cast<int>(tensor.dims.size());
+  const int s = params_.spatial_dims;
+  if ((s == 1 && rank != 2 && rank != 3) || (s >= 2 && rank != s + 2)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": expected ", ExpectedRank(s), " input (got ", rank,
+                     "D input) for BatchNorm", s, "d"));
+  }
+  if (shape.c != params_.num_features) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " has ", shape.c, " channels (shape ",
+                     kernels::ShapeToString(tensor.dims), "), layer expects ",
+                     params_.num_features));
+  }
+  const size_t elem = kernels::DTypeSize(dtype);
+  const uint64_t numel = static_cast<uint64_t>(shape.numel());
+  if (numel > std::numeric_limits<size_t>::max() / elem) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " shape ", kernels::ShapeToString(tensor.dims),
+                     " is too large to address"));
+  }
+  const size_t bytes = numel * elem;
+  if (env().max_tensor_bytes != 0 && bytes > env().max_tensor_bytes) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(what, " is ", bytes, " bytes; the server's limit is ",
+                     env().max_tensor_bytes, " bytes (--max_message_mb)"));
+  }
+  if (tensor.bytes != bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " data has ", tensor.bytes, " bytes; shape ",
+                     kernels::ShapeToString(tensor.dims), " in ",
+                     kernels::DTypeName(dtype), " needs ", bytes));
+  }
+  return ResolvedTensor{shape, dtype};
+}
+
+absl::StatusOr<int64_t> BatchNormLayer::UpdateRunningStats(
+    const RunningStatsArgs& args) {
+  absl::MutexLock lock(&mu_);
+  if (!params_.track_running_stats) {
+    return absl::FailedPreconditionError(
+        "the layer was created with track_running_stats=false; it has no "
+        "running statistics to update");
+  }
+  RETURN_IF_ERROR(CheckValues(args.mean, params_.num_features, "mean"));
+  RETURN_IF_ERROR(CheckValues(args.var, params_.num_features, "var"));
+  for (float v : args.var) {
+    if (v < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("var contains a negative value (", v, ")"));
+    }
+  }
+  if (args.count < 2) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "count is ", args.count,
+        "; expected more than 1 value per channel (the running variance "
+        "is unbiased: it divides by count - 1)"));
+  }
+  Staging staging(*env().backend, *env().pool);
+  kernels::RunningStatsUpdateArgs k;
+  k.c = params_.num_features;
+  ASSIGN_OR_RETURN(k.mean, staging.Input(args.mean));
+  ASSIGN_OR_RETURN(k.var, staging.Input(args.var));
+  k.count = args.count;
+  k.momentum = NextMomentum();
+  ASSIGN_OR_RETURN(k.running_mean,
+                   resident_.Get(ResidentArrays::kRunningMean, *running_mean_));
+  ASSIGN_OR_RETURN(k.running_var,
+                   resident_.Get(ResidentArrays::kRunningVar, *running_var_));
+  const size_t stat_bytes = args.mean.size() * sizeof(float);
+  staging.CopyBack(running_mean_->data(), k.running_mean, stat_bytes);
+  staging.CopyBack(running_var_->data(), k.running_var, stat_bytes);
+  absl::Status status = env().backend->UpdateRunningStats(k, nullptr);
+  if (status.ok()) status = staging.Finish();
+  if (!status.ok()) {
+    resident_.Invalidate(ResidentArrays::kRunningMean);
+    resident_.Invalidate(ResidentArrays::kRunningVar);
+    return status;
+  }
+  ++*num_batches_tracked_;
+  return Mutated();
+}
+
+absl::StatusOr<int64_t> BatchNormLayer::OptimizerStep(const SgdArgs& args) {
+  absl::MutexLock lock(&mu_);
+  if (!params_.affine) {
+    return absl::FailedPreconditionError(
+        "the layer has no parameters (affine=false); nothing to step");
+  }
+  RETURN_IF_ERROR(ValidateSgd(args));
+  if (*has_grad_ == 0) {
+    return absl::FailedPreconditionError(
+        "no accumulated gradients; run Backward with accumulate_grad first");
+  }
+  SgdStep(args, *weight_, *grad_weight_, *weight_momentum_);
+  SgdStep(args, *bias_, *grad_bias_, *bias_momentum_);
+  resident_.Invalidate(ResidentArrays::kWeight);
+  resident_.Invalidate(ResidentArrays::kBias);
+  if (!args.keep_grad) {
+    std::fill(grad_weight_->begin(), grad_weight_->end(), 0.0f);
+    std::fill(grad_bias_->begin(), grad_bias_->end(), 0.0f);
+    *has_grad_ = 0;
+  }
+  return Mutated();
+}
+
+absl::StatusOr<int64_t> BatchNormLayer::SetParameters(
+    const std::vector<float>& weight, const std::vector<float>& bias) {
+  absl::MutexLock lock(&mu_);
+  if (!params_.affine) {
+    return absl::FailedPreconditionError(
+        "the layer has no parameters (affine=false)");
+  }
+  if (weight.empty() && bias.empty()) {
+    return absl::InvalidArgumentError(
+        "neither weight nor bias given; expected at least one");
+  }
+  if (!weight.empty()) {
+    RETURN_IF_ERROR(CheckValues(weight, params_.num_features, "weight"));
+  }
+  if (!bias.empty()) {
+    RETURN_IF_ERROR(CheckValues(bias, params_.num_features, "bias"));
+  }
+  if (!weight.empty()) {
+    *weight_ = weight;
+    resident_.Invalidate(ResidentArrays::kWeight);
+  }
+  if (!bias.empty()) {
+    *bias_ = bias;
+    resident_.Invalidate(ResidentArrays::kBias);
+  }
+  return Mutated();
+}
+
+absl::StatusOr<StateDict> BatchNormLayer::GetState(int64_t* version) const {
+  absl::MutexLock lock(&mu_);
+  if (version != nullptr) *version = version_;
+  return StateDictView(spec_, state_);
+}
+
+absl::StatusOr<int64_t> BatchNormLayer::LoadState(const StateDict& state,
+                                                  bool allow_missing) {
+  absl::MutexLock lock(&mu_);
+  // Validate everything first: a rejected load changes nothing.
+  RETURN_IF_ERROR(ValidateLoad(spec_, state, allow_missing));
+  if (state.count("weight_momentum_buffer") !=
+      state.count("bias_momentum_buffer")) {
+    return absl::InvalidArgumentError(
+        "weight_momentum_buffer and bias_momentum_buffer go together");
+  }
+  for (const auto& [key, entry] : state) {
+    StateEntry& target = state_.at(key);
+    target.values = entry.values;
+    target.int_value = entry.int_value;
+  }
+  // torch's load_state_dict has no optimizer state: a strict load of a
+  // state without it starts SGD afresh.
+  if (params_.affine && !allow_missing &&
+      !state.count("weight_momentum_buffer")) {
+    weight_momentum_->clear();
+    bias_momentum_->clear();
+  }
+  resident_.InvalidateAll();
+  return Mutated();
+}
+
+LayerState BatchNormLayer::ExportState() const {
+  absl::MutexLock lock(&mu_);
+  return LayerState{state_, version_};
+}
+
+absl::Status BatchNormLayer::RestoreState(const LayerState& state) {
+  const std::string what = absl::StrCat("state of ", name(), " (",
+                                        params_.num_features, " channels)");
+  RETURN_IF_ERROR(CheckStateFits(spec_, state.arrays, what));
+  if (params_.affine &&
+      state.arrays.at("weight_momentum_buffer").values.size() !=
+          state.arrays.at("bias_momentum_buffer").values.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what,
+                     ": weight_momentum_buffer and bias_momentum_buffer "
+                     "go together"));
+  }
+  if (state.version < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " has version ", state.version, "; expected >= 1"));
+  }
+  absl::MutexLock lock(&mu_);
+  for (const auto& [key, entry] : state.arrays) {
+    StateEntry& target = state_.at(key);
+    target.values = entry.values;
+    target.int_value = entry.int_value;
+  }
+  resident_.InvalidateAll();
+  version_ = state.version - 1;
+  Mutated();  // Publishes Info with version_ == state.version.
+  return absl::OkStatus();
+}
+
+namespace {
+
+// Little-endian encoding of BatchNormConfig, params format 1 (the config
+// part of journal format 1, unchanged).
+void PutParams(const BatchNormConfig& c, std::string* out) {
+  auto put = [out](const auto& v) {
+    char bytes[sizeof(v)];
+    std::memcpy(bytes, &v, sizeof(v));
+    out->append(bytes, sizeof(v));
+  };
+  put(int64_t{c.num_features});
+  put(double{c.eps});
+  put(uint8_t{c.momentum.has_value()});
+  put(double{c.momentum.value_or(0)});
+  put(uint8_t{c.affine});
+  put(uint8_t{c.track_running_stats});
+  put(static_cast<uint8_t>(c.layout));
+  put(static_cast<uint8_t>(c.dtype));
+  put(int32_t{c.spatial_dims});
+}
+
+// Bounds-checked little-endian reader.
+class Reader {
+ public:
+  explicit Reader(absl::string_view in) : in_(in) {}
+  template <typename T>
+  bool Get(T* v) {
+    if (in_.size() < sizeof(T)) return false;
+    std::memcpy(v, in_.data(), sizeof(T));
+    in_.remove_prefix(sizeof(T));
+    return true;
+  }
+  bool Floats(std::vector<float>* v) {
+    uint32_t n = 0;
+    if (!Get(&n) || in_.size() / sizeof(float) < n) return false;
+    v->resize(n);
+    // An empty vector's data() may be null, which memcpy must not get.
+    if (n > 0) std::memcpy(v->data(), in_.data(), n * sizeof(float));
+    in_.remove_prefix(n * sizeof(float));
+    return true;
+  }
+  bool done() const { return in_.empty(); }
+
+ private:
+  absl::string_view in_;
+};
+
+bool GetParams(Reader& r, BatchNormConfig* c) {
+  uint8_t has_momentum = 0, affine = 0, track = 0, layout = 0, dtype = 0;
+  double momentum = 0;
+  if (!r.Get(&c->num_features) || !r.Get(&c->eps) || !r.Get(&has_momentum) ||
+      !r.Get(&momentum) || !r.Get(&affine) || !r.Get(&track) ||
+      !r.Get(&layout) || !r.Get(&dtype) || !r.Get(&c->spatial_dims)) {
+    return false;
+  }
+  if (has_momentum > 1 || affine > 1 || track > 1 ||
+      layout > static_cast<uint8_t>(Layout::kNHWC) ||
+      dtype > static_cast<uint8_t>(DType::kBFloat16)) {
+    return false;
+  }
+  c->momentum = has_momentum ? std::optional<double>(momentum) : std::nullopt;
+  c->affine = affine;
+  c->track_running_stats = track;
+  c->layout = static_cast<Layout>(layout);
+  c->dtype = static_cast<DType>(dtype);
+  return true;
+}
+
+class BatchNormKind final : public LayerKind {
+ public:
+  absl::string_view name() const override { return BatchNormConfig::kKind; }
+  absl::string_view id_prefix() const override { return "bn"; }
+
+  absl::Status Validate(const KindParams& params) const override {
+    return ValidateConfig(Of(params));
+  }
+
+  size_t StateBytes(const KindParams& params) const override {
+    // weight, bias, running_mean, running_var, grad_weight, grad_bias and
+    // two momentum buffers, float32 each, plus a fixed overhead per layer.
+    constexpr size_t kPerChannel = 8 * sizeof(float);
+    constexpr size_t kPerLayer = 1024;
+    return kPerLayer +
+           static_cast<size_t>(std::max<int64_t>(Of(params).num_features, 0)) *
+               kPerChannel;
+  }
+
+  bool SameParams(const KindParams& requested,
+                  const KindParams& existing) const override {
+    const BatchNormConfig& a = Of(requested);
+    const BatchNormConfig& b = Of(existing);
+    return a.num_features == b.num_features && a.eps == b.eps &&
+           a.momentum == b.momentum && a.affine == b.affine &&
+           a.track_running_stats == b.track_running_stats &&
+           a.layout == b.layout && a.dtype == b.dtype &&
+           a.spatial_dims == b.spatial_dims;
+  }
+
+  std::unique_ptr<Layer> Create(std::string name, uint64_t uid,
+                                const LayerConfig& config,
+                                const LayerEnv& env) const override {
+    return std::make_unique<BatchNormLayer>(std::move(name), uid, config, env);
+  }
+
+  uint32_t params_version() const override { return 1; }
+
+  std::string EncodeParams(const KindParams& params) const override {
+    std::string out;
+    PutParams(Of(params), &out);
+    return out;
+  }
+
+  absl::StatusOr<std::shared_ptr<const KindParams>> DecodeParams(
+      absl::string_view bytes, uint32_t version) const override {
+    auto params = std::make_shared<BatchNormConfig>();
+    Reader r(bytes);
+    if (version != 1 || !GetParams(r, params.get()) || !r.done()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "batch_norm config (format ", version, ") does not decode"));
+    }
+    RETURN_IF_ERROR(ValidateConfig(*params));
+    return std::shared_ptr<const KindParams>(std::move(params));
+  }
+
+ private:
+  static const BatchNormConfig& Of(const KindParams& params) {
+    return static_cast<const BatchNormConfig&>(params);
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<LayerKind> NewBatchNormKind() {
+  return std::make_unique<BatchNormKind>();
+}
+
+absl::StatusOr<std::pair<BatchNormConfig, LayerState>> DecodeFormat1BatchNorm(
+    absl::string_view blob) {
+  BatchNormConfig config;
+  LayerState state;
+  Reader r(blob);
+  std::vector<float> weight, bias, running_mean, running_var, grad_weight,
+      grad_bias, weight_momentum, bias_momentum;
+  int64_t num_batches_tracked = 0;
+  uint8_t has_grad = 0;
+  if (!GetParams(r, &config) || !r.Floats(&weight) || !r.Floats(&bias) ||
+      !r.Floats(&running_mean) || !r.Floats(&running_var) ||
+      !r.Get(&num_batches_tracked) || !r.Floats(&grad_weight) ||
+      !r.Floats(&grad_bias) || !r.Get(&has_grad) ||
+      !r.Floats(&weight_momentum) || !r.Floats(&bias_momentum) ||
+      !r.Get(&state.version) || !r.done() || has_grad > 1) {
+    return absl::InvalidArgumentError("a format-1 layer state does not decode");
+  }
+  RETURN_IF_ERROR(ValidateConfig(config));
+  const std::vector<int64_t> dims = {config.num_features};
+  auto put = [&](const char* key, std::vector<float> values) {
+    state.arrays[key] = StateEntry{dims, std::move(values)};
+  };
+  auto put_int = [&](const char* key, int64_t value) {
+    StateEntry& entry = state.arrays[key];
+    entry.is_int = true;
+    entry.int_value = value;
+  };
+  if (config.affine) {
+    put("weight", std::move(weight));
+    put("bias", std::move(bias));
+    put("weight_momentum_buffer", std::move(weight_momentum));
+    put("bias_momentum_buffer", std::move(bias_momentum));
+    put("grad_weight", std::move(grad_weight));
+    put("grad_bias", std::move(grad_bias));
+    put_int("has_accumulated_grad", has_grad);
+  }
+  if (config.track_running_stats) {
+    put("running_mean", std::move(running_mean));
+    put("running_var", std::move(running_var));
+    put_int("num_batches_tracked", num_batches_tracked);
+  }
+  return std::make_pair(std::move(config), std::move(state));
+}
+
+}  // namespace normserve::server

@@ -1,0 +1,149 @@
+// BatchNorm1d/2d/3d: a stateful layer with PyTorch's semantics
+// (docs/design.md): config, parameters, running statistics, accumulated
+// gradients and SGD state, as one map of named arrays (layer.h).
+//
+// On the CPU backend the kernels read the request's bytes and write the
+// reply's bytes in place; on a device backend each operation stages them
+// through pooled device buffers (server/core/staging.h), and the
+// per-channel parameters and running statistics stay resident on the
+// device between operations.
+//
+// Thread safety: as Layer; mutations are serialized by an internal mutex.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "kernels/batch_norm.h"
+#include "server/core/layer.h"
+#include "server/core/layer_kind.h"
+#include "server/core/layer_state.h"
+#include "server/core/staging.h"
+
+namespace normserve::server {
+
+constexpr double kDefaultEps = 1e-5;
+constexpr double kDefaultMomentum = 0.1;
+
+struct BatchNormConfig final : KindParams {
+  static constexpr char kKind[] = "batch_norm";
+
+  int64_t num_features = 0;
+  double eps = kDefaultEps;
+  // nullopt: PyTorch's momentum=None, a cumulative average.
+  std::optional<double> momentum = kDefaultMomentum;
+  bool affine = true;
+  bool track_running_stats = true;
+  // Defaults for tensors that do not name their own.
+  kernels::Layout layout = kernels::Layout::kNCHW;
+  kernels::DType dtype = kernels::DType::kFloat32;
+  // 1, 2, 3: BatchNorm1d/2d/3d input ranks; 0: any rank 2 to 5.
+  int spatial_dims = 0;
+};
+
+// Channels of one layer (4 GiB of float32 state); more is a malformed config.
+constexpr int64_t kMaxNumFeatures = int64_t{1} << 27;
+
+// INVALID_ARGUMENT naming the bad field and what was expected.
+absl::Status ValidateConfig(const BatchNormConfig& config);
+
+// The config of a BatchNorm layer on `device` ("": the server's device).
+LayerConfig BatchNormLayerConfig(const BatchNormConfig& params,
+                                 std::string device = "");
+
+// The named arrays of a BatchNorm layer's state with `config`: weight,
+// bias, weight_momentum_buffer, bias_momentum_buffer (affine), running_mean,
+// running_var, num_batches_tracked (track_running_stats) in the state_dict;
+// grad_weight, grad_bias and has_accumulated_grad kept by the server.
+StateSpec BatchNormStateSpec(const BatchNormConfig& config);
+
+class BatchNormLayer final : public Layer {
+ public:
+  // `config` must have passed ValidateConfig; the layer lives on
+  // env.backend's device. `uid` is unique per server.
+  BatchNormLayer(std::string name, uint64_t uid, const BatchNormConfig& config,
+                 const LayerEnv& env);
+  BatchNormLayer(std::string name, uint64_t uid, const LayerConfig& config,
+                 const LayerEnv& env);
+
+  const BatchNormConfig& params() const { return params_; }
+
+  // Training: batch statistics, running-stat update; eval: running
+  // statistics (batch statistics without track_running_stats).
+  absl::StatusOr<ForwardResult> Forward(const ForwardArgs& args) override;
+  // Uses the statistics saved by the Forward and the layer's weight as it
+  // is now (PyTorch would refuse a weight changed in between; we use the
+  // current one).
+  absl::StatusOr<BackwardResult> Backward(const BackwardArgs& args) override;
+  absl::StatusOr<int64_t> UpdateRunningStats(
+      const RunningStatsArgs& args) override;
+  absl::StatusOr<int64_t> OptimizerStep(const SgdArgs& args) override;
+  absl::StatusOr<int64_t> SetParameters(
+      const std::vector<float>& weight,
+      const std::vector<float>& bias) override;
+  absl::StatusOr<StateDict> GetState(int64_t* version) const override;
+  absl::StatusOr<int64_t> LoadState(const StateDict& state,
+                                    bool allow_missing) override;
+  LayerState ExportState() const override;
+  absl::Status RestoreState(const LayerState& state) override;
+
+ private:
+  struct ResolvedTensor {
+    kernels::BatchNormShape shape;
+    kernels::DType dtype;
+  };
+  absl::StatusOr<ResolvedTensor> Resolve(const TensorRef& tensor,
+                                         const char* what) const;
+  // Binds the array views below to state_'s entries.
+  void BindArrays() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Bumps the version and publishes a new Info snapshot.
+  int64_t Mutated() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The running-stat factor of the batch being folded in now (before
+  // num_batches_tracked counts it): momentum, or 1 / batches for None.
+  double NextMomentum() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Backend memory of weight and bias (null when affine is false).
+  absl::StatusOr<const float*> WeightOrNull()
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<const float*> BiasOrNull() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const BatchNormConfig params_;
+  const StateSpec spec_;
+
+  mutable absl::Mutex mu_;
+  StateDict state_ ABSL_GUARDED_BY(mu_);
+  int64_t version_ ABSL_GUARDED_BY(mu_) = 1;
+  // Views of state_'s arrays (its entries are never erased); null where the
+  // config has none.
+  std::vector<float>* weight_ ABSL_GUARDED_BY(mu_) = nullptr;
+  std::vector<float>* bias_ ABSL_GUARDED_BY(mu_) = nullptr;
+  std::vector<float>* running_mean_ ABSL_GUARDED_BY(mu_) = nullptr;
+  std::vector<float>* running_var_ ABSL_GUARDED_BY(mu_) = nullptr;
+  int64_t* num_batches_tracked_ ABSL_GUARDED_BY(mu_) = nullptr;
+  std::vector<float>* grad_weight_ ABSL_GUARDED_BY(mu_) = nullptr;
+  std::vector<float>* grad_bias_ ABSL_GUARDED_BY(mu_) = nullptr;
+  int64_t* has_grad_ ABSL_GUARDED_BY(mu_) = nullptr;
+  // SGD momentum buffers; empty until the first step with momentum.
+  std::vector<float>* weight_momentum_ ABSL_GUARDED_BY(mu_) = nullptr;
+  std::vector<float>* bias_momentum_ ABSL_GUARDED_BY(mu_) = nullptr;
+  // Device copies of weight, bias, running_mean, running_var.
+  ResidentArrays resident_ ABSL_GUARDED_BY(mu_);
+};
+
+// The BatchNorm kind for the registry.
+std::unique_ptr<LayerKind> NewBatchNormKind();
+
+// A layer state as the release before kinds (journal format 1) encoded it:
+// config and arrays in fixed order. Returns the config and the state as
+// named arrays; INVALID_ARGUMENT when the bytes do not decode.
+absl::StatusOr<std::pair<BatchNormConfig, LayerState>> DecodeFormat1BatchNorm(
+    absl::string_view blob);
+
+}  // namespace normserve::server

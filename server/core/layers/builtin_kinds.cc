@@ -1,0 +1,18 @@
+// The one place where the normalization kinds this build serves are
+// registered. A new kind adds its files under server/core/layers/ and one
+// line here.
+#include "server/core/layer_kind.h"
+#include "server/core/layers/batch_norm_layer.h"
+
+namespace normserve::server {
+
+const KindRegistry& BuiltinKinds() {
+  static const KindRegistry* const registry = [] {
+    auto* r = new KindRegistry;
+    r->Register(NewBatchNormKind()).IgnoreError();  // Names are distinct.
+    return r;
+  }();
+  return *registry;
+}
+
+}  // namespace normserve::server
