@@ -545,5 +545,46 @@ TEST_F(IntegrationTest, RemoteBatchNormTrainsAndExportsState) {
   EXPECT_TRUE((*bn)->Close().ok());
 }
 
+// The API's Layer names its kind and carries the kind's status in the
+// kind's own message, with today's fields still filled for older clients.
+TEST_F(IntegrationTest, LayerNamesItsKindAndKeepsOldFieldsFilled) {
+  Create("bn", 3);
+  ASSERT_TRUE(client_->Forward(ForwardRequest("bn", {4, 3, 2}, 1)).ok());
+  auto layer = client_->GetLayer("bn");
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  EXPECT_EQ(layer->kind(), "batch_norm");
+  EXPECT_EQ(layer->config_case(), v1::Layer::kBatchNorm);
+  EXPECT_EQ(layer->batch_norm().num_features(), 3);
+  EXPECT_EQ(layer->batch_norm().device(), "cpu");
+  ASSERT_EQ(layer->status_case(), v1::Layer::kBatchNormStatus);
+  EXPECT_EQ(layer->batch_norm_status().num_batches_tracked(), 1);
+  EXPECT_EQ(layer->num_batches_tracked(), 1);
+  v1::CreateLayerRequest chosen;
+  chosen.mutable_batch_norm()->set_num_features(2);
+  auto named = client_->CreateLayer(chosen);
+  ASSERT_TRUE(named.ok());
+  EXPECT_THAT(named->name(), ::testing::StartsWith("layers/bn-"));
+}
+
+TEST_F(IntegrationTest, ListLayersRejectsPageTokensItNeverIssued) {
+  for (const char* id : {"a", "b", "c"}) Create(id, 2);
+  v1::ListLayersRequest request;
+  request.set_page_size(1);
+  auto first = client_->ListLayers(request);
+  ASSERT_TRUE(first.ok());
+  ASSERT_FALSE(first->next_page_token().empty());
+  request.set_page_token(first->next_page_token());
+  auto second = client_->ListLayers(request);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(second->layers(0).name(), "layers/b");
+  for (const char* bad : {"a", "b~0123456789abcdef", "garbage"}) {
+    request.set_page_token(bad);
+    auto status = client_->ListLayers(request).status();
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_THAT(std::string(status.message()),
+                HasSubstr("was not issued by this server"));
+  }
+}
+
 }  // namespace
 }  // namespace normserve
