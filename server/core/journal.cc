@@ -614,22 +614,11 @@ absl::Status Journal::WriteError(absl::string_view what, int error) const {
                                              std::strerror(error)));
 }
 
-absl::Status Journal::Heal() {
-  {
-    absl::MutexLock lock(&mu_);
-    if (broken_.ok()) return absl::OkStatus();
-  }
-  // A failed fsync may have lost records; only a snapshot, written from the
-  // state in memory, makes the directory consistent again.
-  return Snapshot();
-}
-
 absl::Status Journal::Append(absl::string_view payload) {
-  if (!broken_.ok()) return broken_;  // Heal() lost a race; retry later.
+  if (!broken_.ok()) return broken_;
   std::string frame = journal_format::Frame(payload);
   if (log_size_ == 0) frame.insert(0, kWalMagic.data(), kWalMagic.size());
-  int error =
-      options_.fail_append_for_test ? options_.fail_append_for_test() : 0;
+  int error = options_.fail_for_test ? options_.fail_for_test("append") : 0;
   if (error == 0) {
     absl::Status written = WriteAll(fd_, frame, options_.dir);
     if (!written.ok()) error = errno != 0 ? errno : EIO;
@@ -651,7 +640,6 @@ absl::Status Journal::LogMutation(absl::string_view tenant,
                                   const LayerState* state,
                                   absl::string_view request_id,
                                   const RequestResult& result) {
-  if (fd_ >= 0) RETURN_IF_ERROR(Heal());
   std::string blob;
   if (fd_ >= 0 && state != nullptr) {
     const LayerKind* kind = kinds_->Find(info.config.kind);
@@ -701,7 +689,6 @@ absl::Status Journal::LogMutation(absl::string_view tenant,
 absl::Status Journal::LogDelete(absl::string_view tenant,
                                 absl::string_view name,
                                 absl::string_view request_id) {
-  if (fd_ >= 0) RETURN_IF_ERROR(Heal());
   {
     absl::MutexLock lock(&mu_);
     if (fd_ >= 0) {
@@ -776,11 +763,21 @@ absl::Status Journal::SyncTo(uint64_t end) {
     absl::MutexLock lock(&mu_);
     target = appended_;
   }
-  if (::fdatasync(fd_) != 0) {
-    const int error = errno;
-    // The records since synced_ may be lost whatever a later fsync says.
+  const int injected =
+      options_.fail_for_test ? options_.fail_for_test("fsync") : 0;
+  if (injected != 0 || ::fdatasync(fd_) != 0) {
+    const int error = injected != 0 ? injected : errno;
+    // The records since synced_ may or may not be on disk, whatever a later
+    // fsync says, and this journal's view may be ahead of the layers (their
+    // callers undo their changes). Only a restart, reading the directory
+    // back, knows what is there: until then nothing is written.
     failed_through_ = target;
-    absl::Status status = WriteError("fsync wal.log", error);
+    absl::Status status = absl::UnavailableError(absl::StrCat(
+        "state_dir ", options_.dir,
+        ": cannot fsync wal.log: ", std::strerror(error),
+        "; the server takes no more writes until it is restarted and "
+        "reloads the directory (the record may or may not have reached the "
+        "disk: a retry with the same request_id is applied at most once)"));
     absl::MutexLock lock(&mu_);
     broken_ = status;
     return status;
@@ -816,6 +813,8 @@ absl::Status Journal::Snapshot() {
 }
 
 absl::Status Journal::SnapshotLocked() {
+  // After a failed fsync this journal's view is not to be written.
+  RETURN_IF_ERROR(broken_);
   const std::string tmp = absl::StrCat(options_.dir, "/", kSnapshotTmp);
   const std::string path = absl::StrCat(options_.dir, "/", kSnapshotFile);
   std::string out(kSnapshotMagic);
@@ -884,8 +883,6 @@ absl::Status Journal::SnapshotLocked() {
     return WriteError("fsync wal.log", errno);
   }
   synced_ = appended_;
-  failed_through_ = 0;
-  broken_ = absl::OkStatus();
   since_snapshot_ = 0;
   snapshot_retry_at_ = 0;
   return absl::OkStatus();

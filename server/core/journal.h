@@ -27,7 +27,8 @@
 // unless it was written; such calls return UNAVAILABLE naming the state
 // directory and the cause, so the caller can undo its change and the client
 // retry. After a failed fsync every record not yet known durable fails too,
-// and the log accepts records again only after a snapshot succeeds. A
+// and nothing more is written until the server restarts and reads the
+// directory back (what reached the disk is then the truth). A
 // snapshot that cannot be written leaves the previous one and the log as
 // they were (start-up goes on serving what it loaded) and is tried again
 // later.
@@ -89,9 +90,10 @@ struct JournalOptions {
   // bring the layer back after a restart). Such a mutation was queued before
   // the delete; far fewer than this many deletes happen in between.
   size_t max_dead_layers = 65536;
-  // Tests only: when set, each append of a record first calls this; a
-  // non-zero errno it returns fails the append as the write would have.
-  std::function<int()> fail_append_for_test;
+  // Tests only: when set, each append of a record and each fsync of the
+  // log first calls this with "append" or "fsync"; a non-zero errno it
+  // returns fails that step as the system call would have.
+  std::function<int(const char* step)> fail_for_test;
 };
 
 // Longest request id a call may carry.
@@ -242,9 +244,6 @@ class Journal {
   // (naming the directory and the cause) when it cannot.
   absl::Status Append(absl::string_view payload)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // After a failed fsync: writes the snapshot that lets the log take
-  // records again. OK when nothing failed.
-  absl::Status Heal() ABSL_LOCKS_EXCLUDED(sync_mu_, mu_);
   // UNAVAILABLE for a failed write or fsync of `what` in the directory.
   absl::Status WriteError(absl::string_view what, int error) const;
   void Remember(LayerEntry& entry, absl::string_view request_id,
@@ -269,8 +268,8 @@ class Journal {
 
   absl::Mutex sync_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   uint64_t synced_ ABSL_GUARDED_BY(sync_mu_) = 0;  // Bytes known durable.
-  // After a failed fsync: records ending at or before this may be lost, and
-  // the log takes no record until a snapshot succeeds (broken_).
+  // After a failed fsync: records ending at or before this may be lost; the
+  // log takes no record and no snapshot is written (broken_).
   uint64_t failed_through_ ABSL_GUARDED_BY(sync_mu_) = 0;
 
   absl::Mutex mu_;
@@ -289,7 +288,7 @@ class Journal {
   int64_t since_snapshot_ ABSL_GUARDED_BY(mu_) = 0;
   // Records after which a failed snapshot is tried again.
   int64_t snapshot_retry_at_ ABSL_GUARDED_BY(mu_) = 0;
-  // A failed fsync's status, until a snapshot has rewritten the state.
+  // A failed fsync's status; sticky until the process restarts.
   absl::Status broken_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::thread flusher_;

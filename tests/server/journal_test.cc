@@ -486,7 +486,9 @@ TEST_F(JournalTest, NewerFormatsAreKeptUnreadNotMisread) {
 TEST_F(JournalTest, AFailedAppendLeavesNothingBehind) {
   int fail = 0;
   JournalOptions options = Options(dir_);
-  options.fail_append_for_test = [&fail] { return fail; };
+  options.fail_for_test = [&fail](const char* step) {
+    return std::string(step) == "append" ? fail : 0;
+  };
   {
     auto journal = Journal::Open(options);
     ASSERT_TRUE(journal.ok());
@@ -519,6 +521,50 @@ TEST_F(JournalTest, AFailedAppendLeavesNothingBehind) {
             std::vector<float>({2, 2}));
   EXPECT_THAT((*journal)->report().front(), ::testing::Not(HasSubstr("WARN")));
   fs::remove_all(dir_ + "_copy");
+}
+
+TEST_F(JournalTest, AFailedFsyncStopsWritesUntilARestart) {
+  int fail = 0;
+  JournalOptions options = Options(dir_);
+  options.fail_for_test = [&fail](const char* step) {
+    return std::string(step) == "fsync" ? fail : 0;
+  };
+  {
+    auto journal = Journal::Open(options);
+    ASSERT_TRUE(journal.ok());
+    ASSERT_TRUE((*journal)->FinishRecovery({}).ok());
+    ASSERT_TRUE((*journal)->LogCreate("", Info(1), State(0, 1)).ok());
+    fail = EIO;
+    LayerState second = State(2, 2);
+    absl::Status failed = (*journal)->LogMutation(
+        "", Info(1), &second, "r2", RequestResult{OpKind::kForward, 2, 1});
+    EXPECT_EQ(failed.code(), absl::StatusCode::kUnavailable);
+    EXPECT_THAT(failed.message(), HasSubstr("cannot fsync wal.log"));
+    EXPECT_THAT(failed.message(), HasSubstr("until it is restarted"));
+    // Even once fsync works again, nothing more is written...
+    fail = 0;
+    LayerState third = State(3, 3);
+    EXPECT_EQ((*journal)
+                  ->LogMutation("", Info(1), &third, "r3",
+                                RequestResult{OpKind::kForward, 3, 2})
+                  .code(),
+              absl::StatusCode::kUnavailable);
+    EXPECT_EQ((*journal)->Snapshot().code(), absl::StatusCode::kUnavailable);
+  }
+  // ...and a restart reads back what reached the disk (here: the record
+  // whose fsync "failed" did), then takes writes again.
+  auto journal = Journal::Open(Options(dir_));
+  ASSERT_TRUE(journal.ok());
+  ASSERT_EQ((*journal)->recovered().size(), 1u);
+  EXPECT_EQ(RunningMean((*journal)->recovered()[0]),
+            std::vector<float>({2, 2}));
+  std::vector<RecoveredLayer> layers = (*journal)->recovered();
+  ASSERT_TRUE((*journal)->FinishRecovery({{&layers[0], 1}}).ok());
+  LayerState fourth = State(4, 4);
+  EXPECT_TRUE((*journal)
+                  ->LogMutation("", Info(1), &fourth, "r4",
+                                RequestResult{OpKind::kForward, 4, 3})
+                  .ok());
 }
 
 }  // namespace
