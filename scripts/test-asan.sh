@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the in-process server tests with ASan + UBSan (GCC, CPU only, in
+# Builds the in-process server tests (and the journal and engine unit
+# tests) with ASan + UBSan (GCC, CPU only, in
 # build-asan/ or $ASAN_BUILD_DIR) and runs them once. Only the test targets
 # are built, at -O1, to keep this to a few minutes on two cores.
 set -euo pipefail
@@ -7,6 +8,7 @@ cd "$(dirname "$0")/.."
 dir=${ASAN_BUILD_DIR:-build-asan}
 jobs=${JOBS:-$(nproc)}
 tests=(integration_test security_test lifecycle_test wire_test idempotency_test
+       journal_test engine_test
        request_fuzzer_replay)
 
 if [[ ! -f $dir/CMakeCache.txt ]]; then
