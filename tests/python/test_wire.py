@@ -41,6 +41,50 @@ def test_train_request_nests_tensor():
     assert decoded.backward.grad_output == wire.to_proto()
 
 
+def _number(message_type, name):
+    return message_type.DESCRIPTOR.fields_by_name[name].number
+
+
+def test_wire_field_numbers_are_the_descriptors():
+    data = _number(pb.Tensor, "data")
+    assert _wire.TENSOR_DATA == data == pb.Tensor.DATA_FIELD_NUMBER
+    assert client_module._FORWARD_INPUT == _number(pb.ForwardRequest, "input")
+    assert client_module._BACKWARD_GRAD_OUTPUT == _number(pb.BackwardRequest,
+                                                          "grad_output")
+    assert client_module._FORWARD_DATA == (
+        _number(pb.ForwardResponse, "output"), data)
+    assert client_module._BACKWARD_DATA == (
+        _number(pb.BackwardResponse, "grad_input"), data)
+    assert client_module._TRAIN_DATA == {
+        _number(pb.TrainResponse, "forward"):
+            {_number(pb.ForwardResponse, "output"): {data: None}},
+        _number(pb.TrainResponse, "backward"):
+            {_number(pb.BackwardResponse, "grad_input"): {data: None}},
+    }
+    # Every operation of a Train stream, each at its descriptor's number.
+    arms = pb.TrainRequest.DESCRIPTOR.oneofs_by_name["op"].fields
+    assert client_module._TRAIN_OPS == {f.name: f.number for f in arms}
+
+
+@pytest.mark.parametrize("op", sorted(client_module._TRAIN_OPS))
+def test_train_ops_encode_their_arm(op):
+    message = _wire.Parts(pb.TrainRequest(request_id=5).SerializeToString())
+    message.append_field(client_module._TRAIN_OPS[op], _wire.Parts())
+    decoded = pb.TrainRequest.FromString(message.join())
+    assert decoded.request_id == 5 and decoded.WhichOneof("op") == op
+
+
+def test_length_field_refuses_other_fields():
+    assert (_wire.length_field(pb.ForwardRequest, "input") ==
+            pb.ForwardRequest.INPUT_FIELD_NUMBER)
+    with pytest.raises(TypeError, match="normserve.v1.Tensor.shape"):
+        _wire.length_field(pb.Tensor, "shape")  # Repeated.
+    with pytest.raises(TypeError, match="ForwardRequest.training"):
+        _wire.length_field(pb.ForwardRequest, "training")  # A varint.
+    with pytest.raises(KeyError):
+        _wire.length_field(pb.Tensor, "no_such_field")
+
+
 @pytest.mark.parametrize("size", [0, 1, 200, 70000])
 def test_split_data_cuts_bytes_field(size):
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)

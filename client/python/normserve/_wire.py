@@ -9,10 +9,31 @@ join), and the tensor's ``data`` is cut out of a response as a memoryview of
 the received bytes before the rest is parsed.
 
 Both rely only on the protobuf wire format: fields may appear in any order,
-and a message field is ``tag, varint length, payload``.
+and a message field is ``tag, varint length, payload``. The field numbers
+come from the generated descriptors (``length_field``), read once at import,
+so that a change to normserve.proto changes them too, or fails the import.
 """
 
+from google.protobuf import descriptor as _descriptor
+
+from normserve.v1 import normserve_pb2 as _pb
+
 _LEN = 2  # Wire type of length-delimited fields.
+
+
+def length_field(message_type, name):
+    """The number of ``message_type``'s field ``name``, which must be a
+    singular message or bytes field (length-delimited on the wire)."""
+    field = message_type.DESCRIPTOR.fields_by_name[name]
+    if (field.label == _descriptor.FieldDescriptor.LABEL_REPEATED or
+            field.type not in (_descriptor.FieldDescriptor.TYPE_MESSAGE,
+                               _descriptor.FieldDescriptor.TYPE_BYTES)):
+        raise TypeError(f"{field.full_name} is not a singular message or "
+                        "bytes field: normserve's wire path cannot splice it")
+    return field.number
+
+
+TENSOR_DATA = length_field(_pb.Tensor, "data")  # Tensor.data
 
 
 def varint(value):
@@ -76,11 +97,12 @@ def message_with_tensor(message_bytes, field, tensor_meta_bytes, data):
     """Returns Parts: a message plus a Tensor at ``field`` holding ``data``.
 
     ``message_bytes`` is the message serialized without that field,
-    ``tensor_meta_bytes`` the Tensor serialized without ``data`` (field 4),
-    ``data`` a contiguous byte buffer (bytes or a memoryview of format 'B').
+    ``tensor_meta_bytes`` the Tensor serialized without ``data``
+    (TENSOR_DATA), ``data`` a contiguous byte buffer (bytes or a memoryview
+    of format 'B').
     """
     tensor = Parts(tensor_meta_bytes)
-    tensor.append(_len_header(4, _nbytes(data)))
+    tensor.append(_len_header(TENSOR_DATA, _nbytes(data)))
     tensor.append(data)
     out = Parts(message_bytes)
     out.append_field(field, tensor)

@@ -80,10 +80,26 @@ def _with_ids(request, request_id=None, expected_version=None):
         request.expected_version = int(expected_version)
     return request
 
+# Field numbers of the wire path (see _wire), read from the generated
+# descriptors once, at import. Where the tensor sits in each request:
+_FORWARD_INPUT = _wire.length_field(pb.ForwardRequest, "input")
+_BACKWARD_GRAD_OUTPUT = _wire.length_field(pb.BackwardRequest, "grad_output")
 # Where the tensor bytes sit in each response (see _wire.split_data).
-_FORWARD_DATA = (1, 4)  # ForwardResponse.output.data
-_BACKWARD_DATA = (1, 4)  # BackwardResponse.grad_input.data
-_TRAIN_DATA = {3: {1: {4: None}}, 4: {1: {4: None}}}  # .forward / .backward
+_FORWARD_DATA = (_wire.length_field(pb.ForwardResponse, "output"),
+                 _wire.TENSOR_DATA)  # ForwardResponse.output.data
+_BACKWARD_DATA = (_wire.length_field(pb.BackwardResponse, "grad_input"),
+                  _wire.TENSOR_DATA)  # BackwardResponse.grad_input.data
+# TrainResponse.forward.output.data and .backward.grad_input.data.
+_TRAIN_DATA = {
+    _wire.length_field(pb.TrainResponse, "forward"):
+        {_FORWARD_DATA[0]: {_wire.TENSOR_DATA: None}},
+    _wire.length_field(pb.TrainResponse, "backward"):
+        {_BACKWARD_DATA[0]: {_wire.TENSOR_DATA: None}},
+}
+# TrainRequest's operations (oneof arms), by field name.
+_TRAIN_OPS = {name: _wire.length_field(pb.TrainRequest, name) for name in (
+    "forward", "backward", "update_running_stats", "optimizer_step",
+    "set_parameters", "get_state", "load_state", "get_layer")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +246,8 @@ def _forward_parts(name, wire, training, return_stats, save_for_backward,
                         request_id, expected_version)
     if save_for_backward is not None:
         request.save_for_backward = bool(save_for_backward)
-    return _wire.message_with_tensor(request.SerializeToString(), 2,
+    return _wire.message_with_tensor(request.SerializeToString(),
+                                     _FORWARD_INPUT,
                                      wire.meta().SerializeToString(),
                                      wire.data)
 
@@ -243,7 +260,8 @@ def _backward_parts(name, handle, wire, accumulate_grad, retain_context,
                            retain_context=bool(retain_context),
                            skip_grad_input=bool(skip_grad_input)),
         request_id, expected_version)
-    return _wire.message_with_tensor(request.SerializeToString(), 3,
+    return _wire.message_with_tensor(request.SerializeToString(),
+                                     _BACKWARD_GRAD_OUTPUT,
                                      wire.meta().SerializeToString(),
                                      wire.data)
 
@@ -704,7 +722,8 @@ class TrainStream:
                 "the Train stream ended before answering", method,
                 self._client.address))
 
-    def _submit(self, field, payload, decode, method):
+    def _submit(self, op, payload, decode, method):
+        """Sends ``payload`` as TrainRequest's field ``op`` (a name)."""
         future = concurrent.futures.Future()
         with self._lock:
             if self._ended or self._closing:
@@ -716,7 +735,7 @@ class TrainStream:
             self._pending[request_id] = (future, decode, method)
             message = _wire.Parts(
                 pb.TrainRequest(request_id=request_id).SerializeToString())
-            message.append_field(field, payload)
+            message.append_field(_TRAIN_OPS[op], payload)
             self._queue.put(message.join())
         return future
 
@@ -742,8 +761,9 @@ class TrainStream:
                       request_id=None, expected_version=None, raw=False):
         wire = _as_wire(input, dtype, layout)
         return self._submit(
-            2, _forward_parts(name, wire, training, return_stats,
-                              save_for_backward, request_id, expected_version),
+            "forward",
+            _forward_parts(name, wire, training, return_stats,
+                           save_for_backward, request_id, expected_version),
             lambda r, data: _forward_result(r.forward, data, raw),
             f"Train.Forward({name})")
 
@@ -757,9 +777,10 @@ class TrainStream:
                        request_id=None, expected_version=None, raw=False):
         wire = _as_wire(grad_output, dtype, layout)
         return self._submit(
-            3, _backward_parts(name, handle, wire, accumulate_grad,
-                               retain_context, skip_grad_input, request_id,
-                               expected_version),
+            "backward",
+            _backward_parts(name, handle, wire, accumulate_grad,
+                            retain_context, skip_grad_input, request_id,
+                            expected_version),
             lambda r, data: _backward_result(r.backward, data, raw),
             f"Train.Backward({name})")
 
@@ -776,7 +797,7 @@ class TrainStream:
             var=_per_channel(var), count=int(count)),
             request_id, expected_version)
         return self._submit(
-            4, self._message(request),
+            "update_running_stats", self._message(request),
             lambda r, _: RunningStatsResult(
                 r.update_running_stats.version,
                 r.update_running_stats.num_batches_tracked),
@@ -796,7 +817,7 @@ class TrainStream:
             name=name, sgd=_sgd(lr, momentum, dampening, weight_decay,
                                 nesterov), keep_grad=bool(keep_grad)),
             request_id, expected_version)
-        return self._submit(5, self._message(request),
+        return self._submit("optimizer_step", self._message(request),
                             lambda r, _: r.optimizer_step.version,
                             f"Train.OptimizerStep({name})")
 
@@ -809,7 +830,7 @@ class TrainStream:
         request = _with_ids(pb.SetParametersRequest(
             name=name, weight=_per_channel(weight),
             bias=_per_channel(bias)), request_id, expected_version)
-        return self._submit(6, self._message(request),
+        return self._submit("set_parameters", self._message(request),
                             lambda r, _: r.set_parameters.version,
                             f"Train.SetParameters({name})")
 
@@ -821,7 +842,7 @@ class TrainStream:
 
     def get_state_async(self, name):
         return self._submit(
-            7, self._message(pb.GetStateRequest(name=name)),
+            "get_state", self._message(pb.GetStateRequest(name=name)),
             lambda r, _: LayerState(_state_from_proto(r.get_state.state),
                                     r.get_state.version),
             f"Train.GetState({name})")
@@ -836,7 +857,7 @@ class TrainStream:
             pb.LoadStateRequest(name=name, state=_state_to_proto(state),
                                 allow_missing=bool(allow_missing)),
             request_id, expected_version)
-        return self._submit(8, self._message(request),
+        return self._submit("load_state", self._message(request),
                             lambda r, _: r.load_state.version,
                             f"Train.LoadState({name})")
 
@@ -845,7 +866,8 @@ class TrainStream:
                           timeout, f"Train.LoadState({name})")
 
     def get_layer_async(self, name):
-        return self._submit(9, self._message(pb.GetLayerRequest(name=name)),
+        return self._submit("get_layer",
+                            self._message(pb.GetLayerRequest(name=name)),
                             lambda r, _: LayerInfo.from_proto(r.get_layer),
                             f"Train.GetLayer({name})")
 
