@@ -5,7 +5,7 @@ report.
 
 usage: run_bench.py --bin BUILD/bin [--out BUILD/reports] [--rounds 3]
                     [--sections kernels,rpc] [--allocators glibc,tcmalloc,...]
-                    [--sizes 1K,...,256M] [--quick] [--readme README.md]
+                    [--sizes 1K,...,256M] [--quick] [--readme docs/benchmarks.md]
 
 Kernels: normserve-kernel-bench (Google Benchmark) and torch_bench.py run
 alternately for --rounds rounds with the same thread counts; each case's

@@ -113,7 +113,7 @@ ABSL_FLAG(AtLeast<0>, shutdown_grace_s, 10,
 ABSL_FLAG(AtLeast<1>, snapshot_every, 10000, "log records between snapshots");
 ABSL_FLAG(std::string, state_dir, "",
           "DIR to keep every layer durable in (write-ahead log and "
-          "snapshots; README, Persistence); without it state lives in memory "
+          "snapshots; docs/persistence.md); without it state lives in memory "
           "and a restart loses it");
 ABSL_FLAG(std::string, tls_cert, "",
           "PEM certificate chain FILE: serve TLS (with --tls_key)");

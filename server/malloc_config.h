@@ -6,7 +6,7 @@
 // load the server's RSS kept growing for minutes (`make soak`: +15 MB after
 // warm-up) while the program's own heap stayed at about 1.5 MB. Capping
 // their total keeps the RSS flat; blocks over 256 KiB (tensors) never pass
-// through these caches, so their reuse (DESIGN.md §5) is unaffected.
+// through these caches, so their reuse (docs/design.md §5) is unaffected.
 //
 // Thread safety: call once, early in main.
 #pragma once

@@ -1,4 +1,4 @@
-"""Cost of each --fsync policy on a training step (README, Persistence).
+"""Cost of each --fsync policy on a training step (docs/persistence.md).
 
 One training step = training Forward + accumulating Backward + SGD
 OptimizerStep (three unary calls; Forward, Backward and the step are each

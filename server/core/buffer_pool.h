@@ -1,5 +1,5 @@
 // Reuses backend buffers across calls: fresh memory costs a page fault per
-// 4 KiB on first touch (DESIGN.md §5), so large buffers are kept and handed
+// 4 KiB on first touch (docs/design.md §5), so large buffers are kept and handed
 // out again instead of being freed.
 //
 // Thread safety: Acquire and Release may be called from any thread.

@@ -1,5 +1,5 @@
 """normserve.Client against the real server: every call, checked against a
-float64 numpy reference of PyTorch's formulas (DESIGN.md §1)."""
+float64 numpy reference of PyTorch's formulas (docs/design.md §1)."""
 
 import uuid
 
@@ -67,6 +67,7 @@ def test_layer_lifecycle_and_paging(client):
     assert (info.layout, info.dtype, info.spatial_dims) == ("NHWC",
                                                             "bfloat16", 2)
     assert info.version >= 1 and info.num_batches_tracked == 0
+    assert info.kind == "batch_norm"
     for layer_id in ids[1:]:
         client.create_layer(2, layer_id=layer_id)
     assert client.get_layer(ids[1]).momentum == pytest.approx(0.1)
@@ -78,6 +79,8 @@ def test_layer_lifecycle_and_paging(client):
     assert len(first.layers) == 1 and first.next_page_token
     second = client.list_layers(page_size=1, page_token=first.next_page_token)
     assert second.layers[0].name > first.layers[0].name
+    with pytest.raises(normserve.InvalidArgumentError, match="not issued"):
+        client.list_layers(page_size=1, page_token="made-up")
     server_chosen = client.create_layer(2)
     assert server_chosen.name.startswith("layers/")
     for name in ids + [server_chosen.name]:

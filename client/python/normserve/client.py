@@ -119,6 +119,8 @@ class LayerInfo:
     version: int
     num_batches_tracked: int
     has_accumulated_grad: bool
+    # The layer's kind: "batch_norm" (servers before kinds: assumed so).
+    kind: str = "batch_norm"
 
     @property
     def id(self):
@@ -141,7 +143,8 @@ class LayerInfo:
             device=config.device,
             version=layer.version,
             num_batches_tracked=layer.num_batches_tracked,
-            has_accumulated_grad=layer.has_accumulated_grad)
+            has_accumulated_grad=layer.has_accumulated_grad,
+            kind=layer.kind or "batch_norm")
 
 
 @dataclasses.dataclass(frozen=True)
