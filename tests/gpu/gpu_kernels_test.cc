@@ -183,7 +183,7 @@ TEST_P(CudaMatrixTest, ForwardEval) {
   const Inputs in = MakeParamInputs();
   const std::vector<double> invstd =
       ToFloatPrecision(reference::InvStd(in.running_var, kEps));
-  const std::vector<double> ref = reference::ForwardEval(
+  const std::vector<double> ref = reference::Apply(
       in.shape, in.x, in.running_mean, invstd, in.weight, in.bias);
   Backend& backend = CudaBackend();
   DeviceTensor x(backend, in.dtype, in.x);

@@ -226,7 +226,7 @@ TEST_P(CpuBackendMatrixTest, ForwardEval) {
   const Inputs in = MakeParamInputs();
   const std::vector<double> invstd =
       ToFloatPrecision(reference::InvStd(in.running_var, kEps));
-  const std::vector<double> ref = reference::ForwardEval(
+  const std::vector<double> ref = reference::Apply(
       in.shape, in.x, in.running_mean, invstd, in.weight, in.bias);
   for (BackendUnderTest& b : Backends()) {
     SCOPED_TRACE(b.name);
