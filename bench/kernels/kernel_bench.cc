@@ -33,6 +33,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "kernels/backend.h"
 #include "kernels/batch_norm.h"
 #include "kernels/cpu/batch_norm_cpu.h"
 #include "kernels/cpu/parallel.h"
@@ -137,9 +138,10 @@ void BM_Kernel(benchmark::State& state, std::string op, StandardShape shape,
     a.running_mean = b.running_mean.data();
     a.running_var = b.running_var.data();
     traffic = 3 * bytes;
-    for (auto _ : state) Check(backend->ForwardTrain(a, nullptr), state);
+    for (auto _ : state)
+      Check(backend->batch_norm().ForwardTrain(a, nullptr), state);
   } else if (op == "forward_eval") {
-    nk::BatchNormForwardEvalArgs a;
+    nk::BatchNormApplyArgs a;
     a.shape = bn;
     a.x = b.x.data();
     a.y = b.y.data();
@@ -148,7 +150,7 @@ void BM_Kernel(benchmark::State& state, std::string op, StandardShape shape,
     a.weight = b.weight.data();
     a.bias = b.bias.data();
     traffic = 2 * bytes;
-    for (auto _ : state) Check(backend->ForwardEval(a, nullptr), state);
+    for (auto _ : state) Check(backend->batch_norm().Apply(a, nullptr), state);
   } else {
     nk::BatchNormBackwardArgs a;
     a.shape = bn;
@@ -161,7 +163,8 @@ void BM_Kernel(benchmark::State& state, std::string op, StandardShape shape,
     a.grad_weight = b.grad_weight.data();
     a.grad_bias = b.grad_bias.data();
     traffic = 5 * bytes;
-    for (auto _ : state) Check(backend->BackwardTrain(a, nullptr), state);
+    for (auto _ : state)
+      Check(backend->batch_norm().BackwardTrain(a, nullptr), state);
   }
   state.counters["traffic_bytes"] = traffic;
   state.counters["GB/s"] = benchmark::Counter(
