@@ -357,7 +357,8 @@ TEST_P(CudaMatrixTest, StatsThenApplyIsTheTrainingForward) {
   for (double v : stats.m2) {
     invstd.push_back(static_cast<float>(1.0 / std::sqrt(v / count + kEps)));
   }
-  ExpectChannelsNear(invstd, ref.invstd, 1e-5, {}, "invstd");
+  // save_invstd's 1e-5, plus the rounding of M2 to float on the way.
+  ExpectChannelsNear(invstd, ref.invstd, 1.1e-5, {}, "invstd");
   DeviceTensor x(backend, in.dtype, in.x);
   DeviceTensor y(backend, in.dtype, in.x.size());
   DeviceTensor mean(backend, DType::kFloat32, stats.mean);
