@@ -9,7 +9,7 @@
 //   forward_train  (statistics, running-stat update, y)   traffic 2R + 1W
 //   backward_train (grad_weight, grad_bias, dx)           traffic 4R + 1W
 //   forward_eval   (y from running statistics)            traffic 1R + 1W
-// in bytes of the minimal traffic of DESIGN.md §5, for our kernels (through
+// in bytes of the minimal traffic of docs/design.md §5, for our kernels (through
 // the CUDA backend, as the server calls them) and for cuDNN
 // (cudnnBatchNormalizationForwardTrainingEx / BackwardEx /
 // ForwardInference; SPATIAL_PERSISTENT and SPATIAL, the faster one that is
@@ -41,7 +41,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "kernels/batch_norm.h"
+#include "kernels/backend.h"
+#include "kernels/backend.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/types.h"
 
@@ -433,7 +434,7 @@ CaseResult RunCase(nk::Backend& backend, cudnnHandle_t cudnn,
     a.save_invstd = f32(invstd);
     a.running_mean = f32(rm);
     a.running_var = f32(rv);
-    const absl::Status st = backend.ForwardTrain(a, stream);
+    const absl::Status st = backend.batch_norm().ForwardTrain(a, stream);
     return st.ok() ? "" : st.ToString();
   };
   auto our_bwd = [&](int rep) -> std::string {
@@ -449,12 +450,12 @@ CaseResult RunCase(nk::Backend& backend, cudnnHandle_t cudnn,
     a.weight = f32(weight);
     a.grad_weight = f32(gw);
     a.grad_bias = f32(gb);
-    const absl::Status st = backend.BackwardTrain(a, stream);
+    const absl::Status st = backend.batch_norm().BackwardTrain(a, stream);
     return st.ok() ? "" : st.ToString();
   };
   auto our_eval = [&](int rep) -> std::string {
     const Set& s = sets[rep % r.sets];
-    nk::BatchNormForwardEvalArgs a;
+    nk::BatchNormApplyArgs a;
     a.shape = sh;
     a.dtype = c.dtype;
     a.x = s.x->data();
@@ -463,7 +464,7 @@ CaseResult RunCase(nk::Backend& backend, cudnnHandle_t cudnn,
     a.invstd = f32(invstd);
     a.weight = f32(weight);
     a.bias = f32(bias);
-    const absl::Status st = backend.ForwardEval(a, stream);
+    const absl::Status st = backend.batch_norm().Apply(a, stream);
     return st.ok() ? "" : st.ToString();
   };
   r.fwd.ours = TimeIt(stream, warmup, reps, our_fwd);

@@ -2,17 +2,27 @@
 // standard shapes, beside this machine's copy bandwidth.
 //
 // Cases (names OP/SHAPE/LAYOUT/tTHREADS, e.g.
-// forward_train/32x64x56x56/nchw/t2):
-//   forward_train   statistics, y and the running-stat update
-//   forward_eval    y from given statistics
-//   backward_train  dx, grad_weight, grad_bias
-//   copy/SIZE/tT    memcpy split over T threads (the bandwidth yardstick)
+// forward_train/32x64x56x56/nchw/t2). The fused paths:
+//   forward_train   ForwardTrain: statistics, y and the running-stat update
+//   backward_train  BackwardTrain: dx, grad_weight, grad_bias
+// the mergeable pieces (kernels/batch_norm.h):
+//   stats           Stats: per-channel mean and M2
+//   forward_eval    Apply: y from given statistics (eval mode's forward)
+//   backward_reduce BackwardReduce: Σdy and Σdy·x̂
+//   backward_apply  BackwardApply: dx from the sums and the count
+// the pieces chained as a single client would, beside the fused paths:
+//   stats_apply            Stats, invstd on the host, Apply
+//   backward_reduce_apply  BackwardReduce, BackwardApply
+// and the yardstick:
+//   copy/SIZE/tT    memcpy split over T threads
 // for float32 shapes 32x64x56x56, 8x32x224x224, 256x2048x7x7 (NCHW and
 // NHWC) and 4096x1024 (N, C), on 1 thread and on every core. Times are
 // wall-clock. Each case reports the counter "traffic_bytes": the minimum
-// bytes it must move (DESIGN.md §5): forward_train 2 reads + 1 write,
-// forward_eval and copy 1 read + 1 write, backward_train 4 reads + 1 write
-// (dy and x twice, dx once); GB/s = traffic_bytes / time.
+// bytes it must move (docs/design.md §5): stats 1 read; forward_eval and copy
+// 1 read + 1 write; backward_reduce 2 reads; forward_train, stats_apply and
+// backward_apply 2 reads + 1 write; backward_train and
+// backward_reduce_apply 4 reads + 1 write (dy and x twice, dx once);
+// GB/s = traffic_bytes / time.
 //
 // Inputs are allocated and touched once, before any timing. Besides Google
 // Benchmark's flags: --isa=generic runs the baseline (SSE2) kernels instead
@@ -22,6 +32,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -33,7 +44,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "kernels/batch_norm.h"
+#include "kernels/backend.h"
+#include "kernels/backend.h"
 #include "kernels/cpu/batch_norm_cpu.h"
 #include "kernels/cpu/parallel.h"
 
@@ -57,7 +69,7 @@ constexpr StandardShape kShapes[] = {
 // Buffers large enough for every shape, filled once.
 struct Buffers {
   std::vector<float> x, y, dy, dx;
-  std::vector<float> weight, bias, mean, invstd, running_mean, running_var,
+  std::vector<float> weight, bias, mean, m2, invstd, running_mean, running_var,
       grad_weight, grad_bias;
 
   explicit Buffers(int64_t numel, int64_t channels) {
@@ -78,6 +90,7 @@ struct Buffers {
     weight.assign(channels, 1.25f);
     bias.assign(channels, -0.5f);
     mean.assign(channels, 0.5f);
+    m2.assign(channels, 1.0f);
     invstd.assign(channels, 0.8f);
     running_mean.assign(channels, 0.0f);
     running_var.assign(channels, 1.0f);
@@ -121,9 +134,49 @@ void Check(const absl::Status& status, benchmark::State& state) {
 void BM_Kernel(benchmark::State& state, std::string op, StandardShape shape,
                nk::Layout layout, int threads) {
   Buffers& b = SharedBuffers();
-  nk::Backend* backend = BackendFor(threads);
+  nk::BatchNormOps& ops = BackendFor(threads)->batch_norm();
   const nk::BatchNormShape bn{shape.n, shape.c, shape.s, layout};
   const double bytes = static_cast<double>(bn.numel()) * sizeof(float);
+  nk::BatchNormStatsArgs stats;
+  stats.shape = bn;
+  stats.x = b.x.data();
+  stats.mean = b.mean.data();
+  stats.m2 = b.m2.data();
+  nk::BatchNormApplyArgs apply;
+  apply.shape = bn;
+  apply.x = b.x.data();
+  apply.y = b.y.data();
+  apply.mean = b.mean.data();
+  apply.invstd = b.invstd.data();
+  apply.weight = b.weight.data();
+  apply.bias = b.bias.data();
+  nk::BatchNormBackwardReduceArgs reduce;
+  reduce.shape = bn;
+  reduce.x = b.x.data();
+  reduce.dy = b.dy.data();
+  reduce.mean = b.mean.data();
+  reduce.invstd = b.invstd.data();
+  reduce.sum_dy = b.grad_bias.data();
+  reduce.sum_dy_xhat = b.grad_weight.data();
+  nk::BatchNormBackwardApplyArgs backward_apply;
+  backward_apply.shape = bn;
+  backward_apply.x = b.x.data();
+  backward_apply.dy = b.dy.data();
+  backward_apply.dx = b.dx.data();
+  backward_apply.mean = b.mean.data();
+  backward_apply.invstd = b.invstd.data();
+  backward_apply.weight = b.weight.data();
+  backward_apply.sum_dy = b.grad_bias.data();
+  backward_apply.sum_dy_xhat = b.grad_weight.data();
+  backward_apply.count = bn.per_channel();
+  // Stats' M2 to Apply's invstd, on the host as a single client would.
+  const double count = static_cast<double>(bn.per_channel());
+  auto invstd_of_m2 = [&] {
+    for (int64_t ch = 0; ch < bn.c; ++ch) {
+      b.invstd[ch] =
+          static_cast<float>(1.0 / std::sqrt(b.m2[ch] / count + 1e-5));
+    }
+  };
   double traffic = 0;
   if (op == "forward_train") {
     nk::BatchNormForwardTrainArgs a;
@@ -137,19 +190,8 @@ void BM_Kernel(benchmark::State& state, std::string op, StandardShape shape,
     a.running_mean = b.running_mean.data();
     a.running_var = b.running_var.data();
     traffic = 3 * bytes;
-    for (auto _ : state) Check(backend->ForwardTrain(a, nullptr), state);
-  } else if (op == "forward_eval") {
-    nk::BatchNormForwardEvalArgs a;
-    a.shape = bn;
-    a.x = b.x.data();
-    a.y = b.y.data();
-    a.mean = b.mean.data();
-    a.invstd = b.invstd.data();
-    a.weight = b.weight.data();
-    a.bias = b.bias.data();
-    traffic = 2 * bytes;
-    for (auto _ : state) Check(backend->ForwardEval(a, nullptr), state);
-  } else {
+    for (auto _ : state) Check(ops.ForwardTrain(a, nullptr), state);
+  } else if (op == "backward_train") {
     nk::BatchNormBackwardArgs a;
     a.shape = bn;
     a.x = b.x.data();
@@ -161,7 +203,34 @@ void BM_Kernel(benchmark::State& state, std::string op, StandardShape shape,
     a.grad_weight = b.grad_weight.data();
     a.grad_bias = b.grad_bias.data();
     traffic = 5 * bytes;
-    for (auto _ : state) Check(backend->BackwardTrain(a, nullptr), state);
+    for (auto _ : state) Check(ops.BackwardTrain(a, nullptr), state);
+  } else if (op == "stats") {
+    traffic = bytes;
+    for (auto _ : state) Check(ops.Stats(stats, nullptr), state);
+  } else if (op == "forward_eval") {
+    traffic = 2 * bytes;
+    for (auto _ : state) Check(ops.Apply(apply, nullptr), state);
+  } else if (op == "backward_reduce") {
+    traffic = 2 * bytes;
+    for (auto _ : state) Check(ops.BackwardReduce(reduce, nullptr), state);
+  } else if (op == "backward_apply") {
+    traffic = 3 * bytes;
+    for (auto _ : state) {
+      Check(ops.BackwardApply(backward_apply, nullptr), state);
+    }
+  } else if (op == "stats_apply") {
+    traffic = 3 * bytes;
+    for (auto _ : state) {
+      Check(ops.Stats(stats, nullptr), state);
+      invstd_of_m2();
+      Check(ops.Apply(apply, nullptr), state);
+    }
+  } else {  // backward_reduce_apply
+    traffic = 5 * bytes;
+    for (auto _ : state) {
+      Check(ops.BackwardReduce(reduce, nullptr), state);
+      Check(ops.BackwardApply(backward_apply, nullptr), state);
+    }
   }
   state.counters["traffic_bytes"] = traffic;
   state.counters["GB/s"] = benchmark::Counter(
@@ -240,7 +309,9 @@ int main(int argc, char** argv) {
                                   : layout == nk::Layout::kNCHW ? "nchw"
                                                                 : "nhwc";
         for (const char* op :
-             {"forward_train", "forward_eval", "backward_train"}) {
+             {"forward_train", "forward_eval", "backward_train", "stats",
+              "backward_reduce", "backward_apply", "stats_apply",
+              "backward_reduce_apply"}) {
           benchmark::RegisterBenchmark(
               absl::StrCat(op, "/", shape.name, "/", layout_name, "/t", t)
                   .c_str(),

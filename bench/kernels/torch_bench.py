@@ -6,9 +6,12 @@ usage: torch_bench.py [--threads 1,2] [--min_time_s 0.3] [--filter REGEX]
 
 Times torch.nn.functional.batch_norm (training with the running-stat update,
 and eval) and aten's native_batch_norm_backward (the kernel autograd calls,
-without autograd's bookkeeping) on float32 32x64x56x56, 8x32x224x224,
-256x2048x7x7 (contiguous = nchw and channels_last = nhwc) and 4096x1024,
-with torch.set_num_threads(T). Case names match the kernel bench:
+without autograd's bookkeeping), and, for the kernel bench's "stats" case,
+torch.var_mean over every axis but the channels (PyTorch 1.13's split
+SyncBatchNorm ops, batch_norm_stats and the rest, have no CPU kernels, so
+the other split cases have no PyTorch counterpart) on float32 32x64x56x56,
+8x32x224x224, 256x2048x7x7 (contiguous = nchw and channels_last = nhwc)
+and 4096x1024, with torch.set_num_threads(T). Case names match the kernel bench:
 OP/SHAPE/LAYOUT/tT. Writes {"torch_version", "cases": {name: {"ms": mean
 per call (as Google Benchmark reports), "min_ms", "iterations"}}}. Uses Debian's python3-torch (/usr/bin/python3).
 """
@@ -27,7 +30,7 @@ SHAPES = [
     ("256x2048x7x7", (256, 2048, 7, 7)),
     ("4096x1024", (4096, 1024)),
 ]
-OPS = ["forward_train", "forward_eval", "backward_train"]
+OPS = ["forward_train", "forward_eval", "backward_train", "stats"]
 
 
 def time_case(fn, min_time_s):
@@ -61,6 +64,9 @@ def make_case(op, shape, layout):
     if op == "forward_eval":
         return lambda: F.batch_norm(x, rm, rv, w, b, training=False,
                                     eps=1e-5)
+    if op == "stats":
+        dims = [d for d in range(x.dim()) if d != 1]
+        return lambda: torch.var_mean(x, dim=dims, unbiased=False)
     _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
         x, w, b, rm, rv, True, 0.1, 1e-5)
     return lambda: torch.ops.aten.native_batch_norm_backward(

@@ -22,8 +22,8 @@
 #include "absl/types/span.h"
 #include "client/cpp/client.h"
 #include "client/cpp/tensor.h"
-#include "kernels/reference/batch_norm_reference.h"
 #include "common/status_macros.h"
+#include "kernels/reference/batch_norm_reference.h"
 #include "kernels/types.h"
 #include "normserve/v1/normserve.grpc.pb.h"
 
@@ -646,8 +646,8 @@ class Worker {
     const std::vector<double> invstd =
         ref::InvStd(before.running_var, layer_.eps);
     const std::vector<double> y =
-        ref::ForwardEval(d.shape, d.x_ref, before.running_mean, invstd,
-                         before.weight, before.bias);
+        ref::Apply(d.shape, d.x_ref, before.running_mean, invstd, before.weight,
+                   before.bias);
     return CompareTensor("output", resp.output(), y,
                          ActivationTolerance(options_.dtype),
                          OutputScale(d.shape, d.x_ref, before.running_mean,

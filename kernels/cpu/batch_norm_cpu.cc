@@ -1,6 +1,7 @@
-// The CPU backend: argument checks, work partitioning over the thread pool,
-// and the per-channel arithmetic between the passes. The inner loops live in
-// cpu_kernels_impl.inc.
+// The CPU backend: host memory, work partitioning over the thread pool, and
+// the per-channel arithmetic between the passes of the BatchNorm ops (whose
+// arguments BatchNormOps checks before they get here). The inner loops live
+// in cpu_kernels_impl.inc.
 //
 // Work partitioning. A problem is viewed one of two ways:
 //  - Planes (NCHW with long planes): memory is cut into `tasks` equal
@@ -44,12 +45,13 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "common/half.h"
+#include "common/status_macros.h"
 #include "kernels/arg_checks.h"
+#include "kernels/backend.h"
 #include "kernels/batch_norm.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cpu/parallel.h"
-#include "common/half.h"
-#include "common/status_macros.h"
 #include "kernels/types.h"
 
 namespace normserve::kernels {
@@ -309,164 +311,69 @@ T* ExpandToColumns(const Plan& p, Scratch& scratch, const T* per_channel) {
 }
 
 // ---------------------------------------------------------------------------
-// Argument checks.
+// The BatchNorm ops. Arguments arrive checked (BatchNormOps); each Do...
+// dispatches on the dtype once and runs the typed implementation, built
+// from the passes below: the statistics pass (Moments), the affine pass
+// (Affine), the gradient sums (GradStats) and the grad_input pass
+// (GradInput). The fused paths and the mergeable pieces share them, so the
+// pieces compute what the fused paths compute before they round.
 
-// ---------------------------------------------------------------------------
-// The backend.
-
-class HostBuffer final : public Buffer {
+class CpuBatchNormOps final : public BatchNormOps {
  public:
-  HostBuffer(void* data, size_t size) : data_(data), size_(size) {}
-  ~HostBuffer() override { std::free(data_); }
-  void* data() override { return data_; }
-  size_t size() const override { return size_; }
-
- private:
-  void* data_;
-  size_t size_;
-};
-
-class CpuBackend final : public Backend {
- public:
-  CpuBackend(const KernelTable& table, int num_threads,
-             int64_t min_elements_per_task)
+  CpuBatchNormOps(const KernelTable& table, int num_threads,
+                  int64_t min_elements_per_task)
       : table_(table),
         pool_(num_threads),
         min_elements_per_task_(min_elements_per_task) {}
 
-  DeviceKind kind() const override { return DeviceKind::kCpu; }
+  int num_threads() const { return pool_.num_threads(); }
+  const char* isa() const { return table_.isa; }
 
-  std::string name() const override {
-    return absl::StrCat("cpu (", pool_.num_threads(), " threads, ", table_.isa,
-                        ")");
+ protected:
+  absl::Status DoStats(const BatchNormStatsArgs& args, Stream) override {
+    return ForDType(args.dtype,
+                    [&](const auto& k) { return StatsImpl(k, args); });
   }
 
-  absl::StatusOr<std::unique_ptr<Buffer>> Allocate(size_t bytes) override {
-    if (bytes > std::numeric_limits<size_t>::max() - kAlign) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("cannot allocate ", bytes, " bytes of host memory"));
-    }
-    void* p =
-        std::aligned_alloc(kAlign, RoundUp(std::max<size_t>(bytes, 1), kAlign));
-    if (p == nullptr) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("cannot allocate ", bytes, " bytes of host memory"));
-    }
-    return std::unique_ptr<Buffer>(new HostBuffer(p, bytes));
+  absl::Status DoApply(const BatchNormApplyArgs& args, Stream) override {
+    return ForDType(args.dtype,
+                    [&](const auto& k) { return ApplyImpl(k, args); });
   }
 
-  absl::Status CopyToDevice(void* dst, const void* host_src, size_t bytes,
-                            Stream) override {
-    return Copy("CopyToDevice", dst, host_src, bytes);
-  }
-  absl::Status CopyToHost(void* host_dst, const void* src, size_t bytes,
-                          Stream) override {
-    return Copy("CopyToHost", host_dst, src, bytes);
-  }
-  absl::Status Synchronize(Stream) override { return absl::OkStatus(); }
-
-  absl::Status ForwardTrain(const BatchNormForwardTrainArgs& args,
-                            Stream) override {
-    constexpr const char* kOp = "ForwardTrain";
-    RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.save_mean, "save_mean"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.save_invstd, "save_invstd"));
-    if ((args.running_mean != nullptr || args.running_var != nullptr) &&
-        args.shape.per_channel() <= 1) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "Expected more than 1 value per channel when training, got input "
-          "size ",
-          InputSizeString(args.shape)));
-    }
-    switch (args.dtype) {
-      case DType::kFloat32:
-        return ForwardTrainImpl(table_.f32, args);
-      case DType::kFloat16:
-        return ForwardTrainImpl(table_.f16, args);
-      case DType::kBFloat16:
-        return ForwardTrainImpl(table_.bf16, args);
-    }
-    return absl::InternalError("unreachable: dtype was checked");
+  absl::Status DoBackwardReduce(const BatchNormBackwardReduceArgs& args,
+                                Stream) override {
+    return ForDType(args.dtype,
+                    [&](const auto& k) { return BackwardReduceImpl(k, args); });
   }
 
-  absl::Status ForwardEval(const BatchNormForwardEvalArgs& args,
-                           Stream) override {
-    constexpr const char* kOp = "ForwardEval";
-    RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.y, "y"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
-    switch (args.dtype) {
-      case DType::kFloat32:
-        return ForwardEvalImpl(table_.f32, args);
-      case DType::kFloat16:
-        return ForwardEvalImpl(table_.f16, args);
-      case DType::kBFloat16:
-        return ForwardEvalImpl(table_.bf16, args);
-    }
-    return absl::InternalError("unreachable: dtype was checked");
+  absl::Status DoBackwardApply(const BatchNormBackwardApplyArgs& args,
+                               Stream) override {
+    return ForDType(args.dtype,
+                    [&](const auto& k) { return BackwardApplyImpl(k, args); });
   }
 
-  absl::Status BackwardTrain(const BatchNormBackwardArgs& args,
-                             Stream) override {
-    constexpr const char* kOp = "BackwardTrain";
-    RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.dy, "dy"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
-    switch (args.dtype) {
-      case DType::kFloat32:
-        return BackwardImpl(table_.f32, args, /*train=*/true);
-      case DType::kFloat16:
-        return BackwardImpl(table_.f16, args, /*train=*/true);
-      case DType::kBFloat16:
-        return BackwardImpl(table_.bf16, args, /*train=*/true);
-    }
-    return absl::InternalError("unreachable: dtype was checked");
+  absl::Status DoForwardTrain(const BatchNormForwardTrainArgs& args,
+                              Stream) override {
+    return ForDType(args.dtype,
+                    [&](const auto& k) { return ForwardTrainImpl(k, args); });
   }
 
-  absl::Status BackwardEval(const BatchNormBackwardArgs& args,
-                            Stream) override {
-    constexpr const char* kOp = "BackwardEval";
-    RETURN_IF_ERROR(CheckShape(kOp, args.shape, args.dtype));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.dy, "dy"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
-    if (args.grad_weight != nullptr) {
-      RETURN_IF_ERROR(
-          CheckNotNull("BackwardEval with grad_weight", args.x, "x"));
-      RETURN_IF_ERROR(
-          CheckNotNull("BackwardEval with grad_weight", args.mean, "mean"));
-    }
-    switch (args.dtype) {
-      case DType::kFloat32:
-        return BackwardImpl(table_.f32, args, /*train=*/false);
-      case DType::kFloat16:
-        return BackwardImpl(table_.f16, args, /*train=*/false);
-      case DType::kBFloat16:
-        return BackwardImpl(table_.bf16, args, /*train=*/false);
-    }
-    return absl::InternalError("unreachable: dtype was checked");
+  absl::Status DoBackwardTrain(const BatchNormBackwardArgs& args,
+                               Stream) override {
+    return ForDType(args.dtype, [&](const auto& k) {
+      return BackwardImpl(k, args, /*train=*/true);
+    });
   }
 
-  absl::Status UpdateRunningStats(const RunningStatsUpdateArgs& args,
-                                  Stream) override {
-    constexpr const char* kOp = "UpdateRunningStats";
-    if (args.c < 1) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(kOp, ": c = ", args.c, " must be >= 1"));
-    }
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.var, "var"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.running_mean, "running_mean"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.running_var, "running_var"));
-    if (args.count <= 1) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "Expected more than 1 value per channel when training, got count ",
-          args.count));
-    }
+  absl::Status DoBackwardEval(const BatchNormBackwardArgs& args,
+                              Stream) override {
+    return ForDType(args.dtype, [&](const auto& k) {
+      return BackwardImpl(k, args, /*train=*/false);
+    });
+  }
+
+  absl::Status DoUpdateRunningStats(const RunningStatsUpdateArgs& args,
+                                    Stream) override {
     const double m = args.momentum;
     const double bessel =
         static_cast<double>(args.count) / static_cast<double>(args.count - 1);
@@ -479,14 +386,8 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status InvStd(int64_t c, const float* var, double eps, float* invstd,
-                      Stream) override {
-    if (c < 1) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("InvStd: c = ", c, " must be >= 1"));
-    }
-    RETURN_IF_ERROR(CheckNotNull("InvStd", var, "var"));
-    RETURN_IF_ERROR(CheckNotNull("InvStd", invstd, "invstd"));
+  absl::Status DoInvStd(int64_t c, const float* var, double eps, float* invstd,
+                        Stream) override {
     for (int64_t ch = 0; ch < c; ++ch) {
       invstd[ch] = static_cast<float>(1.0 / std::sqrt(var[ch] + eps));
     }
@@ -494,17 +395,59 @@ class CpuBackend final : public Backend {
   }
 
  private:
-  static absl::Status Copy(const char* op, void* dst, const void* src,
-                           size_t bytes) {
-    if (bytes == 0) return absl::OkStatus();
-    RETURN_IF_ERROR(CheckNotNull(op, dst, "destination"));
-    RETURN_IF_ERROR(CheckNotNull(op, src, "source"));
-    std::memcpy(dst, src, bytes);
-    return absl::OkStatus();
+  // Calls fn(kernel set of `dtype`).
+  template <typename Fn>
+  absl::Status ForDType(DType dtype, Fn fn) const {
+    switch (dtype) {
+      case DType::kFloat32:
+        return fn(table_.f32);
+      case DType::kFloat16:
+        return fn(table_.f16);
+      case DType::kBFloat16:
+        return fn(table_.bf16);
+    }
+    return absl::InternalError("unreachable: dtype was checked");
   }
 
   Plan PlanFor(const BatchNormShape& shape) const {
     return MakePlan(shape, pool_.num_threads(), min_elements_per_task_);
+  }
+
+  // Computes per channel shift[c] = the channel's first value K and
+  // sum[c] = Σ(x - K), sumsq[c] = Σ(x - K)² (one read of x gives both).
+  template <typename T>
+  void Moments(const KernelSet<T>& k, const Plan& p, Scratch& scratch,
+               const T* x, double* shift, double* sum, double* sumsq) {
+    for (int64_t ch = 0; ch < p.c; ++ch)
+      shift[ch] = ToFloat(x[p.FirstOffset(ch)]);
+    if (p.rows) {
+      const Partials parts(scratch, p.tasks, p.width);
+      const double* shift_col = ExpandToColumns(p, scratch, shift);
+      // Float work space for stats_rows, 3 * width per task.
+      const size_t work_stride = RoundUp(3 * static_cast<size_t>(p.width), 16);
+      float* work = scratch.Take<float>(work_stride * p.tasks);
+      pool_.Run(p.tasks, [&](int t) {
+        parts.Zero(t);
+        ForEachRowBlock(
+            p, t,
+            [&](int64_t off, int64_t rows, int64_t ld, int64_t c0, int64_t c1) {
+              k.stats_rows(x + off, rows, ld, c0, c1, shift_col, parts.first(t),
+                           parts.second(t), work + work_stride * t);
+            });
+      });
+      MergePartials(p, parts, sum, sumsq);
+    } else {
+      const Partials parts(scratch, p.tasks, p.c);
+      pool_.Run(p.tasks, [&](int t) {
+        parts.Zero(t);
+        double* a = parts.first(t);
+        double* b = parts.second(t);
+        ForEachSegment(p, t, [&](int64_t ch, int64_t off, int64_t len) {
+          k.stats_segment(x + off, len, shift[ch], a + ch, b + ch);
+        });
+      });
+      MergePartials(p, parts, sum, sumsq);
+    }
   }
 
   // Applies y = (x - shift[c]) * alpha[c] + beta[c] (per-channel arrays).
@@ -566,6 +509,55 @@ class CpuBackend final : public Backend {
     }
   }
 
+  // Applies dx = (dy - grad_mean[c] - (x - mean[c]) * coef[c]) * scale[c].
+  template <typename T>
+  void GradInput(const KernelSet<T>& k, const Plan& p, Scratch& scratch,
+                 const T* x, const T* dy, T* dx, const float* mean,
+                 const float* grad_mean, const float* coef,
+                 const float* scale) {
+    if (p.rows) {
+      const float* mean_col = ExpandToColumns(p, scratch, mean);
+      const float* gm_col = ExpandToColumns(p, scratch, grad_mean);
+      const float* k_col = ExpandToColumns(p, scratch, coef);
+      const float* scale_col = ExpandToColumns(p, scratch, scale);
+      pool_.Run(p.tasks, [&](int t) {
+        ForEachRowBlock(
+            p, t,
+            [&](int64_t off, int64_t rows, int64_t ld, int64_t c0, int64_t c1) {
+              k.grad_input_rows(x + off, dy + off, dx + off, rows, ld, c0, c1,
+                                mean_col, gm_col, k_col, scale_col);
+            });
+      });
+    } else {
+      pool_.Run(p.tasks, [&](int t) {
+        ForEachSegment(p, t, [&](int64_t ch, int64_t off, int64_t len) {
+          k.grad_input_segment(x + off, dy + off, dx + off, len, mean[ch],
+                               grad_mean[ch], coef[ch], scale[ch]);
+        });
+      });
+    }
+  }
+
+  template <typename T>
+  absl::Status StatsImpl(const KernelSet<T>& k,
+                         const BatchNormStatsArgs& args) {
+    const Plan p = PlanFor(args.shape);
+    Scratch scratch(ScratchBytes(p));
+    if (!scratch.ok()) return ScratchExhausted(p);
+    const int64_t channels = p.c;
+    double* shift = scratch.Take<double>(channels);
+    double* sum = scratch.Take<double>(channels);
+    double* sumsq = scratch.Take<double>(channels);
+    Moments(k, p, scratch, static_cast<const T*>(args.x), shift, sum, sumsq);
+    const double count = static_cast<double>(args.shape.per_channel());
+    for (int64_t ch = 0; ch < channels; ++ch) {
+      args.mean[ch] = static_cast<float>(shift[ch] + sum[ch] / count);
+      args.m2[ch] = static_cast<float>(
+          std::max(sumsq[ch] - sum[ch] * (sum[ch] / count), 0.0));
+    }
+    return absl::OkStatus();
+  }
+
   template <typename T>
   absl::Status ForwardTrainImpl(const KernelSet<T>& k,
                                 const BatchNormForwardTrainArgs& args) {
@@ -577,38 +569,9 @@ class CpuBackend final : public Backend {
 
     // Σ(x - K), Σ(x - K)² per channel, K = the channel's first value.
     double* shift = scratch.Take<double>(channels);
-    for (int64_t ch = 0; ch < channels; ++ch)
-      shift[ch] = ToFloat(x[p.FirstOffset(ch)]);
     double* sum = scratch.Take<double>(channels);
     double* sumsq = scratch.Take<double>(channels);
-    if (p.rows) {
-      const Partials parts(scratch, p.tasks, p.width);
-      const double* shift_col = ExpandToColumns(p, scratch, shift);
-      // Float work space for stats_rows, 3 * width per task.
-      const size_t work_stride = RoundUp(3 * static_cast<size_t>(p.width), 16);
-      float* work = scratch.Take<float>(work_stride * p.tasks);
-      pool_.Run(p.tasks, [&](int t) {
-        parts.Zero(t);
-        ForEachRowBlock(
-            p, t,
-            [&](int64_t off, int64_t rows, int64_t ld, int64_t c0, int64_t c1) {
-              k.stats_rows(x + off, rows, ld, c0, c1, shift_col, parts.first(t),
-                           parts.second(t), work + work_stride * t);
-            });
-      });
-      MergePartials(p, parts, sum, sumsq);
-    } else {
-      const Partials parts(scratch, p.tasks, channels);
-      pool_.Run(p.tasks, [&](int t) {
-        parts.Zero(t);
-        double* a = parts.first(t);
-        double* b = parts.second(t);
-        ForEachSegment(p, t, [&](int64_t ch, int64_t off, int64_t len) {
-          k.stats_segment(x + off, len, shift[ch], a + ch, b + ch);
-        });
-      });
-      MergePartials(p, parts, sum, sumsq);
-    }
+    Moments(k, p, scratch, x, shift, sum, sumsq);
 
     // Per-channel statistics, running statistics and the affine map
     // y = (x - mean_f) * alpha + beta, where mean_f is the float mean and
@@ -628,8 +591,6 @@ class CpuBackend final : public Backend {
       if (args.running_mean != nullptr) {
         args.running_mean[ch] =
             static_cast<float>(m * mean + (1 - m) * args.running_mean[ch]);
-      }
-      if (args.running_var != nullptr) {
         args.running_var[ch] = static_cast<float>(
             m * (m2 / (count - 1)) + (1 - m) * args.running_var[ch]);
       }
@@ -647,8 +608,8 @@ class CpuBackend final : public Backend {
   }
 
   template <typename T>
-  absl::Status ForwardEvalImpl(const KernelSet<T>& k,
-                               const BatchNormForwardEvalArgs& args) {
+  absl::Status ApplyImpl(const KernelSet<T>& k,
+                         const BatchNormApplyArgs& args) {
     const Plan p = PlanFor(args.shape);
     Scratch scratch(ScratchBytes(p));
     if (!scratch.ok()) return ScratchExhausted(p);
@@ -662,6 +623,49 @@ class CpuBackend final : public Backend {
     }
     Affine(k, p, scratch, static_cast<const T*>(args.x),
            static_cast<T*>(args.y), args.mean, alpha, beta);
+    return absl::OkStatus();
+  }
+
+  template <typename T>
+  absl::Status BackwardReduceImpl(const KernelSet<T>& k,
+                                  const BatchNormBackwardReduceArgs& args) {
+    const Plan p = PlanFor(args.shape);
+    Scratch scratch(ScratchBytes(p));
+    if (!scratch.ok()) return ScratchExhausted(p);
+    const int64_t channels = p.c;
+    double* sum_dy = scratch.Take<double>(channels);
+    double* sum_dy_xmu = scratch.Take<double>(channels);
+    GradStats(k, p, scratch, static_cast<const T*>(args.x),
+              static_cast<const T*>(args.dy), args.mean, sum_dy, sum_dy_xmu);
+    for (int64_t ch = 0; ch < channels; ++ch) {
+      args.sum_dy[ch] = static_cast<float>(sum_dy[ch]);
+      args.sum_dy_xhat[ch] = static_cast<float>(
+          sum_dy_xmu[ch] * static_cast<double>(args.invstd[ch]));
+    }
+    return absl::OkStatus();
+  }
+
+  template <typename T>
+  absl::Status BackwardApplyImpl(const KernelSet<T>& k,
+                                 const BatchNormBackwardApplyArgs& args) {
+    const Plan p = PlanFor(args.shape);
+    Scratch scratch(ScratchBytes(p));
+    if (!scratch.ok()) return ScratchExhausted(p);
+    const int64_t channels = p.c;
+    const double count = static_cast<double>(args.count);
+    float* grad_mean = scratch.Take<float>(channels);
+    float* coef = scratch.Take<float>(channels);
+    float* scale = scratch.Take<float>(channels);
+    for (int64_t ch = 0; ch < channels; ++ch) {
+      const double invstd = args.invstd[ch];
+      const double w = args.weight != nullptr ? args.weight[ch] : 1.0;
+      grad_mean[ch] = static_cast<float>(args.sum_dy[ch] / count);
+      coef[ch] = static_cast<float>(args.sum_dy_xhat[ch] * invstd / count);
+      scale[ch] = static_cast<float>(invstd * w);
+    }
+    GradInput(k, p, scratch, static_cast<const T*>(args.x),
+              static_cast<const T*>(args.dy), static_cast<T*>(args.dx),
+              args.mean, grad_mean, coef, scale);
     return absl::OkStatus();
   }
 
@@ -721,33 +725,80 @@ class CpuBackend final : public Backend {
       Affine(k, p, scratch, dy, dx, zeros, scale, zeros);
       return absl::OkStatus();
     }
-    if (p.rows) {
-      const float* mean_col = ExpandToColumns(p, scratch, mean);
-      const float* gm_col = ExpandToColumns(p, scratch, grad_mean);
-      const float* k_col = ExpandToColumns(p, scratch, coef);
-      const float* scale_col = ExpandToColumns(p, scratch, scale);
-      pool_.Run(p.tasks, [&](int t) {
-        ForEachRowBlock(
-            p, t,
-            [&](int64_t off, int64_t rows, int64_t ld, int64_t c0, int64_t c1) {
-              k.grad_input_rows(x + off, dy + off, dx + off, rows, ld, c0, c1,
-                                mean_col, gm_col, k_col, scale_col);
-            });
-      });
-    } else {
-      pool_.Run(p.tasks, [&](int t) {
-        ForEachSegment(p, t, [&](int64_t ch, int64_t off, int64_t len) {
-          k.grad_input_segment(x + off, dy + off, dx + off, len, mean[ch],
-                               grad_mean[ch], coef[ch], scale[ch]);
-        });
-      });
-    }
+    GradInput(k, p, scratch, x, dy, dx, mean, grad_mean, coef, scale);
     return absl::OkStatus();
   }
 
   const KernelTable& table_;
   ThreadPool pool_;
   const int64_t min_elements_per_task_;
+};
+
+// ---------------------------------------------------------------------------
+// The backend: host memory and the ops.
+
+class HostBuffer final : public Buffer {
+ public:
+  HostBuffer(void* data, size_t size) : data_(data), size_(size) {}
+  ~HostBuffer() override { std::free(data_); }
+  void* data() override { return data_; }
+  size_t size() const override { return size_; }
+
+ private:
+  void* data_;
+  size_t size_;
+};
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(const KernelTable& table, int num_threads,
+             int64_t min_elements_per_task)
+      : ops_(table, num_threads, min_elements_per_task) {}
+
+  DeviceKind kind() const override { return DeviceKind::kCpu; }
+
+  std::string name() const override {
+    return absl::StrCat("cpu (", ops_.num_threads(), " threads, ", ops_.isa(),
+                        ")");
+  }
+
+  absl::StatusOr<std::unique_ptr<Buffer>> Allocate(size_t bytes) override {
+    if (bytes > std::numeric_limits<size_t>::max() - kAlign) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cannot allocate ", bytes, " bytes of host memory"));
+    }
+    void* p =
+        std::aligned_alloc(kAlign, RoundUp(std::max<size_t>(bytes, 1), kAlign));
+    if (p == nullptr) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cannot allocate ", bytes, " bytes of host memory"));
+    }
+    return std::unique_ptr<Buffer>(new HostBuffer(p, bytes));
+  }
+
+  absl::Status CopyToDevice(void* dst, const void* host_src, size_t bytes,
+                            Stream) override {
+    return Copy("CopyToDevice", dst, host_src, bytes);
+  }
+  absl::Status CopyToHost(void* host_dst, const void* src, size_t bytes,
+                          Stream) override {
+    return Copy("CopyToHost", host_dst, src, bytes);
+  }
+  absl::Status Synchronize(Stream) override { return absl::OkStatus(); }
+
+  BatchNormOps& batch_norm() override { return ops_; }
+
+ private:
+  static absl::Status Copy(const char* op, void* dst, const void* src,
+                           size_t bytes) {
+    if (bytes == 0) return absl::OkStatus();
+    RETURN_IF_ERROR(CheckNotNull(op, dst, "destination"));
+    RETURN_IF_ERROR(CheckNotNull(op, src, "source"));
+    std::memcpy(dst, src, bytes);
+    return absl::OkStatus();
+  }
+
+  CpuBatchNormOps ops_;
 };
 
 const KernelTable& ResolveTable(CpuIsa isa) {

@@ -1,11 +1,11 @@
 // Knobs of the CPU backend that tests and benchmarks turn; the server uses
-// CreateCpuBackend (kernels/batch_norm.h).
+// CreateCpuBackend (kernels/backend.h).
 #pragma once
 
 #include <cstdint>
 #include <memory>
 
-#include "kernels/batch_norm.h"
+#include "kernels/backend.h"
 
 namespace normserve::kernels {
 

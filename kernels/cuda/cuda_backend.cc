@@ -1,6 +1,7 @@
-// The CUDA backend: argument checks, per-stream resources (workspace for
-// split reductions, pinned staging buffers), copies, and the dtype and form
-// dispatch to the typed entry points of launch.h.
+// The CUDA backend: per-stream resources (workspace for split reductions,
+// pinned staging buffers), copies, and the BatchNorm ops' dtype and form
+// dispatch to the typed entry points of launch.h (their arguments are
+// checked by BatchNormOps, kernels/arg_checks.h).
 #include "kernels/cuda/cuda_backend.h"
 
 #include <cuda_runtime_api.h>
@@ -19,9 +20,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
-#include "kernels/arg_checks.h"
-#include "kernels/cuda/launch.h"
 #include "common/status_macros.h"
+#include "kernels/arg_checks.h"
+#include "kernels/backend.h"
+#include "kernels/cuda/launch.h"
 #include "kernels/types.h"
 
 namespace normserve::kernels {
@@ -48,19 +50,7 @@ absl::Status CudaStatus(cudaError_t err, absl::string_view what) {
   } while (false)
 
 // ---------------------------------------------------------------------------
-// Argument checks (the CPU backend's rules, plus CUDA's grid limits).
-
-// The shared checks plus CUDA's: channel indices are 32-bit in the kernels.
-absl::Status CheckCudaShape(const char* op, const BatchNormShape& shape,
-                            DType dtype) {
-  RETURN_IF_ERROR(CheckShape(op, shape, dtype));
-  if (shape.c > std::numeric_limits<int32_t>::max()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        op, ": ", shape.c, " channels; the CUDA backend takes at most ",
-        std::numeric_limits<int32_t>::max()));
-  }
-  return absl::OkStatus();
-}
+// Form and dtype dispatch.
 
 // NCHW with spatial extent: planes; everything else is rows (launch_plan.h).
 bool IsPlanes(const BatchNormShape& shape) {
@@ -261,230 +251,23 @@ struct StreamState {
 };
 
 // ---------------------------------------------------------------------------
-// The backend.
+// The streams of one device and what each needs, shared by the device
+// methods (copies) and the ops (launches).
 
-class CudaBackend final : public Backend {
+class Streams {
  public:
-  CudaBackend(const CudaBackendOptions& options, const cudaDeviceProp& prop)
-      : options_(options),
-        device_(options.device),
-        sm_count_(prop.multiProcessorCount) {
-    name_ =
-        absl::StrFormat("cuda:%d (%s, %.1f GiB, sm_%d%d)", device_, prop.name,
-                        static_cast<double>(prop.totalGlobalMem) /
-                            static_cast<double>(1ull << 30),
-                        prop.major, prop.minor);
-  }
+  Streams(const CudaBackendOptions& options, int sm_count)
+      : options_(options), device_(options.device), sm_count_(sm_count) {}
 
-  ~CudaBackend() override {
+  ~Streams() {
     cudaSetDevice(device_);
     absl::MutexLock lock(&mu_);
     by_thread_.clear();
     by_stream_.clear();
   }
 
-  DeviceKind kind() const override { return DeviceKind::kCuda; }
-  std::string name() const override { return name_; }
-  std::string device() const override { return absl::StrCat("cuda:", device_); }
-  bool host_accessible() const override { return false; }
+  int device() const { return device_; }
 
-  absl::StatusOr<std::unique_ptr<Buffer>> Allocate(size_t bytes) override {
-    RETURN_IF_ERROR(SetDevice());
-    void* p = nullptr;
-    const cudaError_t err = cudaMalloc(&p, std::max<size_t>(bytes, 1));
-    if (err != cudaSuccess) {
-      (void)cudaGetLastError();
-      size_t free_bytes = 0, total_bytes = 0;
-      cudaMemGetInfo(&free_bytes, &total_bytes);
-      (void)cudaGetLastError();
-      if (err == cudaErrorMemoryAllocation) {
-        return absl::ResourceExhaustedError(absl::StrCat(
-            "cannot allocate ", bytes, " bytes of device memory on ", device(),
-            " (", free_bytes >> 20, " MiB free of ", total_bytes >> 20,
-            " MiB)"));
-      }
-      return CudaStatus(err, "cudaMalloc");
-    }
-    return std::unique_ptr<Buffer>(new DeviceBuffer(device_, p, bytes));
-  }
-
-  absl::Status CopyToDevice(void* dst, const void* host_src, size_t bytes,
-                            Stream stream) override {
-    if (bytes == 0) return absl::OkStatus();
-    RETURN_IF_ERROR(CheckNotNull("CopyToDevice", dst, "destination"));
-    RETURN_IF_ERROR(CheckNotNull("CopyToDevice", host_src, "source"));
-    RETURN_IF_ERROR(SetDevice());
-    absl::StatusOr<StreamState*> st = State(stream);
-    if (!st.ok()) return st.status();
-    if (bytes >= options_.staging_threshold_bytes && (*st)->staging.Ready()) {
-      return CudaStatus(
-          (*st)->staging.ToDevice(static_cast<char*>(dst),
-                                  static_cast<const char*>(host_src), bytes,
-                                  (*st)->stream),
-          "CopyToDevice");
-    }
-    // Pageable source: the driver stages it before returning.
-    return CudaStatus(cudaMemcpyAsync(dst, host_src, bytes,
-                                      cudaMemcpyHostToDevice, (*st)->stream),
-                      "CopyToDevice");
-  }
-
-  absl::Status CopyToHost(void* host_dst, const void* src, size_t bytes,
-                          Stream stream) override {
-    if (bytes == 0) return absl::OkStatus();
-    RETURN_IF_ERROR(CheckNotNull("CopyToHost", host_dst, "destination"));
-    RETURN_IF_ERROR(CheckNotNull("CopyToHost", src, "source"));
-    RETURN_IF_ERROR(SetDevice());
-    absl::StatusOr<StreamState*> st = State(stream);
-    if (!st.ok()) return st.status();
-    if (bytes >= options_.staging_threshold_bytes && (*st)->staging.Ready()) {
-      return CudaStatus((*st)->staging.ToHost(static_cast<char*>(host_dst),
-                                              static_cast<const char*>(src),
-                                              bytes, (*st)->stream),
-                        "CopyToHost");
-    }
-    NORMSERVE_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost,
-                        (*st)->stream),
-        "CopyToHost");
-    return CudaStatus(cudaStreamSynchronize((*st)->stream), "CopyToHost");
-  }
-
-  absl::Status Synchronize(Stream stream) override {
-    RETURN_IF_ERROR(SetDevice());
-    absl::StatusOr<StreamState*> st = State(stream);
-    if (!st.ok()) return st.status();
-    return CudaStatus(cudaStreamSynchronize((*st)->stream), "Synchronize");
-  }
-
-  absl::Status ForwardTrain(const BatchNormForwardTrainArgs& args,
-                            Stream stream) override {
-    constexpr const char* kOp = "ForwardTrain";
-    RETURN_IF_ERROR(CheckCudaShape(kOp, args.shape, args.dtype));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.save_mean, "save_mean"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.save_invstd, "save_invstd"));
-    if ((args.running_mean == nullptr) != (args.running_var == nullptr)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          kOp, ": running_mean and running_var go together (one is null)"));
-    }
-    if (args.running_mean != nullptr && args.shape.per_channel() <= 1) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "Expected more than 1 value per channel when training, got input "
-          "size ",
-          InputSizeString(args.shape)));
-    }
-    cuda::ForwardTrainParams p;
-    p.ext = ExtentsOf(args.shape);
-    p.x = args.x;
-    p.y = args.y;
-    p.weight = args.weight;
-    p.bias = args.bias;
-    p.eps = args.eps;
-    p.save_mean = args.save_mean;
-    p.save_invstd = args.save_invstd;
-    p.running_mean = args.running_mean;
-    p.running_var = args.running_var;
-    p.momentum = args.momentum;
-    const bool planes = IsPlanes(args.shape);
-    return Launch(kOp, stream, [&](const cuda::LaunchEnv& env) {
-      return ForDType(args.dtype, [&](auto tag) {
-        using T = decltype(tag);
-        return planes ? cuda::ForwardTrainPlanes<T>(p, env)
-                      : cuda::ForwardTrainRows<T>(p, env);
-      });
-    });
-  }
-
-  absl::Status ForwardEval(const BatchNormForwardEvalArgs& args,
-                           Stream stream) override {
-    constexpr const char* kOp = "ForwardEval";
-    RETURN_IF_ERROR(CheckCudaShape(kOp, args.shape, args.dtype));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.y, "y"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
-    cuda::ForwardEvalParams p;
-    p.ext = ExtentsOf(args.shape);
-    p.x = args.x;
-    p.y = args.y;
-    p.mean = args.mean;
-    p.invstd = args.invstd;
-    p.weight = args.weight;
-    p.bias = args.bias;
-    const bool planes = IsPlanes(args.shape);
-    return Launch(kOp, stream, [&](const cuda::LaunchEnv& env) {
-      return ForDType(args.dtype, [&](auto tag) {
-        using T = decltype(tag);
-        return planes ? cuda::ForwardEvalPlanes<T>(p, env)
-                      : cuda::ForwardEvalRows<T>(p, env);
-      });
-    });
-  }
-
-  absl::Status BackwardTrain(const BatchNormBackwardArgs& args,
-                             Stream stream) override {
-    constexpr const char* kOp = "BackwardTrain";
-    RETURN_IF_ERROR(CheckCudaShape(kOp, args.shape, args.dtype));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.dy, "dy"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
-    return Backward(kOp, args, /*train=*/true, stream);
-  }
-
-  absl::Status BackwardEval(const BatchNormBackwardArgs& args,
-                            Stream stream) override {
-    constexpr const char* kOp = "BackwardEval";
-    RETURN_IF_ERROR(CheckCudaShape(kOp, args.shape, args.dtype));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.dy, "dy"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.invstd, "invstd"));
-    if (args.grad_weight != nullptr) {
-      RETURN_IF_ERROR(
-          CheckNotNull("BackwardEval with grad_weight", args.x, "x"));
-      RETURN_IF_ERROR(
-          CheckNotNull("BackwardEval with grad_weight", args.mean, "mean"));
-    }
-    return Backward(kOp, args, /*train=*/false, stream);
-  }
-
-  absl::Status UpdateRunningStats(const RunningStatsUpdateArgs& args,
-                                  Stream stream) override {
-    constexpr const char* kOp = "UpdateRunningStats";
-    if (args.c < 1 || args.c > std::numeric_limits<int32_t>::max()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(kOp, ": c = ", args.c, " must be in [1, 2^31)"));
-    }
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.var, "var"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.running_mean, "running_mean"));
-    RETURN_IF_ERROR(CheckNotNull(kOp, args.running_var, "running_var"));
-    if (args.count <= 1) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "Expected more than 1 value per channel when training, got count ",
-          args.count));
-    }
-    return Launch(kOp, stream, [&](const cuda::LaunchEnv& env) {
-      return cuda::LaunchUpdateRunningStats(
-          args.c, args.mean, args.var, args.count, args.momentum,
-          args.running_mean, args.running_var, env.stream);
-    });
-  }
-
-  absl::Status InvStd(int64_t c, const float* var, double eps, float* invstd,
-                      Stream stream) override {
-    if (c < 1 || c > std::numeric_limits<int32_t>::max()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("InvStd: c = ", c, " must be in [1, 2^31)"));
-    }
-    RETURN_IF_ERROR(CheckNotNull("InvStd", var, "var"));
-    RETURN_IF_ERROR(CheckNotNull("InvStd", invstd, "invstd"));
-    return Launch("InvStd", stream, [&](const cuda::LaunchEnv& env) {
-      return cuda::LaunchInvStd(c, var, eps, invstd, env.stream);
-    });
-  }
-
- private:
   absl::Status SetDevice() const {
     return CudaStatus(cudaSetDevice(device_), "cudaSetDevice");
   }
@@ -527,8 +310,147 @@ class CudaBackend final : public Backend {
     return CudaStatus(launch(env), op);
   }
 
-  absl::Status Backward(const char* op, const BatchNormBackwardArgs& args,
-                        bool train, Stream stream) {
+ private:
+  const CudaBackendOptions options_;
+  const int device_;
+  const int sm_count_;
+
+  absl::Mutex mu_;
+  absl::flat_hash_map<std::thread::id, std::unique_ptr<StreamState>> by_thread_
+      ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<Stream, std::unique_ptr<StreamState>> by_stream_
+      ABSL_GUARDED_BY(mu_);
+};
+
+// ---------------------------------------------------------------------------
+// The BatchNorm ops: arguments arrive checked (BatchNormOps, with CUDA's
+// limit of 32-bit channel indices); each op picks the form and dispatches on
+// the dtype once. Stats runs the ForwardTrain kernels with only the mean
+// and M2 written; BackwardReduce the Backward kernels without dx.
+
+class CudaBatchNormOps final : public BatchNormOps {
+ public:
+  explicit CudaBatchNormOps(Streams* streams)
+      : BatchNormOps(BatchNormLimits{std::numeric_limits<int32_t>::max(),
+                                     "the CUDA backend"}),
+        streams_(streams) {}
+
+ protected:
+  absl::Status DoStats(const BatchNormStatsArgs& args, Stream stream) override {
+    cuda::ForwardTrainParams p;
+    p.ext = ExtentsOf(args.shape);
+    p.x = args.x;
+    p.save_mean = args.mean;
+    p.save_m2 = args.m2;
+    return ForwardTrain("Stats", args.shape, args.dtype, p, stream);
+  }
+
+  absl::Status DoApply(const BatchNormApplyArgs& args, Stream stream) override {
+    cuda::ApplyParams p;
+    p.ext = ExtentsOf(args.shape);
+    p.x = args.x;
+    p.y = args.y;
+    p.mean = args.mean;
+    p.invstd = args.invstd;
+    p.weight = args.weight;
+    p.bias = args.bias;
+    const bool planes = IsPlanes(args.shape);
+    return streams_->Launch("Apply", stream, [&](const cuda::LaunchEnv& env) {
+      return ForDType(args.dtype, [&](auto tag) {
+        using T = decltype(tag);
+        return planes ? cuda::ApplyPlanes<T>(p, env)
+                      : cuda::ApplyRows<T>(p, env);
+      });
+    });
+  }
+
+  absl::Status DoBackwardReduce(const BatchNormBackwardReduceArgs& args,
+                                Stream stream) override {
+    cuda::BackwardParams p;
+    p.ext = ExtentsOf(args.shape);
+    p.train = true;
+    p.x = args.x;
+    p.dy = args.dy;
+    p.mean = args.mean;
+    p.invstd = args.invstd;
+    p.grad_weight = args.sum_dy_xhat;
+    p.grad_bias = args.sum_dy;
+    return Backward("BackwardReduce", args.shape, args.dtype, p, stream);
+  }
+
+  absl::Status DoBackwardApply(const BatchNormBackwardApplyArgs& args,
+                               Stream stream) override {
+    cuda::BackwardApplyParams p;
+    p.ext = ExtentsOf(args.shape);
+    p.x = args.x;
+    p.dy = args.dy;
+    p.dx = args.dx;
+    p.mean = args.mean;
+    p.invstd = args.invstd;
+    p.weight = args.weight;
+    p.sum_dy = args.sum_dy;
+    p.sum_dy_xhat = args.sum_dy_xhat;
+    p.count = args.count;
+    const bool planes = IsPlanes(args.shape);
+    return streams_->Launch(
+        "BackwardApply", stream, [&](const cuda::LaunchEnv& env) {
+          return ForDType(args.dtype, [&](auto tag) {
+            using T = decltype(tag);
+            return planes ? cuda::BackwardApplyPlanes<T>(p, env)
+                          : cuda::BackwardApplyRows<T>(p, env);
+          });
+        });
+  }
+
+  absl::Status DoForwardTrain(const BatchNormForwardTrainArgs& args,
+                              Stream stream) override {
+    cuda::ForwardTrainParams p;
+    p.ext = ExtentsOf(args.shape);
+    p.x = args.x;
+    p.y = args.y;
+    p.weight = args.weight;
+    p.bias = args.bias;
+    p.eps = args.eps;
+    p.save_mean = args.save_mean;
+    p.save_invstd = args.save_invstd;
+    p.running_mean = args.running_mean;
+    p.running_var = args.running_var;
+    p.momentum = args.momentum;
+    return ForwardTrain("ForwardTrain", args.shape, args.dtype, p, stream);
+  }
+
+  absl::Status DoBackwardTrain(const BatchNormBackwardArgs& args,
+                               Stream stream) override {
+    return Backward("BackwardTrain", args.shape, args.dtype,
+                    BackwardParamsOf(args, /*train=*/true), stream);
+  }
+
+  absl::Status DoBackwardEval(const BatchNormBackwardArgs& args,
+                              Stream stream) override {
+    return Backward("BackwardEval", args.shape, args.dtype,
+                    BackwardParamsOf(args, /*train=*/false), stream);
+  }
+
+  absl::Status DoUpdateRunningStats(const RunningStatsUpdateArgs& args,
+                                    Stream stream) override {
+    return streams_->Launch(
+        "UpdateRunningStats", stream, [&](const cuda::LaunchEnv& env) {
+          return cuda::LaunchUpdateRunningStats(
+              args.c, args.mean, args.var, args.count, args.momentum,
+              args.running_mean, args.running_var, env.stream);
+        });
+  }
+
+  absl::Status DoInvStd(int64_t c, const float* var, double eps, float* invstd,
+                        Stream stream) override {
+    return streams_->Launch("InvStd", stream, [&](const cuda::LaunchEnv& env) {
+      return cuda::LaunchInvStd(c, var, eps, invstd, env.stream);
+    });
+  }
+
+ private:
+  static cuda::BackwardParams BackwardParamsOf(
+      const BatchNormBackwardArgs& args, bool train) {
     cuda::BackwardParams p;
     p.ext = ExtentsOf(args.shape);
     p.train = train;
@@ -544,9 +466,28 @@ class CudaBackend final : public Backend {
       p.x = nullptr;
       p.mean = nullptr;
     }
-    const bool planes = IsPlanes(args.shape);
-    return Launch(op, stream, [&](const cuda::LaunchEnv& env) {
-      return ForDType(args.dtype, [&](auto tag) {
+    return p;
+  }
+
+  absl::Status ForwardTrain(const char* op, const BatchNormShape& shape,
+                            DType dtype, const cuda::ForwardTrainParams& p,
+                            Stream stream) {
+    const bool planes = IsPlanes(shape);
+    return streams_->Launch(op, stream, [&](const cuda::LaunchEnv& env) {
+      return ForDType(dtype, [&](auto tag) {
+        using T = decltype(tag);
+        return planes ? cuda::ForwardTrainPlanes<T>(p, env)
+                      : cuda::ForwardTrainRows<T>(p, env);
+      });
+    });
+  }
+
+  absl::Status Backward(const char* op, const BatchNormShape& shape,
+                        DType dtype, const cuda::BackwardParams& p,
+                        Stream stream) {
+    const bool planes = IsPlanes(shape);
+    return streams_->Launch(op, stream, [&](const cuda::LaunchEnv& env) {
+      return ForDType(dtype, [&](auto tag) {
         using T = decltype(tag);
         return planes ? cuda::BackwardPlanes<T>(p, env)
                       : cuda::BackwardRows<T>(p, env);
@@ -554,16 +495,108 @@ class CudaBackend final : public Backend {
     });
   }
 
+  Streams* const streams_;
+};
+
+// ---------------------------------------------------------------------------
+// The backend: device memory, copies, and the ops.
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(const CudaBackendOptions& options, const cudaDeviceProp& prop)
+      : options_(options),
+        device_(options.device),
+        streams_(options, prop.multiProcessorCount),
+        ops_(&streams_) {
+    name_ =
+        absl::StrFormat("cuda:%d (%s, %.1f GiB, sm_%d%d)", device_, prop.name,
+                        static_cast<double>(prop.totalGlobalMem) /
+                            static_cast<double>(1ull << 30),
+                        prop.major, prop.minor);
+  }
+
+  DeviceKind kind() const override { return DeviceKind::kCuda; }
+  std::string name() const override { return name_; }
+  std::string device() const override { return absl::StrCat("cuda:", device_); }
+  bool host_accessible() const override { return false; }
+
+  absl::StatusOr<std::unique_ptr<Buffer>> Allocate(size_t bytes) override {
+    RETURN_IF_ERROR(streams_.SetDevice());
+    void* p = nullptr;
+    const cudaError_t err = cudaMalloc(&p, std::max<size_t>(bytes, 1));
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      size_t free_bytes = 0, total_bytes = 0;
+      cudaMemGetInfo(&free_bytes, &total_bytes);
+      (void)cudaGetLastError();
+      if (err == cudaErrorMemoryAllocation) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "cannot allocate ", bytes, " bytes of device memory on ", device(),
+            " (", free_bytes >> 20, " MiB free of ", total_bytes >> 20,
+            " MiB)"));
+      }
+      return CudaStatus(err, "cudaMalloc");
+    }
+    return std::unique_ptr<Buffer>(new DeviceBuffer(device_, p, bytes));
+  }
+
+  absl::Status CopyToDevice(void* dst, const void* host_src, size_t bytes,
+                            Stream stream) override {
+    if (bytes == 0) return absl::OkStatus();
+    RETURN_IF_ERROR(CheckNotNull("CopyToDevice", dst, "destination"));
+    RETURN_IF_ERROR(CheckNotNull("CopyToDevice", host_src, "source"));
+    RETURN_IF_ERROR(streams_.SetDevice());
+    absl::StatusOr<StreamState*> st = streams_.State(stream);
+    if (!st.ok()) return st.status();
+    if (bytes >= options_.staging_threshold_bytes && (*st)->staging.Ready()) {
+      return CudaStatus(
+          (*st)->staging.ToDevice(static_cast<char*>(dst),
+                                  static_cast<const char*>(host_src), bytes,
+                                  (*st)->stream),
+          "CopyToDevice");
+    }
+    // Pageable source: the driver stages it before returning.
+    return CudaStatus(cudaMemcpyAsync(dst, host_src, bytes,
+                                      cudaMemcpyHostToDevice, (*st)->stream),
+                      "CopyToDevice");
+  }
+
+  absl::Status CopyToHost(void* host_dst, const void* src, size_t bytes,
+                          Stream stream) override {
+    if (bytes == 0) return absl::OkStatus();
+    RETURN_IF_ERROR(CheckNotNull("CopyToHost", host_dst, "destination"));
+    RETURN_IF_ERROR(CheckNotNull("CopyToHost", src, "source"));
+    RETURN_IF_ERROR(streams_.SetDevice());
+    absl::StatusOr<StreamState*> st = streams_.State(stream);
+    if (!st.ok()) return st.status();
+    if (bytes >= options_.staging_threshold_bytes && (*st)->staging.Ready()) {
+      return CudaStatus((*st)->staging.ToHost(static_cast<char*>(host_dst),
+                                              static_cast<const char*>(src),
+                                              bytes, (*st)->stream),
+                        "CopyToHost");
+    }
+    NORMSERVE_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost,
+                        (*st)->stream),
+        "CopyToHost");
+    return CudaStatus(cudaStreamSynchronize((*st)->stream), "CopyToHost");
+  }
+
+  absl::Status Synchronize(Stream stream) override {
+    RETURN_IF_ERROR(streams_.SetDevice());
+    absl::StatusOr<StreamState*> st = streams_.State(stream);
+    if (!st.ok()) return st.status();
+    return CudaStatus(cudaStreamSynchronize((*st)->stream), "Synchronize");
+  }
+
+  BatchNormOps& batch_norm() override { return ops_; }
+
+ private:
   const CudaBackendOptions options_;
   const int device_;
-  const int sm_count_;
   std::string name_;
-
-  absl::Mutex mu_;
-  absl::flat_hash_map<std::thread::id, std::unique_ptr<StreamState>> by_thread_
-      ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<Stream, std::unique_ptr<StreamState>> by_stream_
-      ABSL_GUARDED_BY(mu_);
+  Streams streams_;  // Before ops_, which uses it.
+  CudaBatchNormOps ops_;
 };
 
 }  // namespace

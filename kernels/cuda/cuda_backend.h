@@ -1,6 +1,7 @@
-// The CUDA backend: BatchNorm on one GPU behind kernels::Backend.
+// The CUDA backend: one GPU behind kernels::Backend (the device and the
+// BatchNorm op table).
 //
-// Memory: Allocate returns device memory (cudaMalloc); kernel arguments are
+// Memory: Allocate returns device memory (cudaMalloc); op arguments are
 // device pointers. CopyToDevice returns once the host source may be reused;
 // CopyToHost returns once the host destination holds the data. Large copies
 // go through pinned staging buffers kept per stream, in chunks, so that the
@@ -15,9 +16,10 @@
 // synchronization; only CopyToHost and Synchronize wait, and only for their
 // stream.
 //
-// Errors: out of device memory is RESOURCE_EXHAUSTED (the backend stays
-// usable); a failed launch or a fault on the device is INTERNAL with CUDA's
-// message.
+// Errors: the ops check their arguments as every backend does
+// (kernels/arg_checks.h), and take at most 2^31 - 1 channels; out of device
+// memory is RESOURCE_EXHAUSTED (the backend stays usable); a failed launch or
+// a fault on the device is INTERNAL with CUDA's message.
 //
 // Thread safety: every method may be called from any thread.
 #pragma once
@@ -26,7 +28,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "kernels/batch_norm.h"
+#include "kernels/backend.h"
 
 namespace normserve::kernels {
 

@@ -139,9 +139,10 @@ struct ForwardArgs {
   double momentum;
   double count;  // Values per channel.
   float* save_mean;
-  float* save_invstd;
+  float* save_invstd;  // Null: not written.
   float* running_mean;
   float* running_var;
+  float* save_m2;  // Null: not written.
 };
 
 // y = ((x - hi) - lo) * invstd * weight + bias; null arrays read as 0
@@ -169,6 +170,19 @@ struct BackwardArgs {
   bool train;
 };
 
+// BackwardApply's pass: dx from the global sums and count.
+struct BackwardApplyArgs {
+  const void* x;
+  const void* dy;
+  void* dx;
+  const float* mean;
+  const float* invstd;
+  const float* weight;  // Null: 1.
+  const float* sum_dy;
+  const float* sum_dy_xhat;
+  double count;  // Global.
+};
+
 // Writes the statistics of channel ch (shift: the value the Welford state
 // was shifted by) and returns them.
 __device__ __forceinline__ ChannelStats WriteStats(const ForwardArgs& a,
@@ -179,7 +193,8 @@ __device__ __forceinline__ ChannelStats WriteStats(const ForwardArgs& a,
       shift, total, a.count, a.eps, update, a.momentum,
       update ? a.running_mean[ch] : 0.0f, update ? a.running_var[ch] : 0.0f);
   a.save_mean[ch] = st.save_mean;
-  a.save_invstd[ch] = st.save_invstd;
+  if (a.save_invstd != nullptr) a.save_invstd[ch] = st.save_invstd;
+  if (a.save_m2 != nullptr) a.save_m2[ch] = st.m2;
   if (update) {
     a.running_mean[ch] = st.running_mean;
     a.running_var[ch] = st.running_var;
@@ -201,6 +216,14 @@ __device__ __forceinline__ GradCoefficients WriteGrads(const BackwardArgs& a,
   return MakeGradCoefficients(total, mean, invstd,
                               a.weight != nullptr ? a.weight[ch] : 1.0f,
                               a.count, a.train);
+}
+
+// Returns the coefficients of BackwardApply's pass for channel ch.
+__device__ __forceinline__ GradCoefficients
+BackwardApplyCoefficients(const BackwardApplyArgs& a, int64_t ch) {
+  return MakeBackwardApplyCoefficients(
+      a.sum_dy[ch], a.sum_dy_xhat[ch], a.mean[ch], a.invstd[ch],
+      a.weight != nullptr ? a.weight[ch] : 1.0f, a.count);
 }
 
 // ---------------------------------------------------------------------------

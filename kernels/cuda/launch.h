@@ -43,6 +43,8 @@ struct Extents {
   int64_t n = 0, c = 0, s = 1;
 };
 
+// ForwardTrain, and Stats (y, save_invstd and the running statistics null,
+// save_m2 set: the same kernels, writing the mean and M2 only).
 struct ForwardTrainParams {
   Extents ext;
   const void* x = nullptr;
@@ -51,13 +53,14 @@ struct ForwardTrainParams {
   const float* bias = nullptr;
   double eps = 1e-5;
   float* save_mean = nullptr;
-  float* save_invstd = nullptr;
+  float* save_invstd = nullptr;   // Null (only with y null): not written.
+  float* save_m2 = nullptr;       // Null: not written. M2 = Σ(x - mean)².
   float* running_mean = nullptr;  // Both or neither.
   float* running_var = nullptr;
   double momentum = 0.1;
 };
 
-struct ForwardEvalParams {
+struct ApplyParams {
   Extents ext;
   const void* x = nullptr;
   void* y = nullptr;
@@ -67,6 +70,8 @@ struct ForwardEvalParams {
   const float* bias = nullptr;
 };
 
+// BackwardTrain and BackwardEval, and BackwardReduce (train, dx null,
+// grad_bias = Σdy and grad_weight = Σdy·x̂: the sums only).
 struct BackwardParams {
   Extents ext;
   bool train = true;
@@ -78,6 +83,20 @@ struct BackwardParams {
   const float* weight = nullptr;
   float* grad_weight = nullptr;  // Null: skip.
   float* grad_bias = nullptr;    // Null: skip.
+};
+
+// BackwardApply: dx from the global sums and count (kernels/batch_norm.h).
+struct BackwardApplyParams {
+  Extents ext;
+  const void* x = nullptr;
+  const void* dy = nullptr;
+  void* dx = nullptr;
+  const float* mean = nullptr;
+  const float* invstd = nullptr;
+  const float* weight = nullptr;  // Null: 1.
+  const float* sum_dy = nullptr;
+  const float* sum_dy_xhat = nullptr;
+  int64_t count = 0;
 };
 
 // The vector width (elements) of `bytes`-byte loads of T, used when the
@@ -103,13 +122,19 @@ cudaError_t ForwardTrainPlanes(const ForwardTrainParams& p,
 template <typename T>
 cudaError_t ForwardTrainRows(const ForwardTrainParams& p, const LaunchEnv& env);
 template <typename T>
-cudaError_t ForwardEvalPlanes(const ForwardEvalParams& p, const LaunchEnv& env);
+cudaError_t ApplyPlanes(const ApplyParams& p, const LaunchEnv& env);
 template <typename T>
-cudaError_t ForwardEvalRows(const ForwardEvalParams& p, const LaunchEnv& env);
+cudaError_t ApplyRows(const ApplyParams& p, const LaunchEnv& env);
 template <typename T>
 cudaError_t BackwardPlanes(const BackwardParams& p, const LaunchEnv& env);
 template <typename T>
 cudaError_t BackwardRows(const BackwardParams& p, const LaunchEnv& env);
+template <typename T>
+cudaError_t BackwardApplyPlanes(const BackwardApplyParams& p,
+                                const LaunchEnv& env);
+template <typename T>
+cudaError_t BackwardApplyRows(const BackwardApplyParams& p,
+                              const LaunchEnv& env);
 
 // invstd[ch] = 1 / sqrt(var[ch] + eps), in double, rounded once.
 cudaError_t LaunchInvStd(int64_t c, const float* var, double eps, float* invstd,

@@ -130,6 +130,7 @@ struct GradSumsOp {
 struct ChannelStats {
   float save_mean = 0.0f;    // shift + mean of the shifted values, rounded.
   float save_invstd = 0.0f;  // 1 / sqrt(var_biased + eps).
+  float m2 = 0.0f;           // Σ(x - mean)², >= 0 (Stats).
   float running_mean = 0.0f;
   float running_var = 0.0f;
 };
@@ -145,6 +146,7 @@ NORMSERVE_HD ChannelStats FinalizeStats(float shift, const Welford& w,
   const double m2 = w.m2 > 0.0f ? static_cast<double>(w.m2) : 0.0;
   r.save_mean = static_cast<float>(mean);
   r.save_invstd = static_cast<float>(1.0 / sqrt(m2 / count + eps));
+  r.m2 = static_cast<float>(m2);
   if (update) {
     r.running_mean =
         static_cast<float>(momentum * mean + (1.0 - momentum) * running_mean);
@@ -175,6 +177,22 @@ NORMSERVE_HD GradCoefficients MakeGradCoefficients(const GradSums& sums,
     g.grad_mean = static_cast<float>(sums.sum_dy / count);
     g.k = static_cast<float>(sums.sum_dy_xmu * inv * inv / count);
   }
+  return g;
+}
+
+// The coefficients of BackwardApply's pass from the global sums
+// (sum_dy_xhat = Σdy·(x - mean)·invstd) and count: grad_mean = Σdy / n,
+// k = Σdy·x̂ · invstd / n, scale = invstd · weight, in double and rounded
+// once each, as the CPU backend computes them.
+NORMSERVE_HD GradCoefficients
+MakeBackwardApplyCoefficients(float sum_dy, float sum_dy_xhat, float mean,
+                              float invstd, float weight, double count) {
+  GradCoefficients g;
+  g.mean = mean;
+  const double inv = invstd;
+  g.scale = static_cast<float>(inv * weight);
+  g.grad_mean = static_cast<float>(sum_dy / count);
+  g.k = static_cast<float>(sum_dy_xhat * inv / count);
   return g;
 }
 

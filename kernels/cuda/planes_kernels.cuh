@@ -288,6 +288,25 @@ __global__ void __launch_bounds__(kBlockThreads)
       static_cast<T*>(a.dx), g, ch, k0 + threadIdx.x, k1, co, a.train);
 }
 
+// BackwardApply's grad_input pass: ThreadGradInput with the coefficients
+// made from the global sums, one group per channel (per split).
+template <typename T, int V, int kU, int kGroup>
+__global__ void __launch_bounds__(kBlockThreads)
+    BackwardApplyKernel(BackwardApplyArgs a, PlanesGeometry g,
+                        int64_t per_split) {
+  constexpr int kGroups = kBlockThreads / kGroup;
+  const int group = threadIdx.x / kGroup;
+  const int lane = threadIdx.x % kGroup;
+  const int64_t ch = static_cast<int64_t>(blockIdx.x) * kGroups + group;
+  if (ch >= g.c) return;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * per_split;
+  const int64_t k1 = MinI64(g.units, k0 + per_split);
+  const GradCoefficients co = BackwardApplyCoefficients(a, ch);
+  ThreadGradInput<T, V, kU, kGroup>(
+      static_cast<const T*>(a.x), static_cast<const T*>(a.dy),
+      static_cast<T*>(a.dx), g, ch, k0 + lane, k1, co, /*train=*/true);
+}
+
 // ---------------------------------------------------------------------------
 // Launchers.
 
@@ -307,7 +326,8 @@ cudaError_t ForwardTrain(const ForwardTrainParams& p, const LaunchEnv& env) {
                 p.save_mean,
                 p.save_invstd,
                 p.running_mean,
-                p.running_var};
+                p.running_var,
+                p.save_m2};
   const dim3 grid(static_cast<unsigned>(plan.grid_x),
                   static_cast<unsigned>(plan.grid_y));
   if (plan.fused()) {
@@ -406,6 +426,26 @@ cudaError_t Backward(const BackwardParams& p, const LaunchEnv& env) {
   return cudaGetLastError();
 }
 
+template <typename T, int V, int kU>
+cudaError_t BackwardApply(const BackwardApplyArgs& a, const Extents& e,
+                          const LaunchEnv& env) {
+  const PlanesPlan plan = MakePlanesPlan(
+      e.n, e.c, e.s, V, env.sm_count,
+      BlocksPerSm<BackwardApplyKernel<T, V, kU, kBlockThreads>>(env.device));
+  const dim3 grid(static_cast<unsigned>(plan.grid_x),
+                  static_cast<unsigned>(plan.grid_y));
+  if (plan.warp_per_channel) {
+    BackwardApplyKernel<T, V, kU, kWarpThreads>
+        <<<grid, kBlockThreads, 0, env.stream>>>(a, plan.geo,
+                                                 plan.units_per_split);
+  } else {
+    BackwardApplyKernel<T, V, kU, kBlockThreads>
+        <<<grid, kBlockThreads, 0, env.stream>>>(a, plan.geo,
+                                                 plan.units_per_split);
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace planes
 
 // ---------------------------------------------------------------------------
@@ -425,8 +465,7 @@ cudaError_t ForwardTrainPlanes(const ForwardTrainParams& p,
 }
 
 template <typename T>
-cudaError_t ForwardEvalPlanes(const ForwardEvalParams& p,
-                              const LaunchEnv& env) {
+cudaError_t ApplyPlanes(const ApplyParams& p, const LaunchEnv& env) {
   constexpr int kV = VectorWidth<T>(16);
   const AffineArgs a{p.x, p.y, p.mean, nullptr, p.invstd, p.weight, p.bias};
   if (p.ext.s % kV == 0 && AllAligned(kV * sizeof(T), p.x, p.y)) {
@@ -445,15 +484,31 @@ cudaError_t BackwardPlanes(const BackwardParams& p, const LaunchEnv& env) {
   return planes::Backward<T, 1, kUnroll>(p, env);
 }
 
+template <typename T>
+cudaError_t BackwardApplyPlanes(const BackwardApplyParams& p,
+                                const LaunchEnv& env) {
+  constexpr int kV = VectorWidth<T>(16);
+  constexpr int kU = ForHalf<T>(2, kUnroll);
+  const BackwardApplyArgs a{
+      p.x,      p.dy,          p.dx,
+      p.mean,   p.invstd,      p.weight,
+      p.sum_dy, p.sum_dy_xhat, static_cast<double>(p.count)};
+  if (p.ext.s % kV == 0 && AllAligned(kV * sizeof(T), p.x, p.dy, p.dx)) {
+    return planes::BackwardApply<T, kV, kU>(a, p.ext, env);
+  }
+  return planes::BackwardApply<T, 1, kUnroll>(a, p.ext, env);
+}
+
 }  // namespace normserve::kernels::cuda
 
 // Instantiates the planes entry points for storage type T.
-#define NORMSERVE_INSTANTIATE_PLANES(T)                                 \
-  namespace normserve::kernels::cuda {                                  \
-  template cudaError_t ForwardTrainPlanes<T>(const ForwardTrainParams&, \
-                                             const LaunchEnv&);         \
-  template cudaError_t ForwardEvalPlanes<T>(const ForwardEvalParams&,   \
-                                            const LaunchEnv&);          \
-  template cudaError_t BackwardPlanes<T>(const BackwardParams&,         \
-                                         const LaunchEnv&);             \
+#define NORMSERVE_INSTANTIATE_PLANES(T)                                      \
+  namespace normserve::kernels::cuda {                                       \
+  template cudaError_t ForwardTrainPlanes<T>(const ForwardTrainParams&,      \
+                                             const LaunchEnv&);              \
+  template cudaError_t ApplyPlanes<T>(const ApplyParams&, const LaunchEnv&); \
+  template cudaError_t BackwardPlanes<T>(const BackwardParams&,              \
+                                         const LaunchEnv&);                  \
+  template cudaError_t BackwardApplyPlanes<T>(const BackwardApplyParams&,    \
+                                              const LaunchEnv&);             \
   }

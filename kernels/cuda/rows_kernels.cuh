@@ -409,6 +409,23 @@ __global__ void __launch_bounds__(kBlockThreads)
                             sh, l, r0, r1, co, a.train);
 }
 
+// BackwardApply's grad_input pass: ThreadGradInput with the coefficients
+// made from the global sums.
+template <typename T, int V, int kU>
+__global__ void __launch_bounds__(kBlockThreads)
+    BackwardApplyKernel(BackwardApplyArgs a, Shape sh, int64_t rows_per_split) {
+  const Lane l = MakeLane<V>(sh);
+  if (!l.active) return;
+  GradCoefficients co[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) co[e] = BackwardApplyCoefficients(a, l.col + e);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t r1 = MinI64(sh.rows, r0 + rows_per_split);
+  ThreadGradInput<T, V, kU>(static_cast<const T*>(a.x),
+                            static_cast<const T*>(a.dy), static_cast<T*>(a.dx),
+                            sh, l, r0, r1, co, /*train=*/true);
+}
+
 // ---------------------------------------------------------------------------
 // Launchers.
 
@@ -441,7 +458,8 @@ cudaError_t ForwardTrain(const ForwardTrainParams& p, const LaunchEnv& env) {
                       p.save_mean,
                       p.save_invstd,
                       p.running_mean,
-                      p.running_var};
+                      p.running_var,
+                      p.save_m2};
   if (plan.fused()) {
     ForwardFusedKernel<T, V, kU>
         <<<Grid(plan), kBlockThreads, 0, env.stream>>>(a, sh);
@@ -512,6 +530,18 @@ cudaError_t Backward(const BackwardParams& p, const LaunchEnv& env) {
   return cudaGetLastError();
 }
 
+template <typename T, int V, int kU>
+cudaError_t BackwardApply(const BackwardApplyArgs& a, const Extents& e,
+                          const LaunchEnv& env) {
+  const Shape sh = MakeShape(e, V);
+  const RowsPlan plan =
+      MakeRowsPlan(sh.rows, sh.c, V, env.sm_count,
+                   BlocksPerSm<BackwardApplyKernel<T, V, kU>>(env.device));
+  BackwardApplyKernel<T, V, kU><<<Grid(plan), kBlockThreads, 0, env.stream>>>(
+      a, sh, plan.rows_per_split);
+  return cudaGetLastError();
+}
+
 }  // namespace rows
 
 // ---------------------------------------------------------------------------
@@ -530,7 +560,7 @@ cudaError_t ForwardTrainRows(const ForwardTrainParams& p,
 }
 
 template <typename T>
-cudaError_t ForwardEvalRows(const ForwardEvalParams& p, const LaunchEnv& env) {
+cudaError_t ApplyRows(const ApplyParams& p, const LaunchEnv& env) {
   constexpr int kV = VectorWidth<T>(ForHalf<T>(8, 16));
   const AffineArgs a{p.x, p.y, p.mean, nullptr, p.invstd, p.weight, p.bias};
   if (p.ext.c % kV == 0 && AllAligned(kV * sizeof(T), p.x, p.y)) {
@@ -549,15 +579,31 @@ cudaError_t BackwardRows(const BackwardParams& p, const LaunchEnv& env) {
   return rows::Backward<T, 1, kUnroll>(p, env);
 }
 
+template <typename T>
+cudaError_t BackwardApplyRows(const BackwardApplyParams& p,
+                              const LaunchEnv& env) {
+  constexpr int kV = VectorWidth<T>(16);
+  constexpr int kU = ForHalf<T>(2, kUnroll);
+  const BackwardApplyArgs a{
+      p.x,      p.dy,          p.dx,
+      p.mean,   p.invstd,      p.weight,
+      p.sum_dy, p.sum_dy_xhat, static_cast<double>(p.count)};
+  if (p.ext.c % kV == 0 && AllAligned(kV * sizeof(T), p.x, p.dy, p.dx)) {
+    return rows::BackwardApply<T, kV, kU>(a, p.ext, env);
+  }
+  return rows::BackwardApply<T, 1, kUnroll>(a, p.ext, env);
+}
+
 }  // namespace normserve::kernels::cuda
 
 // Instantiates the rows entry points for storage type T.
-#define NORMSERVE_INSTANTIATE_ROWS(T)                                 \
-  namespace normserve::kernels::cuda {                                \
-  template cudaError_t ForwardTrainRows<T>(const ForwardTrainParams&, \
-                                           const LaunchEnv&);         \
-  template cudaError_t ForwardEvalRows<T>(const ForwardEvalParams&,   \
-                                          const LaunchEnv&);          \
-  template cudaError_t BackwardRows<T>(const BackwardParams&,         \
-                                       const LaunchEnv&);             \
+#define NORMSERVE_INSTANTIATE_ROWS(T)                                      \
+  namespace normserve::kernels::cuda {                                     \
+  template cudaError_t ForwardTrainRows<T>(const ForwardTrainParams&,      \
+                                           const LaunchEnv&);              \
+  template cudaError_t ApplyRows<T>(const ApplyParams&, const LaunchEnv&); \
+  template cudaError_t BackwardRows<T>(const BackwardParams&,              \
+                                       const LaunchEnv&);                  \
+  template cudaError_t BackwardApplyRows<T>(const BackwardApplyParams&,    \
+                                            const LaunchEnv&);             \
   }

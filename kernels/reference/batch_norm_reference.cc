@@ -79,12 +79,12 @@ ForwardTrainResult ForwardTrain(const BatchNormShape& shape,
   return r;
 }
 
-std::vector<double> ForwardEval(const BatchNormShape& shape,
-                                const std::vector<double>& x,
-                                const std::vector<double>& mean,
-                                const std::vector<double>& invstd,
-                                const std::vector<double>& weight,
-                                const std::vector<double>& bias) {
+std::vector<double> Apply(const BatchNormShape& shape,
+                          const std::vector<double>& x,
+                          const std::vector<double>& mean,
+                          const std::vector<double>& invstd,
+                          const std::vector<double>& weight,
+                          const std::vector<double>& bias) {
   std::vector<double> y(x.size());
   for (int64_t ch = 0; ch < shape.c; ++ch) {
     ForEachInChannel(shape, ch, [&](int64_t k) {
@@ -170,6 +170,54 @@ std::vector<double> InvStd(const std::vector<double>& var, double eps) {
   std::vector<double> r;
   for (double v : var) r.push_back(1.0 / std::sqrt(v + eps));
   return r;
+}
+
+StatsResult Stats(const BatchNormShape& shape, const std::vector<double>& x) {
+  const double count = static_cast<double>(shape.n * shape.s);
+  StatsResult r;
+  for (int64_t ch = 0; ch < shape.c; ++ch) {
+    const double mean =
+        SumOverChannel(shape, ch, [&](int64_t k) { return x[k]; }) / count;
+    r.mean.push_back(mean);
+    r.m2.push_back(SumOverChannel(
+        shape, ch, [&](int64_t k) { return (x[k] - mean) * (x[k] - mean); }));
+  }
+  return r;
+}
+
+BackwardReduceResult BackwardReduce(const BatchNormShape& shape,
+                                    const std::vector<double>& x,
+                                    const std::vector<double>& dy,
+                                    const std::vector<double>& mean,
+                                    const std::vector<double>& invstd) {
+  BackwardReduceResult r;
+  for (int64_t ch = 0; ch < shape.c; ++ch) {
+    r.sum_dy.push_back(
+        SumOverChannel(shape, ch, [&](int64_t k) { return dy[k]; }));
+    r.sum_dy_xhat.push_back(SumOverChannel(shape, ch, [&](int64_t k) {
+      return dy[k] * (x[k] - mean[ch]) * invstd[ch];
+    }));
+  }
+  return r;
+}
+
+std::vector<double> BackwardApply(
+    const BatchNormShape& shape, const std::vector<double>& x,
+    const std::vector<double>& dy, const std::vector<double>& mean,
+    const std::vector<double>& invstd, const std::vector<double>& weight,
+    const std::vector<double>& sum_dy, const std::vector<double>& sum_dy_xhat,
+    int64_t count) {
+  const double n = static_cast<double>(count);
+  std::vector<double> dx(dy.size());
+  for (int64_t ch = 0; ch < shape.c; ++ch) {
+    const double is = invstd[ch];
+    ForEachInChannel(shape, ch, [&](int64_t k) {
+      dx[k] = (dy[k] - sum_dy[ch] / n -
+               (x[k] - mean[ch]) * is * sum_dy_xhat[ch] / n) *
+              is * WeightOf(weight, ch);
+    });
+  }
+  return dx;
 }
 
 }  // namespace normserve::kernels::reference

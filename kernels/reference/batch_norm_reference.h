@@ -1,4 +1,4 @@
-// A plain double-precision BatchNorm (DESIGN.md §1), written for clarity
+// A plain double-precision BatchNorm (docs/design.md §1), written for clarity
 // and used only by tests as the ground truth for the fast backends.
 //
 // Activations are given in memory order for `shape` (shape.numel() values,
@@ -37,13 +37,13 @@ ForwardTrainResult ForwardTrain(const BatchNormShape& shape,
                                 const std::vector<double>& running_var,
                                 double momentum);
 
-// y = (x - mean) * invstd * weight + bias.
-std::vector<double> ForwardEval(const BatchNormShape& shape,
-                                const std::vector<double>& x,
-                                const std::vector<double>& mean,
-                                const std::vector<double>& invstd,
-                                const std::vector<double>& weight,
-                                const std::vector<double>& bias);
+// y = (x - mean) * invstd * weight + bias (eval mode, and the Apply op).
+std::vector<double> Apply(const BatchNormShape& shape,
+                          const std::vector<double>& x,
+                          const std::vector<double>& mean,
+                          const std::vector<double>& invstd,
+                          const std::vector<double>& weight,
+                          const std::vector<double>& bias);
 
 struct BackwardResult {
   std::vector<double> dx;
@@ -83,5 +83,35 @@ RunningStats UpdateRunningStats(const std::vector<double>& mean,
 
 // Returns 1 / sqrt(var + eps) per channel.
 std::vector<double> InvStd(const std::vector<double>& var, double eps);
+
+// The mergeable pieces (kernels/batch_norm.h).
+
+struct StatsResult {
+  std::vector<double> mean;
+  std::vector<double> m2;  // Σ(x - mean)²; var_biased = m2 / (n * s).
+};
+
+// Per-channel mean and M2 over the n * s values, by two passes.
+StatsResult Stats(const BatchNormShape& shape, const std::vector<double>& x);
+
+struct BackwardReduceResult {
+  std::vector<double> sum_dy;
+  std::vector<double> sum_dy_xhat;  // Σ dy (x - mean) invstd.
+};
+
+BackwardReduceResult BackwardReduce(const BatchNormShape& shape,
+                                    const std::vector<double>& x,
+                                    const std::vector<double>& dy,
+                                    const std::vector<double>& mean,
+                                    const std::vector<double>& invstd);
+
+// dx = (dy - sum_dy / count - (x - mean) invstd sum_dy_xhat / count)
+//      invstd weight, with the global sums and count.
+std::vector<double> BackwardApply(
+    const BatchNormShape& shape, const std::vector<double>& x,
+    const std::vector<double>& dy, const std::vector<double>& mean,
+    const std::vector<double>& invstd, const std::vector<double>& weight,
+    const std::vector<double>& sum_dy, const std::vector<double>& sum_dy_xhat,
+    int64_t count);
 
 }  // namespace normserve::kernels::reference

@@ -12,7 +12,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
-#include "kernels/batch_norm.h"
+#include "kernels/backend.h"
 
 namespace normserve::server {
 

@@ -19,7 +19,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
-#include "kernels/batch_norm.h"
+#include "kernels/backend.h"
 #include "server/core/buffer_pool.h"
 
 namespace normserve::server {

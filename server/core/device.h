@@ -5,7 +5,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "kernels/batch_norm.h"
+#include "kernels/backend.h"
 
 namespace normserve::server {
 

@@ -25,7 +25,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
-#include "kernels/batch_norm.h"
+#include "kernels/backend.h"
 #include "server/core/buffer_pool.h"
 #include "server/core/context_store.h"
 #include "server/core/executor.h"

@@ -31,7 +31,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
-#include "kernels/batch_norm.h"
+#include "kernels/backend.h"
 #include "server/core/buffer_pool.h"
 #include "server/core/context_store.h"
 

@@ -6,18 +6,18 @@
 
 namespace normserve::server {
 
-Staging::Staging(kernels::Backend& backend, BufferPool& pool,
+Staging::Staging(kernels::Device& device, BufferPool& pool,
                  kernels::Stream stream)
-    : backend_(backend),
+    : device_(device),
       pool_(pool),
       stream_(stream),
-      zero_copy_(backend.host_accessible()) {}
+      zero_copy_(device.host_accessible()) {}
 
 Staging::~Staging() {
   if (!finished_ && !zero_copy_) {
     // Copies or kernels queued on these buffers (or on the layer's
     // resident arrays) may still run.
-    backend_.Synchronize(stream_).IgnoreError();
+    device_.Synchronize(stream_).IgnoreError();
   }
   for (std::unique_ptr<kernels::Buffer>& buffer : buffers_) {
     pool_.Release(std::move(buffer));
@@ -34,7 +34,7 @@ absl::StatusOr<kernels::Buffer*> Staging::Acquire(size_t bytes) {
 absl::StatusOr<const void*> Staging::Input(const void* host, size_t bytes) {
   if (zero_copy_) return host;
   ASSIGN_OR_RETURN(kernels::Buffer * buffer, Acquire(bytes));
-  RETURN_IF_ERROR(backend_.CopyToDevice(buffer->data(), host, bytes, stream_));
+  RETURN_IF_ERROR(device_.CopyToDevice(buffer->data(), host, bytes, stream_));
   return static_cast<const void*>(buffer->data());
 }
 
@@ -62,28 +62,28 @@ void Staging::CopyBack(void* host, const void* device, size_t bytes) {
 
 absl::Status Staging::Finish() {
   for (const Pending& p : copy_back_) {
-    RETURN_IF_ERROR(backend_.CopyToHost(p.host, p.device, p.bytes, stream_));
+    RETURN_IF_ERROR(device_.CopyToHost(p.host, p.device, p.bytes, stream_));
   }
   copy_back_.clear();
-  RETURN_IF_ERROR(backend_.Synchronize(stream_));
+  RETURN_IF_ERROR(device_.Synchronize(stream_));
   finished_ = true;
   return absl::OkStatus();
 }
 
-ResidentArrays::ResidentArrays(kernels::Backend& backend, int64_t channels)
-    : backend_(backend), channels_(channels) {}
+ResidentArrays::ResidentArrays(kernels::Device& device, int64_t channels)
+    : device_(device), channels_(channels) {}
 
 absl::StatusOr<float*> ResidentArrays::Get(Slot slot, std::vector<float>& host,
                                            kernels::Stream stream) {
-  if (backend_.host_accessible()) return host.data();
+  if (device_.host_accessible()) return host.data();
   const size_t bytes = static_cast<size_t>(channels_) * sizeof(float);
   if (buffer_ == nullptr) {
-    ASSIGN_OR_RETURN(buffer_, backend_.Allocate(kNumSlots * bytes));
+    ASSIGN_OR_RETURN(buffer_, device_.Allocate(kNumSlots * bytes));
     valid_.fill(false);
   }
   float* device = static_cast<float*>(buffer_->data()) + slot * channels_;
   if (!valid_[slot]) {
-    RETURN_IF_ERROR(backend_.CopyToDevice(device, host.data(), bytes, stream));
+    RETURN_IF_ERROR(device_.CopyToDevice(device, host.data(), bytes, stream));
     valid_[slot] = true;
   }
   return device;

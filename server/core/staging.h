@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "kernels/batch_norm.h"
+#include "kernels/device.h"
 #include "server/core/buffer_pool.h"
 
 namespace normserve::server {
@@ -32,8 +32,8 @@ namespace normserve::server {
 // Not thread-safe; one per operation.
 class Staging {
  public:
-  // `stream` null: the calling thread's stream (see kernels/batch_norm.h).
-  Staging(kernels::Backend& backend, BufferPool& pool,
+  // `stream` null: the calling thread's stream (see kernels/device.h).
+  Staging(kernels::Device& device, BufferPool& pool,
           kernels::Stream stream = nullptr);
   ~Staging();
 
@@ -69,7 +69,7 @@ class Staging {
 
   absl::StatusOr<kernels::Buffer*> Acquire(size_t bytes);
 
-  kernels::Backend& backend_;
+  kernels::Device& device_;
   BufferPool& pool_;
   const kernels::Stream stream_;
   const bool zero_copy_;
@@ -92,7 +92,7 @@ class ResidentArrays {
  public:
   enum Slot { kWeight, kBias, kRunningMean, kRunningVar, kNumSlots };
 
-  ResidentArrays(kernels::Backend& backend, int64_t channels);
+  ResidentArrays(kernels::Device& device, int64_t channels);
 
   // Returns backend memory with `host`'s values (host.size() == channels),
   // uploading them first when the slot is stale. RESOURCE_EXHAUSTED when
@@ -106,7 +106,7 @@ class ResidentArrays {
   void InvalidateAll() { valid_.fill(false); }
 
  private:
-  kernels::Backend& backend_;
+  kernels::Device& device_;
   const int64_t channels_;
   std::unique_ptr<kernels::Buffer> buffer_;  // kNumSlots * channels floats.
   std::array<bool, kNumSlots> valid_{};

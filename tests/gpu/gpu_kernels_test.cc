@@ -1,8 +1,11 @@
 // The CUDA backend against the double-precision reference over shapes x
 // layouts x dtypes (the CPU backend's matrix plus shapes that force each
 // launch path: warp per channel, fused block per channel, split reductions
-// in both forms, vectorized and scalar), and its copies, streams, limits
-// and errors. Every test skips ("no CUDA device") without a GPU.
+// in both forms, vectorized and scalar): the fused paths and the mergeable
+// pieces (Stats, Apply, BackwardReduce, BackwardApply, slices' Stats merged
+// by MergeBatchNormStats), and its copies, streams, limits and errors (the
+// argument checks shared with the CPU backend among them). Every test skips
+// ("no CUDA device") without a GPU.
 //
 // Inputs are rounded to the dtype first; the reference runs on exactly those
 // values in double. Outputs start as NaN bytes. Tolerances: gpu_test_util.h.
@@ -21,10 +24,13 @@
 #include "absl/strings/str_join.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "kernels/batch_norm.h"
+#include "kernels/backend.h"
+#include "kernels/backend.h"
+#include "kernels/batch_norm_merge.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/reference/batch_norm_reference.h"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/kernels/arg_check_cases.h"
 
 namespace normserve::kernels::gpu_test {
 namespace {
@@ -121,7 +127,7 @@ void CheckForwardTrain(Backend& backend, const Inputs& in,
   args.running_mean = running_mean.f32();
   args.running_var = running_var.f32();
   args.momentum = kMomentum;
-  const absl::Status status = backend.ForwardTrain(args, nullptr);
+  const absl::Status status = backend.batch_norm().ForwardTrain(args, nullptr);
   ASSERT_TRUE(status.ok()) << status;
   const std::vector<double> sd = Sqrt(ref.var_biased);
   ExpectActivationsNear(y.Read(), ref.y, in.dtype, "y");
@@ -173,17 +179,17 @@ TEST_P(CudaMatrixTest, StatisticsOnly) {
   args.x = x.data();
   args.save_mean = mean.f32();
   args.save_invstd = invstd.f32();
-  ASSERT_TRUE(backend.ForwardTrain(args, nullptr).ok());
+  ASSERT_TRUE(backend.batch_norm().ForwardTrain(args, nullptr).ok());
   ExpectChannelsNear(mean.Read(), ref.mean, 1e-6,
                      Scaled(Sqrt(ref.var_biased), 1e-5), "mean");
   ExpectChannelsNear(invstd.Read(), ref.invstd, 1e-5, {}, "invstd");
 }
 
-TEST_P(CudaMatrixTest, ForwardEval) {
+TEST_P(CudaMatrixTest, Apply) {
   const Inputs in = MakeParamInputs();
   const std::vector<double> invstd =
       ToFloatPrecision(reference::InvStd(in.running_var, kEps));
-  const std::vector<double> ref = reference::ForwardEval(
+  const std::vector<double> ref = reference::Apply(
       in.shape, in.x, in.running_mean, invstd, in.weight, in.bias);
   Backend& backend = CudaBackend();
   DeviceTensor x(backend, in.dtype, in.x);
@@ -193,10 +199,11 @@ TEST_P(CudaMatrixTest, ForwardEval) {
   DeviceTensor inv(backend, DType::kFloat32, in.shape.c);
   DeviceTensor weight(backend, DType::kFloat32, in.weight);
   DeviceTensor bias(backend, DType::kFloat32, in.bias);
-  ASSERT_TRUE(
-      backend.InvStd(in.shape.c, var.f32(), kEps, inv.f32(), nullptr).ok());
+  ASSERT_TRUE(backend.batch_norm()
+                  .InvStd(in.shape.c, var.f32(), kEps, inv.f32(), nullptr)
+                  .ok());
   ExpectChannelsNear(inv.Read(), invstd, 1.2e-7, {}, "invstd");
-  BatchNormForwardEvalArgs args;
+  BatchNormApplyArgs args;
   args.shape = in.shape;
   args.dtype = in.dtype;
   args.x = x.data();
@@ -205,7 +212,7 @@ TEST_P(CudaMatrixTest, ForwardEval) {
   args.invstd = inv.f32();
   args.weight = weight.f32();
   args.bias = bias.f32();
-  ASSERT_TRUE(backend.ForwardEval(args, nullptr).ok());
+  ASSERT_TRUE(backend.batch_norm().Apply(args, nullptr).ok());
   ExpectActivationsNear(y.Read(), ref, in.dtype, "y");
 }
 
@@ -246,7 +253,7 @@ TEST_P(CudaMatrixTest, Backward) {
   args.weight = weight.f32();
   args.grad_weight = grad_weight.f32();
   args.grad_bias = grad_bias.f32();
-  ASSERT_TRUE(backend.BackwardTrain(args, nullptr).ok());
+  ASSERT_TRUE(backend.batch_norm().BackwardTrain(args, nullptr).ok());
   ExpectActivationsNear(dx.Read(), train.dx, in.dtype, "train dx");
   ExpectChannelsNear(grad_weight.Read(), train.grad_weight, 1e-5,
                      Scaled(train_scales.sum_abs_dy_xmu, 1e-6),
@@ -260,7 +267,7 @@ TEST_P(CudaMatrixTest, Backward) {
   args.dx = eval_dx.data();
   args.mean = running_mean.f32();
   args.invstd = running_invstd.f32();
-  ASSERT_TRUE(backend.BackwardEval(args, nullptr).ok());
+  ASSERT_TRUE(backend.batch_norm().BackwardEval(args, nullptr).ok());
   ExpectActivationsNear(eval_dx.Read(), eval.dx, in.dtype, "eval dx");
   ExpectChannelsNear(grad_weight.Read(), eval.grad_weight, 1e-5,
                      Scaled(eval_scales.sum_abs_dy_xmu, 1e-6),
@@ -276,7 +283,7 @@ TEST_P(CudaMatrixTest, Backward) {
   args.dx = dx2.data();
   args.grad_weight = nullptr;
   args.grad_bias = grad_bias2.f32();
-  ASSERT_TRUE(backend.BackwardEval(args, nullptr).ok());
+  ASSERT_TRUE(backend.batch_norm().BackwardEval(args, nullptr).ok());
   ExpectActivationsNear(dx2.Read(), eval.dx, in.dtype, "eval dx without x");
   ExpectChannelsNear(grad_bias2.Read(), eval.grad_bias, 1e-5,
                      Scaled(eval_scales.sum_abs_dy, 1e-6),
@@ -286,8 +293,253 @@ TEST_P(CudaMatrixTest, Backward) {
   DeviceTensor dx3(backend, in.dtype, in.x.size());
   args.dx = dx3.data();
   args.grad_bias = nullptr;
-  ASSERT_TRUE(backend.BackwardEval(args, nullptr).ok());
+  ASSERT_TRUE(backend.batch_norm().BackwardEval(args, nullptr).ok());
   ExpectActivationsNear(dx3.Read(), eval.dx, in.dtype, "eval dx only");
+}
+
+// ---------------------------------------------------------------------------
+// The mergeable pieces. Stats runs the ForwardTrain kernels and
+// BackwardReduce the Backward kernels, so their results are the fused
+// paths' bit for bit; BackwardApply has a kernel of its own.
+
+// Runs Stats on `x` (a slice or the whole batch) and returns mean and M2.
+reference::StatsResult RunStats(Backend& backend, const BatchNormShape& shape,
+                                DType dtype, const std::vector<double>& xv) {
+  DeviceTensor x(backend, dtype, xv);
+  DeviceTensor mean(backend, DType::kFloat32, shape.c);
+  DeviceTensor m2(backend, DType::kFloat32, shape.c);
+  BatchNormStatsArgs args;
+  args.shape = shape;
+  args.dtype = dtype;
+  args.x = x.data();
+  args.mean = mean.f32();
+  args.m2 = m2.f32();
+  const absl::Status status = backend.batch_norm().Stats(args, nullptr);
+  EXPECT_TRUE(status.ok()) << status;
+  return {mean.Read(), m2.Read()};
+}
+
+TEST_P(CudaMatrixTest, Stats) {
+  const Inputs in = MakeParamInputs();
+  const reference::StatsResult ref = reference::Stats(in.shape, in.x);
+  const std::vector<double> sd =
+      Sqrt(Scaled(ref.m2, 1.0 / static_cast<double>(in.shape.per_channel())));
+  Backend& backend = CudaBackend();
+  const reference::StatsResult got =
+      RunStats(backend, in.shape, in.dtype, in.x);
+  ExpectChannelsNear(got.mean, ref.mean, 1e-6, Scaled(sd, 1e-5), "mean");
+  ExpectChannelsNear(got.m2, ref.m2, 2e-5, {}, "m2");
+  // The fused forward's statistics (same kernels): the same float mean.
+  DeviceTensor x(backend, in.dtype, in.x);
+  DeviceTensor save_mean(backend, DType::kFloat32, in.shape.c);
+  DeviceTensor save_invstd(backend, DType::kFloat32, in.shape.c);
+  BatchNormForwardTrainArgs fused;
+  fused.shape = in.shape;
+  fused.dtype = in.dtype;
+  fused.x = x.data();
+  fused.save_mean = save_mean.f32();
+  fused.save_invstd = save_invstd.f32();
+  ASSERT_TRUE(backend.batch_norm().ForwardTrain(fused, nullptr).ok());
+  EXPECT_EQ(got.mean, save_mean.Read());
+}
+
+// Stats, invstd on the host, then Apply: the training forward's y, within
+// what the statistics' float errors move it by (test_util::StatsShift).
+TEST_P(CudaMatrixTest, StatsThenApplyIsTheTrainingForward) {
+  const Inputs in = MakeParamInputs();
+  const reference::ForwardTrainResult ref = reference::ForwardTrain(
+      in.shape, in.x, in.weight, in.bias, kEps, {}, {}, kMomentum);
+  const double count = static_cast<double>(in.shape.per_channel());
+  Backend& backend = CudaBackend();
+  const reference::StatsResult stats =
+      RunStats(backend, in.shape, in.dtype, in.x);
+  std::vector<double> invstd;
+  for (double v : stats.m2) {
+    invstd.push_back(static_cast<float>(1.0 / std::sqrt(v / count + kEps)));
+  }
+  // save_invstd's 1e-5, plus the rounding of M2 to float on the way.
+  ExpectChannelsNear(invstd, ref.invstd, 1.1e-5, {}, "invstd");
+  DeviceTensor x(backend, in.dtype, in.x);
+  DeviceTensor y(backend, in.dtype, in.x.size());
+  DeviceTensor mean(backend, DType::kFloat32, stats.mean);
+  DeviceTensor dinvstd(backend, DType::kFloat32, invstd);
+  DeviceTensor weight(backend, DType::kFloat32, in.weight);
+  DeviceTensor bias(backend, DType::kFloat32, in.bias);
+  BatchNormApplyArgs args;
+  args.shape = in.shape;
+  args.dtype = in.dtype;
+  args.x = x.data();
+  args.y = y.data();
+  args.mean = mean.f32();
+  args.invstd = dinvstd.f32();
+  args.weight = weight.f32();
+  args.bias = bias.f32();
+  ASSERT_TRUE(backend.batch_norm().Apply(args, nullptr).ok());
+  test_util::ExpectActivationsNearPlus(
+      y.Read(), ref.y, in.dtype, in.shape,
+      test_util::StatsShift(in.shape, in.x, stats.mean, invstd, ref.mean,
+                            ref.invstd, in.weight),
+      "y", 1e-5);
+}
+
+// BackwardReduce then BackwardApply with the slice's own count: the
+// training backward, and the fused backward's grad_bias and grad_weight bit
+// for bit.
+TEST_P(CudaMatrixTest, BackwardReduceThenApplyIsTheTrainingBackward) {
+  const Inputs in = MakeParamInputs();
+  const reference::ForwardTrainResult fwd = reference::ForwardTrain(
+      in.shape, in.x, in.weight, in.bias, kEps, {}, {}, kMomentum);
+  const std::vector<double> mean = ToFloatPrecision(fwd.mean);
+  const std::vector<double> invstd = ToFloatPrecision(fwd.invstd);
+  const reference::BackwardResult train =
+      reference::BackwardTrain(in.shape, in.x, in.dy, mean, invstd, in.weight);
+  const GradScales scales = MakeGradScales(in, mean, invstd);
+  const int64_t c = in.shape.c;
+  Backend& backend = CudaBackend();
+  DeviceTensor x(backend, in.dtype, in.x);
+  DeviceTensor dy(backend, in.dtype, in.dy);
+  DeviceTensor dmean(backend, DType::kFloat32, mean);
+  DeviceTensor dinvstd(backend, DType::kFloat32, invstd);
+  DeviceTensor weight(backend, DType::kFloat32, in.weight);
+  DeviceTensor sum_dy(backend, DType::kFloat32, c);
+  DeviceTensor sum_dy_xhat(backend, DType::kFloat32, c);
+  BatchNormBackwardReduceArgs reduce;
+  reduce.shape = in.shape;
+  reduce.dtype = in.dtype;
+  reduce.x = x.data();
+  reduce.dy = dy.data();
+  reduce.mean = dmean.f32();
+  reduce.invstd = dinvstd.f32();
+  reduce.sum_dy = sum_dy.f32();
+  reduce.sum_dy_xhat = sum_dy_xhat.f32();
+  ASSERT_TRUE(backend.batch_norm().BackwardReduce(reduce, nullptr).ok());
+  ExpectChannelsNear(sum_dy.Read(), train.grad_bias, 1e-5,
+                     Scaled(scales.sum_abs_dy, 1e-6), "sum_dy");
+  ExpectChannelsNear(sum_dy_xhat.Read(), train.grad_weight, 1e-5,
+                     Scaled(scales.sum_abs_dy_xmu, 1e-6), "sum_dy_xhat");
+
+  DeviceTensor grad_weight(backend, DType::kFloat32, c);
+  DeviceTensor grad_bias(backend, DType::kFloat32, c);
+  BatchNormBackwardArgs fused;
+  fused.shape = in.shape;
+  fused.dtype = in.dtype;
+  fused.x = x.data();
+  fused.dy = dy.data();
+  fused.mean = dmean.f32();
+  fused.invstd = dinvstd.f32();
+  fused.grad_weight = grad_weight.f32();
+  fused.grad_bias = grad_bias.f32();
+  ASSERT_TRUE(backend.batch_norm().BackwardTrain(fused, nullptr).ok());
+  EXPECT_EQ(sum_dy.Read(), grad_bias.Read());
+  EXPECT_EQ(sum_dy_xhat.Read(), grad_weight.Read());
+
+  DeviceTensor dx(backend, in.dtype, in.x.size());
+  BatchNormBackwardApplyArgs apply;
+  apply.shape = in.shape;
+  apply.dtype = in.dtype;
+  apply.x = x.data();
+  apply.dy = dy.data();
+  apply.dx = dx.data();
+  apply.mean = dmean.f32();
+  apply.invstd = dinvstd.f32();
+  apply.weight = weight.f32();
+  apply.sum_dy = sum_dy.f32();
+  apply.sum_dy_xhat = sum_dy_xhat.f32();
+  apply.count = in.shape.per_channel();
+  ASSERT_TRUE(backend.batch_norm().BackwardApply(apply, nullptr).ok());
+  ExpectActivationsNear(dx.Read(), train.dx, in.dtype, "dx");
+}
+
+// This slice is a third of a sync group's batch: BackwardApply divides the
+// group's sums by the group's count (with and without weight).
+TEST_P(CudaMatrixTest, BackwardApplyUsesTheGlobalCount) {
+  const Inputs in = MakeParamInputs();
+  const int64_t c = in.shape.c;
+  const int64_t count = 3 * in.shape.per_channel();
+  std::mt19937 rng(static_cast<uint32_t>(SeedOf(GetParam()) + 1));
+  std::normal_distribution<double> normal;
+  const double root = std::sqrt(static_cast<double>(count));
+  std::vector<double> mean, invstd, sum_dy, sum_dy_xhat;
+  for (int64_t ch = 0; ch < c; ++ch) {
+    mean.push_back(static_cast<float>(normal(rng)));
+    invstd.push_back(static_cast<float>(0.5 + std::abs(normal(rng))));
+    sum_dy.push_back(static_cast<float>(root * normal(rng)));
+    sum_dy_xhat.push_back(static_cast<float>(root * normal(rng)));
+  }
+  Backend& backend = CudaBackend();
+  DeviceTensor x(backend, in.dtype, in.x);
+  DeviceTensor dy(backend, in.dtype, in.dy);
+  DeviceTensor dmean(backend, DType::kFloat32, mean);
+  DeviceTensor dinvstd(backend, DType::kFloat32, invstd);
+  DeviceTensor weight(backend, DType::kFloat32, in.weight);
+  DeviceTensor dsum_dy(backend, DType::kFloat32, sum_dy);
+  DeviceTensor dsum_dy_xhat(backend, DType::kFloat32, sum_dy_xhat);
+  for (bool affine : {true, false}) {
+    SCOPED_TRACE(affine ? "affine" : "no weight");
+    const std::vector<double> want = reference::BackwardApply(
+        in.shape, in.x, in.dy, mean, invstd,
+        affine ? in.weight : std::vector<double>{}, sum_dy, sum_dy_xhat, count);
+    DeviceTensor dx(backend, in.dtype, in.x.size());
+    BatchNormBackwardApplyArgs args;
+    args.shape = in.shape;
+    args.dtype = in.dtype;
+    args.x = x.data();
+    args.dy = dy.data();
+    args.dx = dx.data();
+    args.mean = dmean.f32();
+    args.invstd = dinvstd.f32();
+    args.weight = affine ? weight.f32() : nullptr;
+    args.sum_dy = dsum_dy.f32();
+    args.sum_dy_xhat = dsum_dy_xhat.f32();
+    args.count = count;
+    ASSERT_TRUE(backend.batch_norm().BackwardApply(args, nullptr).ok());
+    ExpectActivationsNear(dx.Read(), want, in.dtype, "dx");
+  }
+}
+
+// K slices of the batch (uneven, empty and one-row ones among them): their
+// Stats merged are the Stats of the whole batch. Slice means carry the
+// GPU's mean error (1e-6 relative + 3e-5 of the batch's standard
+// deviation), slice M2s its 2e-5 relative.
+TEST_P(CudaMatrixTest, MergedSliceStatsAreTheBatchStats) {
+  const Inputs in = MakeParamInputs();
+  const reference::StatsResult whole = reference::Stats(in.shape, in.x);
+  const std::vector<double> sd =
+      Sqrt(Scaled(whole.m2, 1.0 / static_cast<double>(in.shape.per_channel())));
+  const int64_t c = in.shape.c;
+  Backend& backend = CudaBackend();
+  std::vector<std::vector<float>> means, m2s;
+  std::vector<std::vector<double>> means_d;
+  std::vector<int64_t> counts;
+  int64_t row = 0;
+  for (int64_t rows : test_util::SliceSizes(in.shape.n)) {
+    counts.push_back(rows * in.shape.s);
+    means.emplace_back();
+    m2s.emplace_back();
+    means_d.emplace_back();
+    if (rows == 0) continue;  // Nothing to run: a count of 0.
+    const test_util::Slice slice = test_util::SliceOf(in, row, rows);
+    row += rows;
+    const reference::StatsResult s =
+        RunStats(backend, slice.shape, in.dtype, slice.x);
+    means_d.back() = s.mean;
+    means.back().assign(s.mean.begin(), s.mean.end());
+    m2s.back().assign(s.m2.begin(), s.m2.end());
+  }
+  ASSERT_EQ(row, in.shape.n);
+  std::vector<BatchNormPartialStats> partials;
+  for (size_t r = 0; r < counts.size(); ++r) {
+    partials.push_back({counts[r], counts[r] ? means[r].data() : nullptr,
+                        counts[r] ? m2s[r].data() : nullptr});
+  }
+  absl::StatusOr<BatchNormMergedStats> merged =
+      MergeBatchNormStats(c, partials);
+  ASSERT_TRUE(merged.ok()) << merged.status();
+  EXPECT_EQ(merged->count, in.shape.per_channel());
+  const test_util::MergeTolerances tol = test_util::MakeMergeTolerances(
+      counts, means_d, whole, 1e-6, Scaled(sd, 3e-5), 2e-5);
+  test_util::ExpectWithin(merged->mean, whole.mean, tol.mean, "mean");
+  test_util::ExpectWithin(merged->m2, whole.m2, tol.m2, "m2");
 }
 
 INSTANTIATE_TEST_SUITE_P(Matrix, CudaMatrixTest, testing::ValuesIn(AllCases()),
@@ -379,7 +631,7 @@ TEST_F(CudaBackendTest, HugeTensorsIndexPastInt32) {
     f.y = y->data();
     f.save_mean = mean.f32();
     f.save_invstd = invstd.f32();
-    ASSERT_TRUE(backend.ForwardTrain(f, nullptr).ok());
+    ASSERT_TRUE(backend.batch_norm().ForwardTrain(f, nullptr).ok());
     const double want_invstd = 1.0 / std::sqrt(1.0 + kEps);
     for (double m : mean.Read()) EXPECT_NEAR(m, 0.0, 1e-6);
     for (double v : invstd.Read()) EXPECT_NEAR(v, want_invstd, 1e-6);
@@ -407,7 +659,7 @@ TEST_F(CudaBackendTest, HugeTensorsIndexPastInt32) {
     b.invstd = invstd.f32();
     b.grad_weight = grad_weight.f32();
     b.grad_bias = grad_bias.f32();
-    ASSERT_TRUE(backend.BackwardTrain(b, nullptr).ok());
+    ASSERT_TRUE(backend.batch_norm().BackwardTrain(b, nullptr).ok());
     const double count = static_cast<double>(shape.per_channel());
     for (double g : grad_bias.Read()) EXPECT_NEAR(g, 0.0, 1e-6 * count);
     for (double g : grad_weight.Read()) {
@@ -459,7 +711,7 @@ TEST_F(CudaBackendTest, ExplicitStream) {
   args.y = y->data();
   args.save_mean = static_cast<float*>(stats->data());
   args.save_invstd = static_cast<float*>(stats->data()) + in.shape.c;
-  ASSERT_TRUE(backend.ForwardTrain(args, stream).ok());
+  ASSERT_TRUE(backend.batch_norm().ForwardTrain(args, stream).ok());
   std::vector<uint8_t> out(bytes.size());
   ASSERT_TRUE(
       backend.CopyToHost(out.data(), y->data(), out.size(), stream).ok());
@@ -505,6 +757,39 @@ TEST_F(CudaBackendTest, OutOfMemoryIsResourceExhaustedAndRecoverable) {
   CheckForwardTrain(backend, in, ref, true);
 }
 
+// The argument checks every backend shares (tests/kernels/arg_check_cases.h,
+// which the CPU suite runs too): the same rejections, the same messages.
+class CudaSharedArgCheckTest
+    : public testing::TestWithParam<test_util::ArgCheckCase> {
+ protected:
+  void SetUp() override { NORMSERVE_SKIP_WITHOUT_GPU(); }
+};
+
+TEST_P(CudaSharedArgCheckTest, IsRejected) {
+  test_util::ArgFixture fixture(CudaBackend());
+  const absl::Status status =
+      GetParam().call(CudaBackend().batch_norm(), fixture);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  EXPECT_THAT(status.message(), HasSubstr(GetParam().message));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, CudaSharedArgCheckTest,
+    testing::ValuesIn(test_util::ArgCheckCases()),
+    [](const testing::TestParamInfo<test_util::ArgCheckCase>& info) {
+      return info.param.name;
+    });
+
+// The arguments the cases break are valid as they come.
+TEST_F(CudaBackendTest, SharedArgCheckBaseArgumentsPass) {
+  test_util::ArgFixture fixture(CudaBackend());
+  for (const test_util::ArgCheckCase& c : test_util::ValidCalls()) {
+    const absl::Status status = c.call(CudaBackend().batch_norm(), fixture);
+    EXPECT_TRUE(status.ok()) << c.name << ": " << status;
+  }
+  ASSERT_TRUE(CudaBackend().Synchronize(nullptr).ok());
+}
+
 TEST_F(CudaBackendTest, ArgumentErrors) {
   Backend& backend = CudaBackend();
   DeviceTensor x(backend, DType::kFloat32, 64);
@@ -516,19 +801,19 @@ TEST_F(CudaBackendTest, ArgumentErrors) {
   args.save_invstd = stats.f32() + 8;
   args.running_mean = stats.f32() + 16;
   args.running_var = stats.f32() + 24;
-  absl::Status s = backend.ForwardTrain(args, nullptr);
+  absl::Status s = backend.batch_norm().ForwardTrain(args, nullptr);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(s.message(),
               HasSubstr("Expected more than 1 value per channel when "
                         "training, got input size [1, 4]"));
   args.shape = {2, 4, 1, Layout::kNCHW};
   args.x = nullptr;
-  s = backend.ForwardTrain(args, nullptr);
+  s = backend.batch_norm().ForwardTrain(args, nullptr);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(s.message(), HasSubstr("x is required but null"));
   args.x = x.data();
   args.shape = {1, int64_t{1} << 32, 1, Layout::kNHWC};
-  s = backend.ForwardTrain(args, nullptr);
+  s = backend.batch_norm().ForwardTrain(args, nullptr);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(s.message(), HasSubstr("channels"));
   BatchNormBackwardArgs b;
@@ -536,7 +821,7 @@ TEST_F(CudaBackendTest, ArgumentErrors) {
   b.dy = x.data();
   b.invstd = stats.f32();
   b.grad_weight = stats.f32();
-  s = backend.BackwardEval(b, nullptr);
+  s = backend.batch_norm().BackwardEval(b, nullptr);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(s.message(), HasSubstr("x is required"));
 }
@@ -559,13 +844,13 @@ TEST_F(CudaBackendTest, RunningStatsUpdateAndInvStd) {
   args.momentum = 0.25;
   args.running_mean = drm.f32();
   args.running_var = drv.f32();
-  ASSERT_TRUE(backend.UpdateRunningStats(args, nullptr).ok());
+  ASSERT_TRUE(backend.batch_norm().UpdateRunningStats(args, nullptr).ok());
   const reference::RunningStats ref =
       reference::UpdateRunningStats(mean, var, 10, 0.25, rm, rv);
   ExpectChannelsNear(drm.Read(), ref.mean, 1.2e-7, {}, "running_mean");
   ExpectChannelsNear(drv.Read(), ref.var, 1.2e-7, {}, "running_var");
   args.count = 1;
-  EXPECT_EQ(backend.UpdateRunningStats(args, nullptr).code(),
+  EXPECT_EQ(backend.batch_norm().UpdateRunningStats(args, nullptr).code(),
             absl::StatusCode::kInvalidArgument);
 }
 

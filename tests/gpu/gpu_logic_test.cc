@@ -145,6 +145,38 @@ TEST(FinalizeTest, GradCoefficients) {
   EXPECT_FLOAT_EQ(eval.scale, 3.0f);
 }
 
+// BackwardApply's coefficients: Σdy / n, Σdy·x̂ · invstd / n and
+// invstd · weight, each rounded once from double (the CPU backend's).
+TEST(FinalizeTest, BackwardApplyCoefficients) {
+  const GradCoefficients g =
+      MakeBackwardApplyCoefficients(3.0f, -2.0f, 0.5f, 2.0f, 1.5f, 30.0);
+  EXPECT_EQ(g.mean, 0.5f);
+  EXPECT_EQ(g.grad_mean, static_cast<float>(3.0 / 30.0));
+  EXPECT_EQ(g.k, static_cast<float>(-2.0 * 2.0 / 30.0));
+  EXPECT_EQ(g.scale, 3.0f);
+  // With the sums of one slice and its own count, the training
+  // coefficients (Σdy·x̂ = Σdy(x - mean) · invstd).
+  const GradCoefficients train = MakeGradCoefficients(
+      GradSums{3.0f, -1.0f}, 0.5f, 2.0f, 1.5f, 10.0, /*train=*/true);
+  const GradCoefficients split =
+      MakeBackwardApplyCoefficients(3.0f, -2.0f, 0.5f, 2.0f, 1.5f, 10.0);
+  EXPECT_EQ(split.grad_mean, train.grad_mean);
+  EXPECT_EQ(split.k, train.k);
+  EXPECT_EQ(split.scale, train.scale);
+}
+
+TEST(FinalizeTest, StatsM2) {
+  Welford w;
+  const float group[4] = {-1, 0, 1, 2};
+  WelfordAddGroup(w, group, 4);
+  EXPECT_FLOAT_EQ(FinalizeStats(10.0f, w, 4.0, 1e-5, false, 0.1, 0.0f, 0.0f).m2,
+                  5.0f);
+  // A rounding below zero reads as 0.
+  w.m2 = -1e-9f;
+  EXPECT_EQ(FinalizeStats(10.0f, w, 4.0, 1e-5, false, 0.1, 0.0f, 0.0f).m2,
+            0.0f);
+}
+
 // ---------------------------------------------------------------------------
 // Walks.
 
@@ -331,6 +363,8 @@ TEST(PlanTest, WorkspaceLayout) {
 
 struct Emulated {
   std::vector<double> mean, invstd, y, grad_weight, grad_bias, dx;
+  std::vector<double> m2;        // Stats.
+  std::vector<double> apply_dx;  // BackwardApply with the sums above.
 };
 
 // Statistics (planes or rows), then y, then the backward sums and dx, each
@@ -347,6 +381,8 @@ Emulated Emulate(const BatchNormShape& shape, const std::vector<float>& x,
   out.grad_weight.resize(c);
   out.grad_bias.resize(c);
   out.dx.resize(x.size());
+  out.m2.resize(c);
+  out.apply_dx.resize(x.size());
   // For each channel, visits (thread, offsets) in kernel order.
   auto for_each_thread = [&](int64_t ch, auto&& per_thread) {
     if (planes) {
@@ -394,6 +430,7 @@ Emulated Emulate(const BatchNormShape& shape, const std::vector<float>& x,
         FinalizeStats(shift, total, count, eps, false, 0.1, 0.0f, 0.0f);
     out.mean[ch] = st.save_mean;
     out.invstd[ch] = st.save_invstd;
+    out.m2[ch] = st.m2;
     GradSums sums;
     for_each_thread(ch, [&](int64_t, auto&& walk) {
       GradSums mine;
@@ -407,7 +444,12 @@ Emulated Emulate(const BatchNormShape& shape, const std::vector<float>& x,
       sums = GradSumsOp()(sums, mine);
     });
     out.grad_bias[ch] = sums.sum_dy;
-    out.grad_weight[ch] = sums.sum_dy_xmu * st.save_invstd;
+    // WriteGrads' rounding (grad_weight and BackwardReduce's sum_dy_xhat).
+    const float sum_dy_xhat = static_cast<float>(
+        static_cast<double>(sums.sum_dy_xmu) * st.save_invstd);
+    out.grad_weight[ch] = sum_dy_xhat;
+    const GradCoefficients apply = MakeBackwardApplyCoefficients(
+        sums.sum_dy, sum_dy_xhat, st.save_mean, st.save_invstd, 1.0f, count);
     const GradCoefficients co = MakeGradCoefficients(
         sums, st.save_mean, st.save_invstd, 1.0f, count, /*train=*/true);
     for_each_thread(ch, [&](int64_t, auto&& walk) {
@@ -416,6 +458,9 @@ Emulated Emulate(const BatchNormShape& shape, const std::vector<float>& x,
           out.dx[off[u]] =
               (dy[off[u]] - co.grad_mean - (x[off[u]] - co.mean) * co.k) *
               co.scale;
+          out.apply_dx[off[u]] = (dy[off[u]] - apply.grad_mean -
+                                  (x[off[u]] - apply.mean) * apply.k) *
+                                 apply.scale;
         }
       });
     });
@@ -470,6 +515,11 @@ TEST(EmulationTest, MatchesReference) {
           ExpectNear(e.grad_bias, bwd.grad_bias, 1e-5, 1e-5, "grad_bias");
           ExpectNear(e.grad_weight, bwd.grad_weight, 1e-5, 1e-5, "grad_weight");
           ExpectNear(e.dx, bwd.dx, 1e-4, 1e-5, "dx");
+          // Stats' M2, and BackwardApply's dx from BackwardReduce's sums
+          // with the slice's own count.
+          const reference::StatsResult stats = reference::Stats(shape, xd);
+          ExpectNear(e.m2, stats.m2, 2e-5, 0, "m2");
+          ExpectNear(e.apply_dx, bwd.dx, 1e-4, 1e-5, "BackwardApply dx");
         }
       }
     }

@@ -23,7 +23,7 @@
 
 #include "absl/status/statusor.h"
 #include "gtest/gtest.h"
-#include "kernels/batch_norm.h"
+#include "kernels/backend.h"
 #include "common/half.h"
 #include "kernels/reference/batch_norm_reference.h"
 #include "kernels/types.h"

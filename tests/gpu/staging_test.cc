@@ -17,7 +17,8 @@
 #include "absl/synchronization/mutex.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "kernels/batch_norm.h"
+#include "kernels/backend.h"
+#include "kernels/backend.h"
 #include "server/core/layers/batch_norm_layer.h"
 
 namespace normserve::server {
@@ -45,7 +46,7 @@ using ::testing::HasSubstr;
     if (!s_.ok()) return s_;   \
   } while (false)
 
-// Device-like memory: its own allocations, checked on every kernel call.
+// Device-like memory: its own allocations, checked on every op call.
 class DeviceLikeBackend final : public Backend {
  public:
   DeviceLikeBackend() : cpu_(kernels::CreateCpuBackend({1})) {}
@@ -92,55 +93,7 @@ class DeviceLikeBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status ForwardTrain(const kernels::BatchNormForwardTrainArgs& a,
-                            kernels::Stream s) override {
-    const size_t act = Bytes(a.shape, a.dtype), ch = a.shape.c * 4;
-    RETURN_IF_NOT_DEVICE(a.x, act);
-    RETURN_IF_NOT_DEVICE(a.y, act);
-    RETURN_IF_NOT_DEVICE(a.weight, ch);
-    RETURN_IF_NOT_DEVICE(a.bias, ch);
-    RETURN_IF_NOT_DEVICE(a.save_mean, ch);
-    RETURN_IF_NOT_DEVICE(a.save_invstd, ch);
-    RETURN_IF_NOT_DEVICE(a.running_mean, ch);
-    RETURN_IF_NOT_DEVICE(a.running_var, ch);
-    return cpu_->ForwardTrain(a, s);
-  }
-  absl::Status ForwardEval(const kernels::BatchNormForwardEvalArgs& a,
-                           kernels::Stream s) override {
-    const size_t act = Bytes(a.shape, a.dtype), ch = a.shape.c * 4;
-    RETURN_IF_NOT_DEVICE(a.x, act);
-    RETURN_IF_NOT_DEVICE(a.y, act);
-    RETURN_IF_NOT_DEVICE(a.mean, ch);
-    RETURN_IF_NOT_DEVICE(a.invstd, ch);
-    RETURN_IF_NOT_DEVICE(a.weight, ch);
-    RETURN_IF_NOT_DEVICE(a.bias, ch);
-    return cpu_->ForwardEval(a, s);
-  }
-  absl::Status BackwardTrain(const kernels::BatchNormBackwardArgs& a,
-                             kernels::Stream s) override {
-    RETURN_IF_ERROR_(CheckBackward(a));
-    return cpu_->BackwardTrain(a, s);
-  }
-  absl::Status BackwardEval(const kernels::BatchNormBackwardArgs& a,
-                            kernels::Stream s) override {
-    RETURN_IF_ERROR_(CheckBackward(a));
-    return cpu_->BackwardEval(a, s);
-  }
-  absl::Status UpdateRunningStats(const kernels::RunningStatsUpdateArgs& a,
-                                  kernels::Stream s) override {
-    const size_t ch = a.c * 4;
-    RETURN_IF_NOT_DEVICE(a.mean, ch);
-    RETURN_IF_NOT_DEVICE(a.var, ch);
-    RETURN_IF_NOT_DEVICE(a.running_mean, ch);
-    RETURN_IF_NOT_DEVICE(a.running_var, ch);
-    return cpu_->UpdateRunningStats(a, s);
-  }
-  absl::Status InvStd(int64_t c, const float* var, double eps, float* invstd,
-                      kernels::Stream s) override {
-    RETURN_IF_NOT_DEVICE(var, c * 4);
-    RETURN_IF_NOT_DEVICE(invstd, c * 4);
-    return cpu_->InvStd(c, var, eps, invstd, s);
-  }
+  kernels::BatchNormOps& batch_norm() override { return ops_; }
 
   int64_t allocations() {
     absl::MutexLock lock(&mu_);
@@ -183,18 +136,116 @@ class DeviceLikeBackend final : public Backend {
     return static_cast<size_t>(shape.numel()) * kernels::DTypeSize(dtype);
   }
 
-  absl::Status CheckBackward(const kernels::BatchNormBackwardArgs& a) {
-    const size_t act = Bytes(a.shape, a.dtype), ch = a.shape.c * 4;
-    RETURN_IF_NOT_DEVICE(a.x, act);
-    RETURN_IF_NOT_DEVICE(a.dy, act);
-    RETURN_IF_NOT_DEVICE(a.dx, act);
-    RETURN_IF_NOT_DEVICE(a.mean, ch);
-    RETURN_IF_NOT_DEVICE(a.invstd, ch);
-    RETURN_IF_NOT_DEVICE(a.weight, ch);
-    RETURN_IF_NOT_DEVICE(a.grad_weight, ch);
-    RETURN_IF_NOT_DEVICE(a.grad_bias, ch);
-    return absl::OkStatus();
-  }
+  // The CPU ops behind a check that every pointer is this backend's memory.
+  // (The CPU ops check their arguments again: a fake may repeat them.)
+  class Ops final : public kernels::BatchNormOps {
+   public:
+    Ops(DeviceLikeBackend* owner, kernels::BatchNormOps& cpu)
+        : owner_(owner), cpu_(cpu) {}
+
+   protected:
+    absl::Status DoStats(const kernels::BatchNormStatsArgs& a,
+                         kernels::Stream s) override {
+      const size_t act = Bytes(a.shape, a.dtype), ch = a.shape.c * 4;
+      RETURN_IF_NOT_DEVICE(a.x, act);
+      RETURN_IF_NOT_DEVICE(a.mean, ch);
+      RETURN_IF_NOT_DEVICE(a.m2, ch);
+      return cpu_.Stats(a, s);
+    }
+    absl::Status DoApply(const kernels::BatchNormApplyArgs& a,
+                         kernels::Stream s) override {
+      const size_t act = Bytes(a.shape, a.dtype), ch = a.shape.c * 4;
+      RETURN_IF_NOT_DEVICE(a.x, act);
+      RETURN_IF_NOT_DEVICE(a.y, act);
+      RETURN_IF_NOT_DEVICE(a.mean, ch);
+      RETURN_IF_NOT_DEVICE(a.invstd, ch);
+      RETURN_IF_NOT_DEVICE(a.weight, ch);
+      RETURN_IF_NOT_DEVICE(a.bias, ch);
+      return cpu_.Apply(a, s);
+    }
+    absl::Status DoBackwardReduce(const kernels::BatchNormBackwardReduceArgs& a,
+                                  kernels::Stream s) override {
+      const size_t act = Bytes(a.shape, a.dtype), ch = a.shape.c * 4;
+      RETURN_IF_NOT_DEVICE(a.x, act);
+      RETURN_IF_NOT_DEVICE(a.dy, act);
+      RETURN_IF_NOT_DEVICE(a.mean, ch);
+      RETURN_IF_NOT_DEVICE(a.invstd, ch);
+      RETURN_IF_NOT_DEVICE(a.sum_dy, ch);
+      RETURN_IF_NOT_DEVICE(a.sum_dy_xhat, ch);
+      return cpu_.BackwardReduce(a, s);
+    }
+    absl::Status DoBackwardApply(const kernels::BatchNormBackwardApplyArgs& a,
+                                 kernels::Stream s) override {
+      const size_t act = Bytes(a.shape, a.dtype), ch = a.shape.c * 4;
+      RETURN_IF_NOT_DEVICE(a.x, act);
+      RETURN_IF_NOT_DEVICE(a.dy, act);
+      RETURN_IF_NOT_DEVICE(a.dx, act);
+      RETURN_IF_NOT_DEVICE(a.mean, ch);
+      RETURN_IF_NOT_DEVICE(a.invstd, ch);
+      RETURN_IF_NOT_DEVICE(a.weight, ch);
+      RETURN_IF_NOT_DEVICE(a.sum_dy, ch);
+      RETURN_IF_NOT_DEVICE(a.sum_dy_xhat, ch);
+      return cpu_.BackwardApply(a, s);
+    }
+    absl::Status DoForwardTrain(const kernels::BatchNormForwardTrainArgs& a,
+                                kernels::Stream s) override {
+      const size_t act = Bytes(a.shape, a.dtype), ch = a.shape.c * 4;
+      RETURN_IF_NOT_DEVICE(a.x, act);
+      RETURN_IF_NOT_DEVICE(a.y, act);
+      RETURN_IF_NOT_DEVICE(a.weight, ch);
+      RETURN_IF_NOT_DEVICE(a.bias, ch);
+      RETURN_IF_NOT_DEVICE(a.save_mean, ch);
+      RETURN_IF_NOT_DEVICE(a.save_invstd, ch);
+      RETURN_IF_NOT_DEVICE(a.running_mean, ch);
+      RETURN_IF_NOT_DEVICE(a.running_var, ch);
+      return cpu_.ForwardTrain(a, s);
+    }
+    absl::Status DoBackwardTrain(const kernels::BatchNormBackwardArgs& a,
+                                 kernels::Stream s) override {
+      RETURN_IF_ERROR_(CheckBackward(a));
+      return cpu_.BackwardTrain(a, s);
+    }
+    absl::Status DoBackwardEval(const kernels::BatchNormBackwardArgs& a,
+                                kernels::Stream s) override {
+      RETURN_IF_ERROR_(CheckBackward(a));
+      return cpu_.BackwardEval(a, s);
+    }
+    absl::Status DoUpdateRunningStats(const kernels::RunningStatsUpdateArgs& a,
+                                      kernels::Stream s) override {
+      const size_t ch = a.c * 4;
+      RETURN_IF_NOT_DEVICE(a.mean, ch);
+      RETURN_IF_NOT_DEVICE(a.var, ch);
+      RETURN_IF_NOT_DEVICE(a.running_mean, ch);
+      RETURN_IF_NOT_DEVICE(a.running_var, ch);
+      return cpu_.UpdateRunningStats(a, s);
+    }
+    absl::Status DoInvStd(int64_t c, const float* var, double eps,
+                          float* invstd, kernels::Stream s) override {
+      RETURN_IF_NOT_DEVICE(var, c * 4);
+      RETURN_IF_NOT_DEVICE(invstd, c * 4);
+      return cpu_.InvStd(c, var, eps, invstd, s);
+    }
+
+   private:
+    absl::Status CheckBackward(const kernels::BatchNormBackwardArgs& a) {
+      const size_t act = Bytes(a.shape, a.dtype), ch = a.shape.c * 4;
+      RETURN_IF_NOT_DEVICE(a.x, act);
+      RETURN_IF_NOT_DEVICE(a.dy, act);
+      RETURN_IF_NOT_DEVICE(a.dx, act);
+      RETURN_IF_NOT_DEVICE(a.mean, ch);
+      RETURN_IF_NOT_DEVICE(a.invstd, ch);
+      RETURN_IF_NOT_DEVICE(a.weight, ch);
+      RETURN_IF_NOT_DEVICE(a.grad_weight, ch);
+      RETURN_IF_NOT_DEVICE(a.grad_bias, ch);
+      return absl::OkStatus();
+    }
+    bool Inside(const void* p, size_t bytes) {
+      return owner_->Inside(p, bytes);
+    }
+
+    DeviceLikeBackend* const owner_;
+    kernels::BatchNormOps& cpu_;
+  };
 
   // True when [p, p + bytes) lies inside one allocation.
   bool Inside(const void* p, size_t bytes) {
@@ -207,6 +258,7 @@ class DeviceLikeBackend final : public Backend {
   }
 
   std::unique_ptr<Backend> cpu_;
+  Ops ops_{this, cpu_->batch_norm()};
   absl::Mutex mu_;
   std::map<const char*, size_t> regions_ ABSL_GUARDED_BY(mu_);
   int64_t allocations_ ABSL_GUARDED_BY(mu_) = 0;

@@ -1,11 +1,15 @@
 // The CPU backend against the double-precision reference, over shapes x
 // layouts x dtypes, for each instruction set and for single-threaded and
-// split execution.
+// split execution: the fused paths and the mergeable pieces (Stats, Apply,
+// BackwardReduce, BackwardApply, and slices' Stats merged by
+// MergeBatchNormStats), and the argument checks every backend shares.
 //
 // Inputs are rounded to the dtype under test first; the reference then runs
 // on exactly those values in double. Tolerances:
-//  - per-channel float32 outputs (mean, invstd, running stats, grads):
-//    1e-6 relative (about 8 float ulps) plus a tiny absolute term;
+//  - per-channel float32 outputs (mean, M2, invstd, running stats, grads,
+//    sums): 1e-6 relative (about 8 float ulps) plus a tiny absolute term;
+//  - merged statistics: 4 float ulps of each slice's values, carried
+//    through the merge (test_util::MakeMergeTolerances);
 //  - activations (y, dx): float32 1e-5 relative + 1e-6 of the tensor's
 //    largest magnitude; float16/bfloat16 one ulp of the dtype at the
 //    reference value + 1e-6 of the largest magnitude (float arithmetic
@@ -27,12 +31,15 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/half.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "kernels/batch_norm.h"
-#include "common/half.h"
+#include "kernels/backend.h"
+#include "kernels/backend.h"
+#include "kernels/batch_norm_merge.h"
 #include "kernels/reference/batch_norm_reference.h"
 #include "kernels/types.h"
+#include "tests/kernels/arg_check_cases.h"
 #include "tests/kernels/kernel_test_util.h"
 
 namespace normserve::kernels {
@@ -186,7 +193,7 @@ void CheckForwardTrain(Backend& backend, const Inputs& in,
   args.running_mean = running_mean.f32();
   args.running_var = running_var.f32();
   args.momentum = kMomentum;
-  ASSERT_TRUE(backend.ForwardTrain(args, nullptr).ok());
+  ASSERT_TRUE(backend.batch_norm().ForwardTrain(args, nullptr).ok());
   ExpectActivationsNear(y.Read(), ref.y, in.dtype, "y");
   ExpectStatsNear(save_mean.Read(), ref.mean, "save_mean");
   ExpectStatsNear(save_invstd.Read(), ref.invstd, "save_invstd");
@@ -222,11 +229,11 @@ TEST_P(CpuBackendMatrixTest, ForwardTrainWithoutAffine) {
   CheckForwardTrain(*b.backend, in, ref, /*affine=*/false);
 }
 
-TEST_P(CpuBackendMatrixTest, ForwardEval) {
+TEST_P(CpuBackendMatrixTest, Apply) {
   const Inputs in = MakeParamInputs();
   const std::vector<double> invstd =
       ToFloatPrecision(reference::InvStd(in.running_var, kEps));
-  const std::vector<double> ref = reference::ForwardEval(
+  const std::vector<double> ref = reference::Apply(
       in.shape, in.x, in.running_mean, invstd, in.weight, in.bias);
   for (BackendUnderTest& b : Backends()) {
     SCOPED_TRACE(b.name);
@@ -238,11 +245,12 @@ TEST_P(CpuBackendMatrixTest, ForwardEval) {
     DeviceTensor inv(backend, DType::kFloat32, in.shape.c);
     DeviceTensor weight(backend, DType::kFloat32, in.weight);
     DeviceTensor bias(backend, DType::kFloat32, in.bias);
-    ASSERT_TRUE(
-        backend.InvStd(in.shape.c, var.f32(), kEps, inv.f32(), nullptr).ok());
+    ASSERT_TRUE(backend.batch_norm()
+                    .InvStd(in.shape.c, var.f32(), kEps, inv.f32(), nullptr)
+                    .ok());
     // Correctly rounded to float.
     ExpectStatsNear(inv.Read(), invstd, "invstd", 1.2e-7);
-    BatchNormForwardEvalArgs args;
+    BatchNormApplyArgs args;
     args.shape = in.shape;
     args.dtype = in.dtype;
     args.x = x.data();
@@ -251,7 +259,7 @@ TEST_P(CpuBackendMatrixTest, ForwardEval) {
     args.invstd = inv.f32();
     args.weight = weight.f32();
     args.bias = bias.f32();
-    ASSERT_TRUE(backend.ForwardEval(args, nullptr).ok());
+    ASSERT_TRUE(backend.batch_norm().Apply(args, nullptr).ok());
     ExpectActivationsNear(y.Read(), ref, in.dtype, "y");
   }
 }
@@ -292,7 +300,7 @@ TEST_P(CpuBackendMatrixTest, Backward) {
     args.weight = weight.f32();
     args.grad_weight = grad_weight.f32();
     args.grad_bias = grad_bias.f32();
-    ASSERT_TRUE(backend.BackwardTrain(args, nullptr).ok());
+    ASSERT_TRUE(backend.batch_norm().BackwardTrain(args, nullptr).ok());
     ExpectActivationsNear(dx.Read(), train.dx, in.dtype, "train dx");
     ExpectStatsNear(grad_weight.Read(), train.grad_weight, "train grad_weight");
     ExpectStatsNear(grad_bias.Read(), train.grad_bias, "train grad_bias");
@@ -301,7 +309,7 @@ TEST_P(CpuBackendMatrixTest, Backward) {
     DeviceTensor running_invstd(backend, DType::kFloat32, eval_invstd);
     args.mean = running_mean.f32();
     args.invstd = running_invstd.f32();
-    ASSERT_TRUE(backend.BackwardEval(args, nullptr).ok());
+    ASSERT_TRUE(backend.batch_norm().BackwardEval(args, nullptr).ok());
     ExpectActivationsNear(dx.Read(), eval.dx, in.dtype, "eval dx");
     ExpectStatsNear(grad_weight.Read(), eval.grad_weight, "eval grad_weight");
     ExpectStatsNear(grad_bias.Read(), eval.grad_bias, "eval grad_bias");
@@ -314,10 +322,265 @@ TEST_P(CpuBackendMatrixTest, Backward) {
     args.dx = dx2.data();
     args.grad_weight = nullptr;
     args.grad_bias = grad_bias2.f32();
-    ASSERT_TRUE(backend.BackwardEval(args, nullptr).ok());
+    ASSERT_TRUE(backend.batch_norm().BackwardEval(args, nullptr).ok());
     ExpectActivationsNear(dx2.Read(), eval.dx, in.dtype, "eval dx without x");
     ExpectStatsNear(grad_bias2.Read(), eval.grad_bias,
                     "eval grad_bias without x");
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The mergeable pieces.
+
+TEST_P(CpuBackendMatrixTest, Stats) {
+  const Inputs in = MakeParamInputs();
+  const reference::StatsResult ref = reference::Stats(in.shape, in.x);
+  for (BackendUnderTest& b : Backends()) {
+    SCOPED_TRACE(b.name);
+    BatchNormOps& ops = b.backend->batch_norm();
+    DeviceTensor x(*b.backend, in.dtype, in.x);
+    DeviceTensor mean(*b.backend, DType::kFloat32, in.shape.c);
+    DeviceTensor m2(*b.backend, DType::kFloat32, in.shape.c);
+    BatchNormStatsArgs args;
+    args.shape = in.shape;
+    args.dtype = in.dtype;
+    args.x = x.data();
+    args.mean = mean.f32();
+    args.m2 = m2.f32();
+    ASSERT_TRUE(ops.Stats(args, nullptr).ok());
+    ExpectStatsNear(mean.Read(), ref.mean, "mean");
+    ExpectStatsNear(m2.Read(), ref.m2, "m2");
+    // The fused forward's statistics pass: the same float mean.
+    DeviceTensor save_mean(*b.backend, DType::kFloat32, in.shape.c);
+    DeviceTensor save_invstd(*b.backend, DType::kFloat32, in.shape.c);
+    BatchNormForwardTrainArgs fused;
+    fused.shape = in.shape;
+    fused.dtype = in.dtype;
+    fused.x = x.data();
+    fused.save_mean = save_mean.f32();
+    fused.save_invstd = save_invstd.f32();
+    ASSERT_TRUE(ops.ForwardTrain(fused, nullptr).ok());
+    EXPECT_EQ(mean.Read(), save_mean.Read());
+  }
+}
+
+// Stats, invstd on the host, then Apply: the training forward's y, within
+// what the float statistics move it by (test_util::StatsShift).
+TEST_P(CpuBackendMatrixTest, StatsThenApplyIsTheTrainingForward) {
+  const Inputs in = MakeParamInputs();
+  const reference::ForwardTrainResult ref = reference::ForwardTrain(
+      in.shape, in.x, in.weight, in.bias, kEps, {}, {}, kMomentum);
+  const double count = static_cast<double>(in.shape.per_channel());
+  for (BackendUnderTest& b : Backends()) {
+    SCOPED_TRACE(b.name);
+    BatchNormOps& ops = b.backend->batch_norm();
+    DeviceTensor x(*b.backend, in.dtype, in.x);
+    DeviceTensor mean(*b.backend, DType::kFloat32, in.shape.c);
+    DeviceTensor m2(*b.backend, DType::kFloat32, in.shape.c);
+    BatchNormStatsArgs stats;
+    stats.shape = in.shape;
+    stats.dtype = in.dtype;
+    stats.x = x.data();
+    stats.mean = mean.f32();
+    stats.m2 = m2.f32();
+    ASSERT_TRUE(ops.Stats(stats, nullptr).ok());
+    std::vector<double> invstd;
+    for (double v : m2.Read()) {
+      invstd.push_back(static_cast<float>(1.0 / std::sqrt(v / count + kEps)));
+    }
+    ExpectStatsNear(invstd, ref.invstd, "invstd");
+    DeviceTensor dinvstd(*b.backend, DType::kFloat32, invstd);
+    DeviceTensor weight(*b.backend, DType::kFloat32, in.weight);
+    DeviceTensor bias(*b.backend, DType::kFloat32, in.bias);
+    DeviceTensor y(*b.backend, in.dtype, in.x.size());
+    BatchNormApplyArgs apply;
+    apply.shape = in.shape;
+    apply.dtype = in.dtype;
+    apply.x = x.data();
+    apply.y = y.data();
+    apply.mean = mean.f32();
+    apply.invstd = dinvstd.f32();
+    apply.weight = weight.f32();
+    apply.bias = bias.f32();
+    ASSERT_TRUE(ops.Apply(apply, nullptr).ok());
+    test_util::ExpectActivationsNearPlus(
+        y.Read(), ref.y, in.dtype, in.shape,
+        test_util::StatsShift(in.shape, in.x, mean.Read(), invstd, ref.mean,
+                              ref.invstd, in.weight),
+        "y", 1e-6);
+  }
+}
+
+// BackwardReduce then BackwardApply with the slice's own count: the
+// training backward (and the fused backward's grad_bias and grad_weight,
+// bit for bit).
+TEST_P(CpuBackendMatrixTest, BackwardReduceThenApplyIsTheTrainingBackward) {
+  const Inputs in = MakeParamInputs();
+  const reference::ForwardTrainResult fwd = reference::ForwardTrain(
+      in.shape, in.x, in.weight, in.bias, kEps, {}, {}, kMomentum);
+  const std::vector<double> mean = ToFloatPrecision(fwd.mean);
+  const std::vector<double> invstd = ToFloatPrecision(fwd.invstd);
+  const reference::BackwardResult train =
+      reference::BackwardTrain(in.shape, in.x, in.dy, mean, invstd, in.weight);
+  const int64_t c = in.shape.c;
+  for (BackendUnderTest& b : Backends()) {
+    SCOPED_TRACE(b.name);
+    Backend& backend = *b.backend;
+    BatchNormOps& ops = backend.batch_norm();
+    DeviceTensor x(backend, in.dtype, in.x);
+    DeviceTensor dy(backend, in.dtype, in.dy);
+    DeviceTensor dmean(backend, DType::kFloat32, mean);
+    DeviceTensor dinvstd(backend, DType::kFloat32, invstd);
+    DeviceTensor weight(backend, DType::kFloat32, in.weight);
+    DeviceTensor sum_dy(backend, DType::kFloat32, c);
+    DeviceTensor sum_dy_xhat(backend, DType::kFloat32, c);
+    BatchNormBackwardReduceArgs reduce;
+    reduce.shape = in.shape;
+    reduce.dtype = in.dtype;
+    reduce.x = x.data();
+    reduce.dy = dy.data();
+    reduce.mean = dmean.f32();
+    reduce.invstd = dinvstd.f32();
+    reduce.sum_dy = sum_dy.f32();
+    reduce.sum_dy_xhat = sum_dy_xhat.f32();
+    ASSERT_TRUE(ops.BackwardReduce(reduce, nullptr).ok());
+    ExpectStatsNear(sum_dy.Read(), train.grad_bias, "sum_dy");
+    ExpectStatsNear(sum_dy_xhat.Read(), train.grad_weight, "sum_dy_xhat");
+
+    DeviceTensor grad_weight(backend, DType::kFloat32, c);
+    DeviceTensor grad_bias(backend, DType::kFloat32, c);
+    BatchNormBackwardArgs fused;
+    fused.shape = in.shape;
+    fused.dtype = in.dtype;
+    fused.x = x.data();
+    fused.dy = dy.data();
+    fused.mean = dmean.f32();
+    fused.invstd = dinvstd.f32();
+    fused.grad_weight = grad_weight.f32();
+    fused.grad_bias = grad_bias.f32();
+    ASSERT_TRUE(ops.BackwardTrain(fused, nullptr).ok());
+    EXPECT_EQ(sum_dy.Read(), grad_bias.Read());
+    EXPECT_EQ(sum_dy_xhat.Read(), grad_weight.Read());
+
+    DeviceTensor dx(backend, in.dtype, in.x.size());
+    BatchNormBackwardApplyArgs apply;
+    apply.shape = in.shape;
+    apply.dtype = in.dtype;
+    apply.x = x.data();
+    apply.dy = dy.data();
+    apply.dx = dx.data();
+    apply.mean = dmean.f32();
+    apply.invstd = dinvstd.f32();
+    apply.weight = weight.f32();
+    apply.sum_dy = sum_dy.f32();
+    apply.sum_dy_xhat = sum_dy_xhat.f32();
+    apply.count = in.shape.per_channel();
+    ASSERT_TRUE(ops.BackwardApply(apply, nullptr).ok());
+    ExpectActivationsNear(dx.Read(), train.dx, in.dtype, "dx");
+  }
+}
+
+// This slice is a third of a sync group's batch: BackwardApply divides the
+// group's sums by the group's count.
+TEST_P(CpuBackendMatrixTest, BackwardApplyUsesTheGlobalCount) {
+  const Inputs in = MakeParamInputs();
+  const int64_t c = in.shape.c;
+  const int64_t count = 3 * in.shape.per_channel();
+  std::mt19937 rng(SeedOf(GetParam()) + 1);
+  std::normal_distribution<double> normal;
+  const double root = std::sqrt(static_cast<double>(count));
+  std::vector<double> mean, invstd, sum_dy, sum_dy_xhat;
+  for (int64_t ch = 0; ch < c; ++ch) {
+    mean.push_back(static_cast<float>(normal(rng)));
+    invstd.push_back(static_cast<float>(0.5 + std::abs(normal(rng))));
+    sum_dy.push_back(static_cast<float>(root * normal(rng)));
+    sum_dy_xhat.push_back(static_cast<float>(root * normal(rng)));
+  }
+  for (bool affine : {true, false}) {
+    SCOPED_TRACE(affine ? "affine" : "no weight");
+    const std::vector<double> want = reference::BackwardApply(
+        in.shape, in.x, in.dy, mean, invstd,
+        affine ? in.weight : std::vector<double>{}, sum_dy, sum_dy_xhat, count);
+    for (BackendUnderTest& b : Backends()) {
+      SCOPED_TRACE(b.name);
+      Backend& backend = *b.backend;
+      DeviceTensor x(backend, in.dtype, in.x);
+      DeviceTensor dy(backend, in.dtype, in.dy);
+      DeviceTensor dx(backend, in.dtype, in.x.size());
+      DeviceTensor dmean(backend, DType::kFloat32, mean);
+      DeviceTensor dinvstd(backend, DType::kFloat32, invstd);
+      DeviceTensor weight(backend, DType::kFloat32, in.weight);
+      DeviceTensor dsum_dy(backend, DType::kFloat32, sum_dy);
+      DeviceTensor dsum_dy_xhat(backend, DType::kFloat32, sum_dy_xhat);
+      BatchNormBackwardApplyArgs args;
+      args.shape = in.shape;
+      args.dtype = in.dtype;
+      args.x = x.data();
+      args.dy = dy.data();
+      args.dx = dx.data();
+      args.mean = dmean.f32();
+      args.invstd = dinvstd.f32();
+      args.weight = affine ? weight.f32() : nullptr;
+      args.sum_dy = dsum_dy.f32();
+      args.sum_dy_xhat = dsum_dy_xhat.f32();
+      args.count = count;
+      ASSERT_TRUE(backend.batch_norm().BackwardApply(args, nullptr).ok());
+      ExpectActivationsNear(dx.Read(), want, in.dtype, "dx");
+    }
+  }
+}
+
+// K slices of the batch (uneven, empty and one-row ones among them): their
+// Stats merged are the Stats of the whole batch.
+TEST_P(CpuBackendMatrixTest, MergedSliceStatsAreTheBatchStats) {
+  const Inputs in = MakeParamInputs();
+  const reference::StatsResult whole = reference::Stats(in.shape, in.x);
+  const int64_t c = in.shape.c;
+  const std::vector<int64_t> sizes = test_util::SliceSizes(in.shape.n);
+  for (BackendUnderTest& b : Backends()) {
+    SCOPED_TRACE(b.name);
+    Backend& backend = *b.backend;
+    std::vector<std::vector<float>> means, m2s;
+    std::vector<std::vector<double>> means_d;
+    std::vector<int64_t> counts;
+    int64_t row = 0;
+    for (int64_t rows : sizes) {
+      counts.push_back(rows * in.shape.s);
+      means.emplace_back();
+      m2s.emplace_back();
+      means_d.emplace_back();
+      if (rows == 0) continue;  // Nothing to run: a count of 0.
+      const test_util::Slice slice = test_util::SliceOf(in, row, rows);
+      row += rows;
+      DeviceTensor x(backend, in.dtype, slice.x);
+      DeviceTensor mean(backend, DType::kFloat32, c);
+      DeviceTensor m2(backend, DType::kFloat32, c);
+      BatchNormStatsArgs args;
+      args.shape = slice.shape;
+      args.dtype = in.dtype;
+      args.x = x.data();
+      args.mean = mean.f32();
+      args.m2 = m2.f32();
+      ASSERT_TRUE(backend.batch_norm().Stats(args, nullptr).ok());
+      means_d.back() = mean.Read();
+      means.back().assign(means_d.back().begin(), means_d.back().end());
+      const std::vector<double> m2d = m2.Read();
+      m2s.back().assign(m2d.begin(), m2d.end());
+    }
+    ASSERT_EQ(row, in.shape.n);
+    std::vector<BatchNormPartialStats> partials;
+    for (size_t r = 0; r < sizes.size(); ++r) {
+      partials.push_back({counts[r], counts[r] ? means[r].data() : nullptr,
+                          counts[r] ? m2s[r].data() : nullptr});
+    }
+    absl::StatusOr<BatchNormMergedStats> merged =
+        MergeBatchNormStats(c, partials);
+    ASSERT_TRUE(merged.ok()) << merged.status();
+    EXPECT_EQ(merged->count, in.shape.per_channel());
+    const test_util::MergeTolerances tol = test_util::MakeMergeTolerances(
+        counts, means_d, whole, 4.8e-7, {}, 4.8e-7);
+    test_util::ExpectWithin(merged->mean, whole.mean, tol.mean, "mean");
+    test_util::ExpectWithin(merged->m2, whole.m2, tol.m2, "m2");
   }
 }
 
@@ -355,7 +618,7 @@ TEST(CpuBackendTest, VarianceIsRobustToLargeOffsets) {
           args.x = x.data();
           args.save_mean = mean.f32();
           args.save_invstd = invstd.f32();
-          ASSERT_TRUE(b.backend->ForwardTrain(args, nullptr).ok());
+          ASSERT_TRUE(b.backend->batch_norm().ForwardTrain(args, nullptr).ok());
           ExpectStatsNear(mean.Read(), ref.mean, "mean", 1.2e-7);
           ExpectStatsNear(invstd.Read(), ref.invstd, "invstd", 1.2e-7);
         }
@@ -417,7 +680,7 @@ void CheckExhaustive16Bit(DType dtype) {
         std::memcpy(x->data(), all.data(), all.size() * 2);
         const std::vector<float> mean(shape.c, 0.0f), invstd(shape.c, 1.0f),
             weight(shape.c, scale), bias(shape.c, -0.0f);
-        BatchNormForwardEvalArgs args;
+        BatchNormApplyArgs args;
         args.shape = shape;
         args.dtype = dtype;
         args.x = x->data();
@@ -427,7 +690,7 @@ void CheckExhaustive16Bit(DType dtype) {
         args.weight = weight.data();
         // y = x * scale + (-0) = x * scale exactly, signed zeros included.
         args.bias = bias.data();
-        ASSERT_TRUE(backend.ForwardEval(args, nullptr).ok());
+        ASSERT_TRUE(backend.batch_norm().Apply(args, nullptr).ok());
         const uint16_t* got = static_cast<const uint16_t*>(y->data());
         int bad = 0;
         for (uint32_t i = 0; i < all.size(); ++i) {
@@ -468,7 +731,7 @@ TEST(CpuBackendTest, StatisticsOnlyWhenYIsNull) {
     args.x = x.data();
     args.save_mean = mean.f32();
     args.save_invstd = invstd.f32();
-    ASSERT_TRUE(b.backend->ForwardTrain(args, nullptr).ok());
+    ASSERT_TRUE(b.backend->batch_norm().ForwardTrain(args, nullptr).ok());
     ExpectStatsNear(mean.Read(), ref.mean, "mean");
     ExpectStatsNear(invstd.Read(), ref.invstd, "invstd");
     EXPECT_THAT(x.Read(), testing::ElementsAreArray(in.x));
@@ -501,8 +764,11 @@ TEST(CpuBackendTest, UpdateRunningStatsMatchesReference) {
     args.momentum = momentum;
     args.running_mean = got_mean.data();
     args.running_var = got_var.data();
-    ASSERT_TRUE(
-        Backends().back().backend->UpdateRunningStats(args, nullptr).ok());
+    ASSERT_TRUE(Backends()
+                    .back()
+                    .backend->batch_norm()
+                    .UpdateRunningStats(args, nullptr)
+                    .ok());
     ExpectStatsNear(std::vector<double>(got_mean.begin(), got_mean.end()),
                     want.mean, "running_mean", 1.2e-7);
     ExpectStatsNear(std::vector<double>(got_var.begin(), got_var.end()),
@@ -512,6 +778,121 @@ TEST(CpuBackendTest, UpdateRunningStatsMatchesReference) {
 
 // ---------------------------------------------------------------------------
 // Errors.
+
+// The argument checks every backend shares (tests/kernels/arg_check_cases.h;
+// tests/gpu runs the same cases on CUDA).
+class SharedArgCheckTest
+    : public testing::TestWithParam<test_util::ArgCheckCase> {};
+
+TEST_P(SharedArgCheckTest, IsRejectedByEveryCpuBackend) {
+  for (BackendUnderTest& b : Backends()) {
+    SCOPED_TRACE(b.name);
+    test_util::ArgFixture fixture(*b.backend);
+    const absl::Status status =
+        GetParam().call(b.backend->batch_norm(), fixture);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+    EXPECT_THAT(status.message(), HasSubstr(GetParam().message));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, SharedArgCheckTest, testing::ValuesIn(test_util::ArgCheckCases()),
+    [](const testing::TestParamInfo<test_util::ArgCheckCase>& info) {
+      return info.param.name;
+    });
+
+// The arguments the cases break are valid as they come.
+TEST(SharedArgCheckBaseTest, ValidArgumentsPass) {
+  for (BackendUnderTest& b : Backends()) {
+    SCOPED_TRACE(b.name);
+    test_util::ArgFixture fixture(*b.backend);
+    for (const test_util::ArgCheckCase& c : test_util::ValidCalls()) {
+      const absl::Status status = c.call(b.backend->batch_norm(), fixture);
+      EXPECT_TRUE(status.ok()) << c.name << ": " << status;
+    }
+  }
+}
+
+// An op table that counts the calls that reach its implementation.
+class CountingOps final : public BatchNormOps {
+ public:
+  explicit CountingOps(const BatchNormLimits& limits = BatchNormLimits())
+      : BatchNormOps(limits) {}
+  int calls = 0;
+
+ protected:
+  absl::Status DoStats(const BatchNormStatsArgs&, Stream) override {
+    return Count();
+  }
+  absl::Status DoApply(const BatchNormApplyArgs&, Stream) override {
+    return Count();
+  }
+  absl::Status DoBackwardReduce(const BatchNormBackwardReduceArgs&,
+                                Stream) override {
+    return Count();
+  }
+  absl::Status DoBackwardApply(const BatchNormBackwardApplyArgs&,
+                               Stream) override {
+    return Count();
+  }
+  absl::Status DoForwardTrain(const BatchNormForwardTrainArgs&,
+                              Stream) override {
+    return Count();
+  }
+  absl::Status DoBackwardTrain(const BatchNormBackwardArgs&, Stream) override {
+    return Count();
+  }
+  absl::Status DoBackwardEval(const BatchNormBackwardArgs&, Stream) override {
+    return Count();
+  }
+  absl::Status DoUpdateRunningStats(const RunningStatsUpdateArgs&,
+                                    Stream) override {
+    return Count();
+  }
+  absl::Status DoInvStd(int64_t, const float*, double, float*,
+                        Stream) override {
+    return Count();
+  }
+
+ private:
+  absl::Status Count() {
+    ++calls;
+    return absl::OkStatus();
+  }
+};
+
+// The public methods check before the implementation runs: a rejected call
+// never reaches it, a valid one reaches it once.
+TEST(BatchNormOpsTest, ChecksRunOnceBeforeTheImplementation) {
+  test_util::ArgFixture fixture(*Backends().back().backend);
+  CountingOps ops;
+  for (const test_util::ArgCheckCase& c : test_util::ArgCheckCases()) {
+    ops.calls = 0;
+    EXPECT_EQ(c.call(ops, fixture).code(), absl::StatusCode::kInvalidArgument)
+        << c.name;
+    EXPECT_EQ(ops.calls, 0) << c.name;
+  }
+  for (const test_util::ArgCheckCase& c : test_util::ValidCalls()) {
+    ops.calls = 0;
+    EXPECT_TRUE(c.call(ops, fixture).ok()) << c.name;
+    EXPECT_EQ(ops.calls, 1) << c.name;
+  }
+}
+
+// A backend's channel limit is checked with the shared rules, in every op.
+TEST(BatchNormOpsTest, BackendLimitsAreChecked) {
+  test_util::ArgFixture fixture(*Backends().back().backend);
+  CountingOps ops(BatchNormLimits{1, "the test backend"});
+  EXPECT_EQ(ops.limits().max_channels, 1);
+  for (const test_util::ArgCheckCase& c : test_util::ValidCalls()) {
+    const absl::Status status = c.call(ops, fixture);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << c.name;
+    EXPECT_THAT(status.message(),
+                HasSubstr("2 channels; the test backend takes at most 1"))
+        << c.name;
+  }
+  EXPECT_EQ(ops.calls, 0);
+}
 
 class CpuBackendErrorTest : public testing::Test {
  protected:
@@ -538,8 +919,8 @@ class CpuBackendErrorTest : public testing::Test {
 };
 
 TEST_F(CpuBackendErrorTest, OneValuePerChannelInTrainingIsInvalid) {
-  const absl::Status status =
-      backend().ForwardTrain(TrainArgs({1, 3, 1, Layout::kNCHW}), nullptr);
+  const absl::Status status = backend().batch_norm().ForwardTrain(
+      TrainArgs({1, 3, 1, Layout::kNCHW}), nullptr);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(),
               HasSubstr("Expected more than 1 value per channel when "
@@ -547,6 +928,7 @@ TEST_F(CpuBackendErrorTest, OneValuePerChannelInTrainingIsInvalid) {
   // The running statistics were not touched.
   EXPECT_EQ(running_var_[0], 1.0f);
   EXPECT_EQ(backend()
+                .batch_norm()
                 .ForwardTrain(TrainArgs({1, 2, 1, Layout::kNHWC}), nullptr)
                 .code(),
             absl::StatusCode::kInvalidArgument);
@@ -558,7 +940,7 @@ TEST_F(CpuBackendErrorTest, OneValuePerChannelWithoutRunningStatsIsAllowed) {
   args.running_var = nullptr;
   const std::vector<float> bias = {0.5f, -1.0f, 2.0f};
   args.bias = bias.data();
-  ASSERT_TRUE(backend().ForwardTrain(args, nullptr).ok());
+  ASSERT_TRUE(backend().batch_norm().ForwardTrain(args, nullptr).ok());
   // var = 0: y = (x - mean) / sqrt(eps) * 1 + bias = bias.
   EXPECT_THAT(std::vector<float>(y_.begin(), y_.begin() + 3),
               testing::ElementsAreArray(bias));
@@ -569,22 +951,22 @@ TEST_F(CpuBackendErrorTest, OneValuePerChannelWithoutRunningStatsIsAllowed) {
 TEST_F(CpuBackendErrorTest, RejectsNullPointers) {
   BatchNormForwardTrainArgs args = TrainArgs({4, 2, 2, Layout::kNCHW});
   args.x = nullptr;
-  absl::Status status = backend().ForwardTrain(args, nullptr);
+  absl::Status status = backend().batch_norm().ForwardTrain(args, nullptr);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("x is required"));
 
   args = TrainArgs({4, 2, 2, Layout::kNCHW});
   args.save_invstd = nullptr;
-  status = backend().ForwardTrain(args, nullptr);
+  status = backend().batch_norm().ForwardTrain(args, nullptr);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("save_invstd"));
 
-  BatchNormForwardEvalArgs eval;
+  BatchNormApplyArgs eval;
   eval.shape = {4, 2, 2, Layout::kNCHW};
   eval.x = x_.data();
   eval.y = y_.data();
   eval.mean = mean_.data();
-  status = backend().ForwardEval(eval, nullptr);
+  status = backend().batch_norm().Apply(eval, nullptr);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("invstd"));
 
@@ -594,17 +976,20 @@ TEST_F(CpuBackendErrorTest, RejectsNullPointers) {
   bwd.dx = y_.data();
   bwd.mean = mean_.data();
   bwd.invstd = invstd_.data();
-  status = backend().BackwardTrain(bwd, nullptr);
+  status = backend().batch_norm().BackwardTrain(bwd, nullptr);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("x is required"));
   // Eval needs x only for grad_weight.
-  EXPECT_TRUE(backend().BackwardEval(bwd, nullptr).ok());
+  EXPECT_TRUE(backend().batch_norm().BackwardEval(bwd, nullptr).ok());
   bwd.grad_weight = running_mean_.data();
-  status = backend().BackwardEval(bwd, nullptr);
+  status = backend().batch_norm().BackwardEval(bwd, nullptr);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("x is required"));
 
-  EXPECT_EQ(backend().InvStd(3, nullptr, 1e-5, invstd_.data(), nullptr).code(),
+  EXPECT_EQ(backend()
+                .batch_norm()
+                .InvStd(3, nullptr, 1e-5, invstd_.data(), nullptr)
+                .code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(backend().CopyToHost(nullptr, x_.data(), 4, nullptr).code(),
             absl::StatusCode::kInvalidArgument);
@@ -618,7 +1003,7 @@ TEST_F(CpuBackendErrorTest, RejectsBadShapes) {
         BatchNormShape{int64_t{1} << 40, int64_t{1} << 20, 1 << 10,
                        Layout::kNCHW}}) {
     const absl::Status status =
-        backend().ForwardTrain(TrainArgs(shape), nullptr);
+        backend().batch_norm().ForwardTrain(TrainArgs(shape), nullptr);
     EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument)
         << shape.n << " " << shape.c << " " << shape.s;
   }
@@ -629,13 +1014,13 @@ TEST_F(CpuBackendErrorTest, RejectsBadShapes) {
 // has: the backend says so before touching the (here bogus) activations.
 TEST_F(CpuBackendErrorTest, TooManyChannelsIsResourceExhausted) {
   const BatchNormShape shape{1, int64_t{1} << 40, 1, Layout::kNCHW};
-  BatchNormForwardEvalArgs args;
+  BatchNormApplyArgs args;
   args.shape = shape;
   args.x = x_.data();
   args.y = y_.data();
   args.mean = mean_.data();
   args.invstd = invstd_.data();
-  const absl::Status status = backend().ForwardEval(args, nullptr);
+  const absl::Status status = backend().batch_norm().Apply(args, nullptr);
   EXPECT_EQ(status.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(status.message(), HasSubstr("scratch memory"));
 }
@@ -649,13 +1034,14 @@ TEST_F(CpuBackendErrorTest, UpdateRunningStatsNeedsTwoValues) {
   args.running_mean = running_mean_.data();
   args.running_var = running_var_.data();
   args.count = 1;
-  const absl::Status status = backend().UpdateRunningStats(args, nullptr);
+  const absl::Status status =
+      backend().batch_norm().UpdateRunningStats(args, nullptr);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(),
               HasSubstr("Expected more than 1 value per channel"));
   args.count = 2;
   args.running_var = nullptr;
-  EXPECT_EQ(backend().UpdateRunningStats(args, nullptr).code(),
+  EXPECT_EQ(backend().batch_norm().UpdateRunningStats(args, nullptr).code(),
             absl::StatusCode::kInvalidArgument);
 }
 
@@ -709,7 +1095,7 @@ TEST(CpuBackendTest, ConcurrentCallsGiveIdenticalResults) {
     args.y = y.data();
     args.save_mean = mean.data();
     args.save_invstd = invstd.data();
-    return backend->ForwardTrain(args, nullptr);
+    return backend->batch_norm().ForwardTrain(args, nullptr);
   };
   std::vector<float> y0, mean0, invstd0;
   ASSERT_TRUE(run(y0, mean0, invstd0).ok());

@@ -76,7 +76,7 @@ TEST(ReferenceTest, BackwardTrainMatchesPyTorch) {
 TEST(ReferenceTest, EvalMatchesPyTorch) {
   const std::vector<double> invstd = InvStd(kRunningVar, kEps);
   EXPECT_THAT(
-      ForwardEval(kShape, kX, kRunningMean, invstd, kWeight, kBias),
+      Apply(kShape, kX, kRunningMean, invstd, kWeight, kBias),
       AllNear(std::vector<double>{
           0.25, -1.6061506602438373, -0.8283988408992, -0.12129913067440001,
           1.3106575201393356, -0.01516438003483389, 4.1212991306744,
@@ -129,6 +129,66 @@ TEST(ReferenceTest, LayoutOnlyPermutesMemory) {
     }
   }
   EXPECT_THAT(gb.grad_weight, AllNear(ga.grad_weight));
+}
+
+// The mergeable pieces give PyTorch's numbers: M2 = var_biased * n
+// (torch.float64), the sums are grad_bias and grad_weight, and BackwardApply
+// with the local sums and count is the training backward.
+TEST(ReferenceTest, PiecesMatchPyTorch) {
+  const StatsResult s = Stats(kShape, kX);
+  EXPECT_THAT(s.mean, AllNear(std::vector<double>{0.375, 1.4166666666666667}));
+  EXPECT_THAT(s.m2, AllNear(std::vector<double>{7.84375, 54.208333333333336}));
+  const ForwardTrainResult f =
+      ForwardTrain(kShape, kX, kWeight, kBias, kEps, {}, {}, kMomentum);
+  const BackwardReduceResult r =
+      BackwardReduce(kShape, kX, kDy, f.mean, f.invstd);
+  EXPECT_THAT(r.sum_dy, AllNear(std::vector<double>{2.5, 5.25}));
+  EXPECT_THAT(r.sum_dy_xhat, AllNear(std::vector<double>{0.983930934822029,
+                                                         3.1813672469624983}));
+  const BackwardResult want =
+      BackwardTrain(kShape, kX, kDy, f.mean, f.invstd, kWeight);
+  EXPECT_THAT(BackwardApply(kShape, kX, kDy, f.mean, f.invstd, kWeight,
+                            r.sum_dy, r.sum_dy_xhat, 6),
+              AllNear(want.dx));
+}
+
+// Two slices of the batch (rows 0 and 1-2): merged statistics, summed
+// reductions and each slice's BackwardApply with the global count equal the
+// whole batch's (SyncBatchNorm over the concatenated batch).
+TEST(ReferenceTest, SlicesComposeToTheWholeBatch) {
+  const BatchNormShape a_shape{1, 2, 2, Layout::kNCHW};
+  const BatchNormShape b_shape{2, 2, 2, Layout::kNCHW};
+  const std::vector<double> xa(kX.begin(), kX.begin() + 4);
+  const std::vector<double> xb(kX.begin() + 4, kX.end());
+  const std::vector<double> dya(kDy.begin(), kDy.begin() + 4);
+  const std::vector<double> dyb(kDy.begin() + 4, kDy.end());
+  const StatsResult sa = Stats(a_shape, xa), sb = Stats(b_shape, xb);
+  const StatsResult whole = Stats(kShape, kX);
+  std::vector<double> mean(2), invstd(2);
+  for (int ch = 0; ch < 2; ++ch) {
+    mean[ch] = (2 * sa.mean[ch] + 4 * sb.mean[ch]) / 6;
+    const double da = sa.mean[ch] - mean[ch], db = sb.mean[ch] - mean[ch];
+    const double m2 = sa.m2[ch] + 2 * da * da + sb.m2[ch] + 4 * db * db;
+    EXPECT_NEAR(mean[ch], whole.mean[ch], 1e-12);
+    EXPECT_NEAR(m2, whole.m2[ch], 1e-12);
+    invstd[ch] = 1 / std::sqrt(m2 / 6 + kEps);
+  }
+  const BackwardReduceResult ra =
+      BackwardReduce(a_shape, xa, dya, mean, invstd);
+  const BackwardReduceResult rb =
+      BackwardReduce(b_shape, xb, dyb, mean, invstd);
+  std::vector<double> sum_dy(2), sum_dy_xhat(2);
+  for (int ch = 0; ch < 2; ++ch) {
+    sum_dy[ch] = ra.sum_dy[ch] + rb.sum_dy[ch];
+    sum_dy_xhat[ch] = ra.sum_dy_xhat[ch] + rb.sum_dy_xhat[ch];
+  }
+  std::vector<double> dx = BackwardApply(a_shape, xa, dya, mean, invstd,
+                                         kWeight, sum_dy, sum_dy_xhat, 6);
+  const std::vector<double> dxb = BackwardApply(
+      b_shape, xb, dyb, mean, invstd, kWeight, sum_dy, sum_dy_xhat, 6);
+  dx.insert(dx.end(), dxb.begin(), dxb.end());
+  EXPECT_THAT(
+      dx, AllNear(BackwardTrain(kShape, kX, kDy, mean, invstd, kWeight).dx));
 }
 
 TEST(ReferenceTest, UpdateRunningStatsUsesUnbiasedVariance) {

@@ -252,10 +252,9 @@ TEST_P(LayerSemanticsTest, TwentyTrainingStepsThenEvalMatchReference) {
   ref::BackwardResult want_grads;
   if (flags.track) {
     std::vector<double> invstd = ref::InvStd(running_var, config.eps);
-    ExpectClose(y,
-                ref::ForwardEval(shape, ToDouble(x), running_mean, invstd,
-                                 weight, bias),
-                1e-4, 1e-5, "eval y");
+    ExpectClose(
+        y, ref::Apply(shape, ToDouble(x), running_mean, invstd, weight, bias),
+        1e-4, 1e-5, "eval y");
     want_grads = ref::BackwardEval(shape, ToDouble(x), ToDouble(dy),
                                    running_mean, invstd, weight);
   } else {

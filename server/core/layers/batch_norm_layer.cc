@@ -251,7 +251,7 @@ absl::StatusOr<ForwardResult> BatchNormLayer::Forward(const ForwardArgs& args) {
       staging.CopyBack(running_mean_->data(), k.running_mean, stat_bytes);
       staging.CopyBack(running_var_->data(), k.running_var, stat_bytes);
     }
-    absl::Status status = backend.ForwardTrain(k, nullptr);
+    absl::Status status = backend.batch_norm().ForwardTrain(k, nullptr);
     if (status.ok()) status = staging.Finish();
     if (!status.ok()) {
       if (update) {  // Host and device copies may disagree now.
@@ -267,9 +267,9 @@ absl::StatusOr<ForwardResult> BatchNormLayer::Forward(const ForwardArgs& args) {
         resident_.Get(ResidentArrays::kRunningMean, *running_mean_));
     ASSIGN_OR_RETURN(const float* running_var,
                      resident_.Get(ResidentArrays::kRunningVar, *running_var_));
-    RETURN_IF_ERROR(backend.InvStd(params_.num_features, running_var,
+    RETURN_IF_ERROR(backend.batch_norm().InvStd(params_.num_features, running_var,
                                    params_.eps, invstd_out, nullptr));
-    kernels::BatchNormForwardEvalArgs k;
+    kernels::BatchNormApplyArgs k;
     k.shape = in.shape;
     k.dtype = in.dtype;
     k.x = x;
@@ -278,7 +278,7 @@ absl::StatusOr<ForwardResult> BatchNormLayer::Forward(const ForwardArgs& args) {
     k.invstd = invstd_out;
     k.weight = weight;
     k.bias = bias;
-    RETURN_IF_ERROR(backend.ForwardEval(k, nullptr));
+    RETURN_IF_ERROR(backend.batch_norm().Apply(k, nullptr));
     RETURN_IF_ERROR(staging.Finish());
   }
 
@@ -362,8 +362,8 @@ absl::StatusOr<BackwardResult> BatchNormLayer::Backward(
     ASSIGN_OR_RETURN(k.grad_weight, staging.Output(result.grad_weight));
     ASSIGN_OR_RETURN(k.grad_bias, staging.Output(result.grad_bias));
   }
-  RETURN_IF_ERROR(context->batch_stats ? backend.BackwardTrain(k, nullptr)
-                                       : backend.BackwardEval(k, nullptr));
+  RETURN_IF_ERROR(context->batch_stats ? backend.batch_norm().BackwardTrain(k, nullptr)
+                                       : backend.batch_norm().BackwardEval(k, nullptr));
   RETURN_IF_ERROR(staging.Finish());
 
   if (!args.retain_context) {
@@ -458,7 +458,7 @@ absl::StatusOr<int64_t> BatchNormLayer::UpdateRunningStats(
   const size_t stat_bytes = args.mean.size() * sizeof(float);
   staging.CopyBack(running_mean_->data(), k.running_mean, stat_bytes);
   staging.CopyBack(running_var_->data(), k.running_var, stat_bytes);
-  absl::Status status = env().backend->UpdateRunningStats(k, nullptr);
+  absl::Status status = env().backend->batch_norm().UpdateRunningStats(k, nullptr);
   if (status.ok()) status = staging.Finish();
   if (!status.ok()) {
     resident_.Invalidate(ResidentArrays::kRunningMean);

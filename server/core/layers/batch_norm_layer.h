@@ -22,7 +22,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
-#include "kernels/batch_norm.h"
+#include "kernels/backend.h"
 #include "server/core/layer.h"
 #include "server/core/layer_kind.h"
 #include "server/core/layer_state.h"
