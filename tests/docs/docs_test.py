@@ -52,7 +52,7 @@ refs (ctest docs_external_refs): no file refers to the shared folder beside
 the repository or to a standalone document (an upper-case name such as
 NOTES.md) the repository does not have. Such a
 reference in README.md, docs/ or deploy/README.md fails; elsewhere it is a
-warning, or a failure with --strict (-DNORMSERVE_DOCS_STRICT_REFS=ON).
+warning, or a failure with --strict (what ctest runs).
 """
 import argparse
 import fnmatch
