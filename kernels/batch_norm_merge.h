@@ -1,7 +1,8 @@
 // Merging the per-slice statistics of BatchNormOps::Stats into the
 // statistics of the whole batch, on the host: PyTorch's
-// batch_norm_gather_stats_with_counts, as a sync group (docs/design.md §7) does
-// it once every participant has sent its (count, mean, M2).
+// batch_norm_gather_stats_with_counts (docs/design.md §1, "The computation in
+// mergeable pieces"). A sync group will call it once every participant has
+// sent its (count, mean, M2).
 #pragma once
 
 #include <cstdint>

@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "server/core/byte_io.h"
 #include "server/core/layer_codec.h"
 
 namespace normserve::server {
@@ -40,70 +41,13 @@ absl::Status ErrnoStatus(absl::string_view what, const std::string& path) {
       absl::StrCat(what, " ", path, ": ", std::strerror(errno)));
 }
 
-// Little-endian writer and bounds-checked reader.
-class Writer {
- public:
-  template <typename T>
-  void Put(T v) {
-    char bytes[sizeof(T)];
-    std::memcpy(bytes, &v, sizeof(T));
-    out_.append(bytes, sizeof(T));
-  }
-  void Str(absl::string_view s) {
-    Put<uint32_t>(static_cast<uint32_t>(s.size()));
-    out_.append(s.data(), s.size());
-  }
-  void Floats(const std::vector<float>& v) {
-    Put<uint32_t>(static_cast<uint32_t>(v.size()));
-    if (v.empty()) return;  // data() may be null.
-    out_.append(reinterpret_cast<const char*>(v.data()),
-                v.size() * sizeof(float));
-  }
-  std::string& out() { return out_; }
-
- private:
-  std::string out_;
-};
-
-class Reader {
- public:
-  explicit Reader(absl::string_view in) : in_(in) {}
-  template <typename T>
-  bool Get(T* v) {
-    if (in_.size() < sizeof(T)) return false;
-    std::memcpy(v, in_.data(), sizeof(T));
-    in_.remove_prefix(sizeof(T));
-    return true;
-  }
-  bool Str(std::string* s) {
-    uint32_t n = 0;
-    if (!Get(&n) || in_.size() < n) return false;
-    s->assign(in_.data(), n);
-    in_.remove_prefix(n);
-    return true;
-  }
-  bool Floats(std::vector<float>* v) {
-    uint32_t n = 0;
-    if (!Get(&n) || in_.size() / sizeof(float) < n) return false;
-    v->resize(n);
-    // An empty vector's data() may be null, which memcpy must not get.
-    if (n > 0) std::memcpy(v->data(), in_.data(), n * sizeof(float));
-    in_.remove_prefix(n * sizeof(float));
-    return true;
-  }
-  bool done() const { return in_.empty(); }
-
- private:
-  absl::string_view in_;
-};
-
-void PutResult(Writer& w, const RequestResult& r) {
+void PutResult(ByteWriter& w, const RequestResult& r) {
   w.Put<uint8_t>(static_cast<uint8_t>(r.kind));
   w.Put<int64_t>(r.version);
   w.Put<int64_t>(r.num_batches_tracked);
 }
 
-bool GetResult(Reader& r, RequestResult* out) {
+bool GetResult(ByteReader& r, RequestResult* out) {
   uint8_t kind = 0;
   if (!r.Get(&kind) || !r.Get(&out->version) ||
       !r.Get(&out->num_batches_tracked)) {
@@ -117,14 +61,15 @@ bool GetResult(Reader& r, RequestResult* out) {
   return true;
 }
 
-void PutLifecycle(Writer& w, absl::string_view id, const LifecycleResult& r) {
+void PutLifecycle(ByteWriter& w, absl::string_view id,
+                  const LifecycleResult& r) {
   w.Str(id);
   w.Put<uint8_t>(static_cast<uint8_t>(r.kind));
   w.Str(r.name);
   w.Put<uint8_t>(r.gone);
 }
 
-bool GetLifecycle(Reader& r, std::string* id, LifecycleResult* out) {
+bool GetLifecycle(ByteReader& r, std::string* id, LifecycleResult* out) {
   uint8_t kind = 0, gone = 0;
   if (!r.Str(id) || !r.Get(&kind) || !r.Str(&out->name) || !r.Get(&gone)) {
     return false;
@@ -190,7 +135,7 @@ uint32_t Crc32c(absl::string_view data) {
 }
 
 std::string Frame(absl::string_view payload) {
-  Writer w;
+  ByteWriter w;
   w.Put<uint32_t>(static_cast<uint32_t>(payload.size()));
   w.Put<uint32_t>(Crc32c(payload));
   w.out().append(payload.data(), payload.size());
@@ -407,7 +352,7 @@ absl::Status Journal::Recover() {
 }
 
 Journal::Applied Journal::Apply(absl::string_view payload, bool from_snapshot) {
-  Reader r(payload);
+  ByteReader r(payload);
   uint8_t type = 0;
   uint64_t lsn = 0;
   if (!r.Get(&type) || !r.Get(&lsn)) return Applied::kMalformed;
@@ -653,7 +598,7 @@ absl::Status Journal::LogMutation(absl::string_view tenant,
     absl::MutexLock lock(&mu_);
     if (dead_uids_.contains(info.uid)) return absl::OkStatus();
     if (fd_ >= 0) {
-      Writer w;
+      ByteWriter w;
       w.Put<uint8_t>(kPut);
       w.Put<uint64_t>(lsn_ + 1);
       w.Str(tenant);
@@ -692,7 +637,7 @@ absl::Status Journal::LogDelete(absl::string_view tenant,
   {
     absl::MutexLock lock(&mu_);
     if (fd_ >= 0) {
-      Writer w;
+      ByteWriter w;
       w.Put<uint8_t>(kDelete);
       w.Put<uint64_t>(lsn_ + 1);
       w.Str(tenant);
@@ -819,14 +764,14 @@ absl::Status Journal::SnapshotLocked() {
   const std::string path = absl::StrCat(options_.dir, "/", kSnapshotFile);
   std::string out(kSnapshotMagic);
   {
-    Writer w;
+    ByteWriter w;
     w.Put<uint8_t>(kSnapshotHeader);
     w.Put<uint64_t>(lsn_);
     out += journal_format::Frame(w.out());
   }
   for (const auto& [key, entry] : layers_) {
     if (entry.blob.empty()) continue;  // Never logged (no state yet).
-    Writer w;
+    ByteWriter w;
     w.Put<uint8_t>(kSnapshotLayer);
     w.Put<uint64_t>(0);
     w.Str(key.first);
@@ -841,7 +786,7 @@ absl::Status Journal::SnapshotLocked() {
   }
   for (const auto& [tenant, ids] : lifecycle_) {
     if (ids.order.empty()) continue;
-    Writer w;
+    ByteWriter w;
     w.Put<uint8_t>(kSnapshotLifecycle);
     w.Put<uint64_t>(0);
     w.Str(tenant);

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "server/core/byte_io.h"
 #include "server/core/layers/batch_norm_layer.h"
 
 namespace normserve::server {
@@ -16,55 +17,6 @@ constexpr uint8_t kIntScalar = 2;
 // No layer state comes near this; a larger count is damage.
 constexpr uint32_t kMaxRank = 8;
 
-class Writer {
- public:
-  template <typename T>
-  void Put(T v) {
-    char bytes[sizeof(T)];
-    std::memcpy(bytes, &v, sizeof(T));
-    out_.append(bytes, sizeof(T));
-  }
-  void Str(absl::string_view s) {
-    Put<uint32_t>(static_cast<uint32_t>(s.size()));
-    out_.append(s.data(), s.size());
-  }
-  std::string& out() { return out_; }
-
- private:
-  std::string out_;
-};
-
-class Reader {
- public:
-  explicit Reader(absl::string_view in) : in_(in) {}
-  template <typename T>
-  bool Get(T* v) {
-    if (in_.size() < sizeof(T)) return false;
-    std::memcpy(v, in_.data(), sizeof(T));
-    in_.remove_prefix(sizeof(T));
-    return true;
-  }
-  bool Str(std::string* s) {
-    uint32_t n = 0;
-    if (!Get(&n) || in_.size() < n) return false;
-    s->assign(in_.data(), n);
-    in_.remove_prefix(n);
-    return true;
-  }
-  bool Floats(std::vector<float>* v) {
-    uint32_t n = 0;
-    if (!Get(&n) || in_.size() / sizeof(float) < n) return false;
-    v->resize(n);
-    if (n > 0) std::memcpy(v->data(), in_.data(), n * sizeof(float));
-    in_.remove_prefix(n * sizeof(float));
-    return true;
-  }
-  bool done() const { return in_.empty(); }
-
- private:
-  absl::string_view in_;
-};
-
 absl::Status Damaged(absl::string_view what) {
   return absl::InvalidArgumentError(
       absl::StrCat("layer state does not decode: ", what));
@@ -74,7 +26,7 @@ absl::Status Damaged(absl::string_view what) {
 
 std::string EncodeLayer(const LayerKind& kind, const LayerConfig& config,
                         const LayerState& state) {
-  Writer w;
+  ByteWriter w;
   w.out().append(kMagic.data(), kMagic.size());
   w.Put<uint32_t>(kLayerFormat);
   w.Str(config.kind);
@@ -122,7 +74,7 @@ absl::StatusOr<DecodedLayer> DecodeLayer(const KindRegistry& kinds,
                      "to ",
                      kLayerFormat, ")"));
   }
-  Reader r(blob.substr(8));
+  ByteReader r(blob.substr(8));
   if (!r.Str(&out.config.kind)) return Damaged("kind");
   // What follows is the kind's: a kind this build lacks is not read on.
   const LayerKind* kind = kinds.Find(out.config.kind);

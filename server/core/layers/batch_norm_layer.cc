@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "server/core/byte_io.h"
 #include "server/core/sgd.h"
 
 namespace normserve::server {
@@ -267,8 +268,8 @@ absl::StatusOr<ForwardResult> BatchNormLayer::Forward(const ForwardArgs& args) {
         resident_.Get(ResidentArrays::kRunningMean, *running_mean_));
     ASSIGN_OR_RETURN(const float* running_var,
                      resident_.Get(ResidentArrays::kRunningVar, *running_var_));
-    RETURN_IF_ERROR(backend.batch_norm().InvStd(params_.num_features, running_var,
-                                   params_.eps, invstd_out, nullptr));
+    RETURN_IF_ERROR(backend.batch_norm().InvStd(
+        params_.num_features, running_var, params_.eps, invstd_out, nullptr));
     kernels::BatchNormApplyArgs k;
     k.shape = in.shape;
     k.dtype = in.dtype;
@@ -362,8 +363,9 @@ absl::StatusOr<BackwardResult> BatchNormLayer::Backward(
     ASSIGN_OR_RETURN(k.grad_weight, staging.Output(result.grad_weight));
     ASSIGN_OR_RETURN(k.grad_bias, staging.Output(result.grad_bias));
   }
-  RETURN_IF_ERROR(context->batch_stats ? backend.batch_norm().BackwardTrain(k, nullptr)
-                                       : backend.batch_norm().BackwardEval(k, nullptr));
+  RETURN_IF_ERROR(context->batch_stats
+                      ? backend.batch_norm().BackwardTrain(k, nullptr)
+                      : backend.batch_norm().BackwardEval(k, nullptr));
   RETURN_IF_ERROR(staging.Finish());
 
   if (!args.retain_context) {
@@ -458,7 +460,8 @@ absl::StatusOr<int64_t> BatchNormLayer::UpdateRunningStats(
   const size_t stat_bytes = args.mean.size() * sizeof(float);
   staging.CopyBack(running_mean_->data(), k.running_mean, stat_bytes);
   staging.CopyBack(running_var_->data(), k.running_var, stat_bytes);
-  absl::Status status = env().backend->batch_norm().UpdateRunningStats(k, nullptr);
+  absl::Status status =
+      env().backend->batch_norm().UpdateRunningStats(k, nullptr);
   if (status.ok()) status = staging.Finish();
   if (!status.ok()) {
     resident_.Invalidate(ResidentArrays::kRunningMean);
@@ -589,50 +592,19 @@ namespace {
 
 // Little-endian encoding of BatchNormConfig, params format 1 (the config
 // part of journal format 1, unchanged).
-void PutParams(const BatchNormConfig& c, std::string* out) {
-  auto put = [out](const auto& v) {
-    char bytes[sizeof(v)];
-    std::memcpy(bytes, &v, sizeof(v));
-    out->append(bytes, sizeof(v));
-  };
-  put(int64_t{c.num_features});
-  put(double{c.eps});
-  put(uint8_t{c.momentum.has_value()});
-  put(double{c.momentum.value_or(0)});
-  put(uint8_t{c.affine});
-  put(uint8_t{c.track_running_stats});
-  put(static_cast<uint8_t>(c.layout));
-  put(static_cast<uint8_t>(c.dtype));
-  put(int32_t{c.spatial_dims});
+void PutParams(const BatchNormConfig& c, ByteWriter& w) {
+  w.Put(int64_t{c.num_features});
+  w.Put(double{c.eps});
+  w.Put(uint8_t{c.momentum.has_value()});
+  w.Put(double{c.momentum.value_or(0)});
+  w.Put(uint8_t{c.affine});
+  w.Put(uint8_t{c.track_running_stats});
+  w.Put(static_cast<uint8_t>(c.layout));
+  w.Put(static_cast<uint8_t>(c.dtype));
+  w.Put(int32_t{c.spatial_dims});
 }
 
-// Bounds-checked little-endian reader.
-class Reader {
- public:
-  explicit Reader(absl::string_view in) : in_(in) {}
-  template <typename T>
-  bool Get(T* v) {
-    if (in_.size() < sizeof(T)) return false;
-    std::memcpy(v, in_.data(), sizeof(T));
-    in_.remove_prefix(sizeof(T));
-    return true;
-  }
-  bool Floats(std::vector<float>* v) {
-    uint32_t n = 0;
-    if (!Get(&n) || in_.size() / sizeof(float) < n) return false;
-    v->resize(n);
-    // An empty vector's data() may be null, which memcpy must not get.
-    if (n > 0) std::memcpy(v->data(), in_.data(), n * sizeof(float));
-    in_.remove_prefix(n * sizeof(float));
-    return true;
-  }
-  bool done() const { return in_.empty(); }
-
- private:
-  absl::string_view in_;
-};
-
-bool GetParams(Reader& r, BatchNormConfig* c) {
+bool GetParams(ByteReader& r, BatchNormConfig* c) {
   uint8_t has_momentum = 0, affine = 0, track = 0, layout = 0, dtype = 0;
   double momentum = 0;
   if (!r.Get(&c->num_features) || !r.Get(&c->eps) || !r.Get(&has_momentum) ||
@@ -692,15 +664,15 @@ class BatchNormKind final : public LayerKind {
   uint32_t params_version() const override { return 1; }
 
   std::string EncodeParams(const KindParams& params) const override {
-    std::string out;
-    PutParams(Of(params), &out);
-    return out;
+    ByteWriter w;
+    PutParams(Of(params), w);
+    return std::move(w.out());
   }
 
   absl::StatusOr<std::shared_ptr<const KindParams>> DecodeParams(
       absl::string_view bytes, uint32_t version) const override {
     auto params = std::make_shared<BatchNormConfig>();
-    Reader r(bytes);
+    ByteReader r(bytes);
     if (version != 1 || !GetParams(r, params.get()) || !r.done()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "batch_norm config (format ", version, ") does not decode"));
@@ -725,7 +697,7 @@ absl::StatusOr<std::pair<BatchNormConfig, LayerState>> DecodeFormat1BatchNorm(
     absl::string_view blob) {
   BatchNormConfig config;
   LayerState state;
-  Reader r(blob);
+  ByteReader r(blob);
   std::vector<float> weight, bias, running_mean, running_var, grad_weight,
       grad_bias, weight_momentum, bias_momentum;
   int64_t num_batches_tracked = 0;
