@@ -2,6 +2,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -188,6 +189,86 @@ absl::Status CheckInvStdArgs(int64_t c, const float* var, const float* invstd,
   RETURN_IF_ERROR(CheckChannels(kOp, c, limits));
   RETURN_IF_ERROR(CheckNotNull(kOp, var, "var"));
   return CheckNotNull(kOp, invstd, "invstd");
+}
+
+namespace {
+
+bool KnownRowNorm(RowNorm norm) {
+  return norm == RowNorm::kLayerNorm || norm == RowNorm::kRmsNorm;
+}
+
+// "LayerNorm Forward", or "RowNorm Forward" for an unknown norm.
+std::string RowNormOp(RowNorm norm, const char* method) {
+  return absl::StrCat(KnownRowNorm(norm) ? RowNormName(norm) : "RowNorm", " ",
+                      method);
+}
+
+// The rules both directions share: shape, norm and dtype.
+absl::Status CheckRowNormCommon(const std::string& op, RowNorm norm,
+                                const RowNormShape& shape, DType dtype) {
+  if (shape.rows < 0 || shape.cols < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": shape (rows=", shape.rows, ", cols=", shape.cols,
+                     ") needs rows >= 0 and cols >= 1"));
+  }
+  if (shape.rows > std::numeric_limits<int64_t>::max() / 8 / shape.cols) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": shape (rows=", shape.rows, ", cols=", shape.cols,
+                     ") has too many elements"));
+  }
+  if (!KnownRowNorm(norm)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": unknown norm ", static_cast<int>(norm),
+                     " (LayerNorm = 0, RMSNorm = 1)"));
+  }
+  if (dtype != DType::kFloat32 && dtype != DType::kFloat16 &&
+      dtype != DType::kBFloat16) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": unknown dtype"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status NoRmsNormBias(const std::string& op, const void* p,
+                           const char* name) {
+  if (p != nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": ", name, " must be null (RMSNorm has no bias)"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status CheckRowNormForwardArgs(const RowNormForwardArgs& args) {
+  const std::string op = RowNormOp(args.norm, "Forward");
+  const char* kOp = op.c_str();
+  RETURN_IF_ERROR(CheckRowNormCommon(op, args.norm, args.shape, args.dtype));
+  RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
+  RETURN_IF_ERROR(CheckNotNull(kOp, args.y, "y"));
+  if (args.norm == RowNorm::kLayerNorm) {
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
+  }
+  RETURN_IF_ERROR(CheckNotNull(kOp, args.rstd, "rstd"));
+  if (args.norm == RowNorm::kRmsNorm) {
+    RETURN_IF_ERROR(NoRmsNormBias(op, args.bias, "bias"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckRowNormBackwardArgs(const RowNormBackwardArgs& args) {
+  const std::string op = RowNormOp(args.norm, "Backward");
+  const char* kOp = op.c_str();
+  RETURN_IF_ERROR(CheckRowNormCommon(op, args.norm, args.shape, args.dtype));
+  RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
+  RETURN_IF_ERROR(CheckNotNull(kOp, args.dy, "dy"));
+  if (args.norm == RowNorm::kLayerNorm) {
+    RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
+  }
+  RETURN_IF_ERROR(CheckNotNull(kOp, args.rstd, "rstd"));
+  if (args.norm == RowNorm::kRmsNorm) {
+    RETURN_IF_ERROR(NoRmsNormBias(op, args.grad_bias, "grad_bias"));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace normserve::kernels

@@ -1,5 +1,6 @@
-// The argument checks of the BatchNorm ops, run once per call by
-// BatchNormOps' public methods (kernels/batch_norm.h) for every backend, so
+// The argument checks of the BatchNorm ops and the row normalizations, run
+// once per call by the public methods of BatchNormOps (kernels/batch_norm.h)
+// and RowNormOps (kernels/row_norm.h) for every backend, so
 // that the CPU and CUDA backends reject the same inputs with the same
 // messages. Each returns INVALID_ARGUMENT, prefixed with the op's name,
 // naming what was wrong; OK otherwise.
@@ -10,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "kernels/batch_norm.h"
+#include "kernels/row_norm.h"
 #include "kernels/types.h"
 
 namespace normserve::kernels {
@@ -58,5 +60,15 @@ absl::Status CheckUpdateRunningStatsArgs(const RunningStatsUpdateArgs& args,
                                          const BatchNormLimits& limits);
 absl::Status CheckInvStdArgs(int64_t c, const float* var, const float* invstd,
                              const BatchNormLimits& limits);
+
+// The checks of RowNormOps (kernels/row_norm.h), with the op named
+// "LayerNorm Forward", "RMSNorm Backward", ... (an unknown norm: "RowNorm
+// Forward", ...): rows >= 0, cols >= 1, rows * cols * 8 bytes within int64,
+// a known norm and dtype, the required pointers (x, y, rstd, and mean for
+// LayerNorm; backward x, dy, rstd, and mean for LayerNorm), and no bias (or
+// grad_bias) for RMSNorm. rows = 0 passes (kernels/row_norm.h says what it
+// does).
+absl::Status CheckRowNormForwardArgs(const RowNormForwardArgs& args);
+absl::Status CheckRowNormBackwardArgs(const RowNormBackwardArgs& args);
 
 }  // namespace normserve::kernels

@@ -12,15 +12,18 @@
 
 #include "kernels/batch_norm.h"
 #include "kernels/device.h"
+#include "kernels/row_norm.h"
 
 namespace normserve::kernels {
 
 class Backend : public Device {
  public:
-  // The BatchNorm ops (kernels/batch_norm.h). Each later kind (LayerNorm,
-  // GroupNorm, InstanceNorm, RMSNorm: reductions over other axes) adds its
-  // own op table accessor beside this one.
+  // The BatchNorm ops (kernels/batch_norm.h).
   virtual BatchNormOps& batch_norm() = 0;
+  // The row normalizations, LayerNorm and RMSNorm (kernels/row_norm.h).
+  // Each later kind (GroupNorm, InstanceNorm: reductions over other axes)
+  // adds its own op table accessor beside these.
+  virtual RowNormOps& row_norm() = 0;
 };
 
 // Options for the CPU backend.

@@ -25,7 +25,8 @@
 // kernels/arg_checks.h), with the same rules and messages for every
 // backend: INVALID_ARGUMENT for rows < 0, cols < 1, an element count that
 // overflows, an unknown norm or dtype, a missing required pointer, or a bias
-// for RMSNorm. rows = 0 is a no-op. Out of scratch memory is
+// for RMSNorm. rows = 0 is a no-op, except that Backward sets grad_weight
+// and grad_bias to 0 (sums over no rows). Out of scratch memory is
 // RESOURCE_EXHAUSTED; a device fault INTERNAL.
 //
 // Streams and thread safety: as in kernels/batch_norm.h.
@@ -59,13 +60,13 @@ struct RowNormForwardArgs {
   RowNorm norm = RowNorm::kLayerNorm;
   RowNormShape shape;
   DType dtype = DType::kFloat32;
-  const void* x = nullptr;
+  const void* x = nullptr;        // Required.
   void* y = nullptr;              // Required.
   const float* weight = nullptr;  // [cols]; null: 1.
   const float* bias = nullptr;    // [cols]; null: 0. Must be null for RMSNorm.
   double eps = 1e-5;              // > 0 is the caller's rule; any value runs.
-  float* mean = nullptr;          // [rows]; LayerNorm: required; RMSNorm: unused.
-  float* rstd = nullptr;          // [rows]; required.
+  float* mean = nullptr;  // [rows]; LayerNorm: required; RMSNorm: unused.
+  float* rstd = nullptr;  // [rows]; required.
 };
 
 // Backward with the forward's statistics. Any of dx, grad_weight and
@@ -81,8 +82,8 @@ struct RowNormBackwardArgs {
   const float* rstd = nullptr;    // [rows]; required.
   const float* weight = nullptr;  // [cols]; null: 1.
   void* dx = nullptr;
-  float* grad_weight = nullptr;   // [cols] or null.
-  float* grad_bias = nullptr;     // [cols] or null.
+  float* grad_weight = nullptr;  // [cols] or null.
+  float* grad_bias = nullptr;    // [cols] or null.
 };
 
 // The row-normalization op table of one backend: public methods check,

@@ -52,6 +52,8 @@
 #include "kernels/batch_norm.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cpu/parallel.h"
+#include "kernels/cpu/row_norm_cpu.h"
+#include "kernels/cpu/scratch.h"
 #include "kernels/types.h"
 
 namespace normserve::kernels {
@@ -66,91 +68,10 @@ constexpr int64_t kMinPlane = 32;
 constexpr int64_t kMinFoldRows = 8;
 // Rows narrower than this are widened.
 constexpr int64_t kMinRowWidth = 64;
-constexpr size_t kAlign = 64;
+constexpr size_t kAlign = cpu::kScratchAlign;
 
-size_t RoundUp(size_t v, size_t to) { return (v + to - 1) / to * to; }
-
-// ---------------------------------------------------------------------------
-// Scratch memory: per calling thread, reused across calls. A call reserves
-// an upper bound of what it will take (ScratchBytes) before doing anything,
-// so running out of memory is an error status, never a crash.
-
-// Blocks above this are freed after the call instead of kept.
-constexpr size_t kKeepScratchBytes = size_t{8} << 20;
-// Most Take calls one operation makes (each may waste kAlign bytes).
-constexpr size_t kMaxTakes = 16;
-
-class ScratchArena {
- public:
-  // Makes room for `bytes` (plus alignment slack); false if out of memory.
-  bool Reserve(size_t bytes) {
-    used_ = 0;
-    bytes = RoundUp(bytes + kMaxTakes * kAlign, kAlign);
-    if (bytes <= capacity_) return true;
-    base_.reset();
-    capacity_ = 0;
-    void* p = std::aligned_alloc(kAlign, bytes);
-    if (p == nullptr) return false;
-    base_.reset(static_cast<char*>(p));
-    capacity_ = bytes;
-    return true;
-  }
-
-  // Returns room for `count` Ts, 64-byte aligned, until Release().
-  template <typename T>
-  T* Take(size_t count) {
-    const size_t bytes =
-        RoundUp(std::max<size_t>(count * sizeof(T), 1), kAlign);
-    // ScratchBytes() is an upper bound by construction; past it is a bug.
-    if (bytes > capacity_ - used_) std::abort();
-    void* p = base_.get() + used_;
-    used_ += bytes;
-    return static_cast<T*>(p);
-  }
-
-  void Release() {
-    used_ = 0;
-    if (capacity_ > kKeepScratchBytes) {
-      base_.reset();
-      capacity_ = 0;
-    }
-  }
-
- private:
-  struct Free {
-    void operator()(char* p) const { std::free(p); }
-  };
-
-  std::unique_ptr<char, Free> base_;
-  size_t capacity_ = 0;
-  size_t used_ = 0;
-};
-
-// The calling thread's arena for the duration of one call.
-class Scratch {
- public:
-  // `bytes` == 0 means "too large to try".
-  explicit Scratch(size_t bytes)
-      : arena_(Arena()), ok_(bytes > 0 && arena_.Reserve(bytes)) {}
-  ~Scratch() { arena_.Release(); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-
-  bool ok() const { return ok_; }
-
-  template <typename T>
-  T* Take(size_t count) {
-    return arena_.Take<T>(count);
-  }
-
- private:
-  static ScratchArena& Arena() {
-    thread_local ScratchArena arena;
-    return arena;
-  }
-  ScratchArena& arena_;
-  const bool ok_;
-};
+using cpu::RoundUp;
+using cpu::Scratch;
 
 // ---------------------------------------------------------------------------
 // Partitioning.
@@ -320,13 +241,12 @@ T* ExpandToColumns(const Plan& p, Scratch& scratch, const T* per_channel) {
 
 class CpuBatchNormOps final : public BatchNormOps {
  public:
-  CpuBatchNormOps(const KernelTable& table, int num_threads,
+  CpuBatchNormOps(const KernelTable& table, ThreadPool* pool,
                   int64_t min_elements_per_task)
       : table_(table),
-        pool_(num_threads),
+        pool_(*pool),
         min_elements_per_task_(min_elements_per_task) {}
 
-  int num_threads() const { return pool_.num_threads(); }
   const char* isa() const { return table_.isa; }
 
  protected:
@@ -730,7 +650,7 @@ class CpuBatchNormOps final : public BatchNormOps {
   }
 
   const KernelTable& table_;
-  ThreadPool pool_;
+  ThreadPool& pool_;  // The backend's.
   const int64_t min_elements_per_task_;
 };
 
@@ -751,14 +671,17 @@ class HostBuffer final : public Buffer {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(const KernelTable& table, int num_threads,
-             int64_t min_elements_per_task)
-      : ops_(table, num_threads, min_elements_per_task) {}
+  CpuBackend(const KernelTable& table, const cpu::RowNormKernelTable& row_table,
+             int num_threads, int64_t min_elements_per_task)
+      : pool_(num_threads),
+        ops_(table, &pool_, min_elements_per_task),
+        row_norm_ops_(cpu::CreateCpuRowNormOps(row_table, &pool_,
+                                               min_elements_per_task)) {}
 
   DeviceKind kind() const override { return DeviceKind::kCpu; }
 
   std::string name() const override {
-    return absl::StrCat("cpu (", ops_.num_threads(), " threads, ", ops_.isa(),
+    return absl::StrCat("cpu (", pool_.num_threads(), " threads, ", ops_.isa(),
                         ")");
   }
 
@@ -787,6 +710,7 @@ class CpuBackend final : public Backend {
   absl::Status Synchronize(Stream) override { return absl::OkStatus(); }
 
   BatchNormOps& batch_norm() override { return ops_; }
+  RowNormOps& row_norm() override { return *row_norm_ops_; }
 
  private:
   static absl::Status Copy(const char* op, void* dst, const void* src,
@@ -798,7 +722,9 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  ThreadPool pool_;  // Shared by the op tables; before them.
   CpuBatchNormOps ops_;
+  std::unique_ptr<RowNormOps> row_norm_ops_;
 };
 
 const KernelTable& ResolveTable(CpuIsa isa) {
@@ -806,6 +732,15 @@ const KernelTable& ResolveTable(CpuIsa isa) {
     if (const KernelTable* avx2 = cpu::Avx2Kernels()) return *avx2;
   }
   return cpu::GenericKernels();
+}
+
+const cpu::RowNormKernelTable& ResolveRowNormTable(CpuIsa isa) {
+  if (isa != CpuIsa::kGeneric) {
+    if (const cpu::RowNormKernelTable* avx2 = cpu::Avx2RowNormKernels()) {
+      return *avx2;
+    }
+  }
+  return cpu::GenericRowNormKernels();
 }
 
 }  // namespace
@@ -818,7 +753,7 @@ std::unique_ptr<Backend> CreateCpuBackendWithTuning(
   }
   threads = std::max(threads, 1);
   return std::make_unique<CpuBackend>(
-      ResolveTable(tuning.isa), threads,
+      ResolveTable(tuning.isa), ResolveRowNormTable(tuning.isa), threads,
       std::max<int64_t>(tuning.min_elements_per_task, 1));
 }
 

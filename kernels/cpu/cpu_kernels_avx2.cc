@@ -5,8 +5,9 @@
 #include <cstdint>
 #include <cstring>
 
-#include "kernels/cpu/cpu_kernels.h"
 #include "common/half.h"
+#include "kernels/cpu/cpu_kernels.h"
+#include "kernels/cpu/row_norm_kernels.h"
 
 // GCC only: clang 14 (the fuzz and sanitizer builds, scripts/fuzz.sh) has
 // neither `#pragma GCC target` nor __builtin_cpu_supports("f16c"); it gets
@@ -21,6 +22,7 @@
 #define NORMSERVE_CPU_ISA_NAME "avx2"
 #define NORMSERVE_CPU_HAVE_F16C 1
 #include "kernels/cpu/cpu_kernels_impl.inc"
+#include "kernels/cpu/row_norm_kernels_impl.inc"
 
 #pragma GCC pop_options
 
@@ -37,6 +39,10 @@ const KernelTable* Avx2Kernels() {
   return CpuHasAvx2() ? &avx2::Table() : nullptr;
 }
 
+const RowNormKernelTable* Avx2RowNormKernels() {
+  return CpuHasAvx2() ? &avx2::RowNormTable() : nullptr;
+}
+
 }  // namespace normserve::kernels::cpu
 
 #else  // Not x86-64 with GCC: only the generic kernels exist.
@@ -44,6 +50,7 @@ const KernelTable* Avx2Kernels() {
 namespace normserve::kernels::cpu {
 
 const KernelTable* Avx2Kernels() { return nullptr; }
+const RowNormKernelTable* Avx2RowNormKernels() { return nullptr; }
 bool CpuHasAvx2() { return false; }
 
 }  // namespace normserve::kernels::cpu

@@ -499,6 +499,19 @@ class CudaBatchNormOps final : public BatchNormOps {
 };
 
 // ---------------------------------------------------------------------------
+// The row normalizations: not on the GPU yet.
+
+class CudaRowNormOps final : public RowNormOps {
+ protected:
+  absl::Status DoForward(const RowNormForwardArgs&, Stream) override {
+    return absl::UnimplementedError("RowNorm Forward: not on CUDA yet");
+  }
+  absl::Status DoBackward(const RowNormBackwardArgs&, Stream) override {
+    return absl::UnimplementedError("RowNorm Backward: not on CUDA yet");
+  }
+};
+
+// ---------------------------------------------------------------------------
 // The backend: device memory, copies, and the ops.
 
 class CudaBackend final : public Backend {
@@ -590,6 +603,7 @@ class CudaBackend final : public Backend {
   }
 
   BatchNormOps& batch_norm() override { return ops_; }
+  RowNormOps& row_norm() override { return row_norm_ops_; }
 
  private:
   const CudaBackendOptions options_;
@@ -597,6 +611,7 @@ class CudaBackend final : public Backend {
   std::string name_;
   Streams streams_;  // Before ops_, which uses it.
   CudaBatchNormOps ops_;
+  CudaRowNormOps row_norm_ops_;
 };
 
 }  // namespace

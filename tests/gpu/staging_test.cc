@@ -18,7 +18,6 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
-#include "kernels/backend.h"
 #include "server/core/layers/batch_norm_layer.h"
 
 namespace normserve::server {
@@ -94,6 +93,8 @@ class DeviceLikeBackend final : public Backend {
   }
 
   kernels::BatchNormOps& batch_norm() override { return ops_; }
+  // The layer under test uses no row normalization: the CPU's, unchecked.
+  kernels::RowNormOps& row_norm() override { return cpu_->row_norm(); }
 
   int64_t allocations() {
     absl::MutexLock lock(&mu_);

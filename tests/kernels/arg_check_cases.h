@@ -1,4 +1,5 @@
-// The shared argument checks of the BatchNorm ops (kernels/arg_checks.h) as
+// The shared argument checks of the BatchNorm and row-normalization ops
+// (kernels/arg_checks.h) as
 // cases that run on any backend, so that the CPU suite (tests/kernels) and
 // the CUDA suite (tests/gpu) assert the same rejections with the same
 // messages. Each case starts from valid arguments in the backend's memory
@@ -14,6 +15,7 @@
 #include "absl/status/status.h"
 #include "kernels/batch_norm.h"
 #include "kernels/device.h"
+#include "kernels/row_norm.h"
 #include "kernels/types.h"
 #include "tests/kernels/kernel_test_util.h"
 
@@ -331,6 +333,253 @@ inline std::vector<ArgCheckCase> ArgCheckCases() {
          return o.InvStd(F::kChannels, nullptr, 1e-5, f.out(0), nullptr);
        },
        "InvStd: var is required but null"},
+  };
+}
+
+// ---------------------------------------------------------------------------
+// The row normalizations (kernels/row_norm.h).
+
+// Buffers for a (4, 4) float32 problem and valid LayerNorm and RMSNorm
+// arguments over them.
+class RowNormArgFixture {
+ public:
+  static constexpr int64_t kRows = 4;
+  static constexpr int64_t kCols = 4;
+
+  explicit RowNormArgFixture(Device& device)
+      : x_(device, DType::kFloat32, std::vector<double>(kRows * kCols, 1.0)),
+        y_(device, DType::kFloat32, kRows * kCols),
+        dy_(device, DType::kFloat32, std::vector<double>(kRows * kCols, 0.5)),
+        dx_(device, DType::kFloat32, kRows * kCols),
+        ones_(device, DType::kFloat32, std::vector<double>(kCols, 1.0)),
+        out_{DeviceTensor(device, DType::kFloat32, kRows),
+             DeviceTensor(device, DType::kFloat32, kRows),
+             DeviceTensor(device, DType::kFloat32, kCols),
+             DeviceTensor(device, DType::kFloat32, kCols)} {}
+
+  RowNormForwardArgs Forward(RowNorm norm) {
+    RowNormForwardArgs a;
+    a.norm = norm;
+    a.shape = {kRows, kCols};
+    a.x = x_.data();
+    a.y = y_.data();
+    a.weight = ones_.f32();
+    a.bias = norm == RowNorm::kLayerNorm ? ones_.f32() : nullptr;
+    a.mean = out_[0].f32();
+    a.rstd = out_[1].f32();
+    return a;
+  }
+  RowNormBackwardArgs Backward(RowNorm norm) {
+    RowNormBackwardArgs a;
+    a.norm = norm;
+    a.shape = {kRows, kCols};
+    a.x = x_.data();
+    a.dy = dy_.data();
+    a.mean = ones_.f32();
+    a.rstd = ones_.f32();
+    a.weight = ones_.f32();
+    a.dx = dx_.data();
+    a.grad_weight = out_[2].f32();
+    a.grad_bias = norm == RowNorm::kLayerNorm ? out_[3].f32() : nullptr;
+    return a;
+  }
+  const float* ones() { return ones_.f32(); }
+  float* out(int i) { return out_[i].f32(); }
+
+ private:
+  DeviceTensor x_, y_, dy_, dx_, ones_;
+  DeviceTensor out_[4];
+};
+
+struct RowNormArgCheckCase {
+  std::string name;
+  std::function<absl::Status(RowNormOps&, RowNormArgFixture&)> call;
+  std::string message;  // A substring of the INVALID_ARGUMENT message.
+};
+
+// Forward and Backward of both norms with RowNormArgFixture's arguments,
+// and the no-op rows = 0: each must succeed.
+inline std::vector<RowNormArgCheckCase> RowNormValidCalls() {
+  using Ops = RowNormOps;
+  using F = RowNormArgFixture;
+  std::vector<RowNormArgCheckCase> cases;
+  for (RowNorm norm : {RowNorm::kLayerNorm, RowNorm::kRmsNorm}) {
+    const std::string name = RowNormName(norm);
+    cases.push_back(
+        {name + "Forward",
+         [norm](Ops& o, F& f) { return o.Forward(f.Forward(norm), nullptr); },
+         ""});
+    cases.push_back(
+        {name + "Backward",
+         [norm](Ops& o, F& f) { return o.Backward(f.Backward(norm), nullptr); },
+         ""});
+    cases.push_back({name + "ForwardWithoutRows",
+                     [norm](Ops& o, F& f) {
+                       RowNormForwardArgs a = f.Forward(norm);
+                       a.shape.rows = 0;
+                       return o.Forward(a, nullptr);
+                     },
+                     ""});
+    cases.push_back({name + "BackwardWithOnlyGradWeight",
+                     [norm](Ops& o, F& f) {
+                       RowNormBackwardArgs a = f.Backward(norm);
+                       a.dx = nullptr;
+                       a.grad_bias = nullptr;
+                       return o.Backward(a, nullptr);
+                     },
+                     ""});
+  }
+  cases.push_back({"RMSNormWithoutMean",
+                   [](Ops& o, F& f) {
+                     RowNormForwardArgs a = f.Forward(RowNorm::kRmsNorm);
+                     a.mean = nullptr;
+                     const absl::Status forward = o.Forward(a, nullptr);
+                     if (!forward.ok()) return forward;
+                     RowNormBackwardArgs b = f.Backward(RowNorm::kRmsNorm);
+                     b.mean = nullptr;
+                     return o.Backward(b, nullptr);
+                   },
+                   ""});
+  return cases;
+}
+
+// The rejections every backend shares.
+inline std::vector<RowNormArgCheckCase> RowNormArgCheckCases() {
+  using Ops = RowNormOps;
+  using F = RowNormArgFixture;
+  constexpr RowNorm kLayer = RowNorm::kLayerNorm;
+  constexpr RowNorm kRms = RowNorm::kRmsNorm;
+  return {
+      {"ForwardWithNegativeRows",
+       [](Ops& o, F& f) {
+         RowNormForwardArgs a = f.Forward(kLayer);
+         a.shape.rows = -1;
+         return o.Forward(a, nullptr);
+       },
+       "LayerNorm Forward: shape (rows=-1, cols=4) needs rows >= 0 and "
+       "cols >= 1"},
+      {"BackwardWithoutCols",
+       [](Ops& o, F& f) {
+         RowNormBackwardArgs a = f.Backward(kRms);
+         a.shape.cols = 0;
+         return o.Backward(a, nullptr);
+       },
+       "RMSNorm Backward: shape (rows=4, cols=0) needs rows >= 0 and "
+       "cols >= 1"},
+      {"ForwardWithTooManyElements",
+       [](Ops& o, F& f) {
+         RowNormForwardArgs a = f.Forward(kLayer);
+         a.shape = {int64_t{1} << 40, int64_t{1} << 21};
+         return o.Forward(a, nullptr);
+       },
+       "LayerNorm Forward: shape (rows=1099511627776, cols=2097152) has too "
+       "many elements"},
+      {"BackwardWithTooManyElements",
+       [](Ops& o, F& f) {
+         RowNormBackwardArgs a = f.Backward(kLayer);
+         a.shape = {int64_t{1} << 31, int64_t{1} << 30};
+         return o.Backward(a, nullptr);
+       },
+       "LayerNorm Backward: shape (rows=2147483648, cols=1073741824) has too "
+       "many elements"},
+      {"ForwardWithAnUnknownNorm",
+       [](Ops& o, F& f) {
+         RowNormForwardArgs a = f.Forward(kLayer);
+         a.norm = static_cast<RowNorm>(7);
+         return o.Forward(a, nullptr);
+       },
+       "RowNorm Forward: unknown norm 7"},
+      {"BackwardWithAnUnknownNorm",
+       [](Ops& o, F& f) {
+         RowNormBackwardArgs a = f.Backward(kLayer);
+         a.norm = static_cast<RowNorm>(2);
+         return o.Backward(a, nullptr);
+       },
+       "RowNorm Backward: unknown norm 2"},
+      {"ForwardWithAnUnknownDtype",
+       [](Ops& o, F& f) {
+         RowNormForwardArgs a = f.Forward(kRms);
+         a.dtype = static_cast<DType>(77);
+         return o.Forward(a, nullptr);
+       },
+       "RMSNorm Forward: unknown dtype"},
+      {"BackwardWithAnUnknownDtype",
+       [](Ops& o, F& f) {
+         RowNormBackwardArgs a = f.Backward(kLayer);
+         a.dtype = static_cast<DType>(77);
+         return o.Backward(a, nullptr);
+       },
+       "LayerNorm Backward: unknown dtype"},
+      {"ForwardWithoutX",
+       [](Ops& o, F& f) {
+         RowNormForwardArgs a = f.Forward(kLayer);
+         a.x = nullptr;
+         return o.Forward(a, nullptr);
+       },
+       "LayerNorm Forward: x is required but null"},
+      {"ForwardWithoutY",
+       [](Ops& o, F& f) {
+         RowNormForwardArgs a = f.Forward(kRms);
+         a.y = nullptr;
+         return o.Forward(a, nullptr);
+       },
+       "RMSNorm Forward: y is required but null"},
+      {"LayerNormForwardWithoutMean",
+       [](Ops& o, F& f) {
+         RowNormForwardArgs a = f.Forward(kLayer);
+         a.mean = nullptr;
+         return o.Forward(a, nullptr);
+       },
+       "LayerNorm Forward: mean is required but null"},
+      {"ForwardWithoutRstd",
+       [](Ops& o, F& f) {
+         RowNormForwardArgs a = f.Forward(kRms);
+         a.rstd = nullptr;
+         return o.Forward(a, nullptr);
+       },
+       "RMSNorm Forward: rstd is required but null"},
+      {"RmsNormForwardWithBias",
+       [](Ops& o, F& f) {
+         RowNormForwardArgs a = f.Forward(kRms);
+         a.bias = f.ones();
+         return o.Forward(a, nullptr);
+       },
+       "RMSNorm Forward: bias must be null (RMSNorm has no bias)"},
+      {"BackwardWithoutX",
+       [](Ops& o, F& f) {
+         RowNormBackwardArgs a = f.Backward(kRms);
+         a.x = nullptr;
+         return o.Backward(a, nullptr);
+       },
+       "RMSNorm Backward: x is required but null"},
+      {"BackwardWithoutDy",
+       [](Ops& o, F& f) {
+         RowNormBackwardArgs a = f.Backward(kLayer);
+         a.dy = nullptr;
+         return o.Backward(a, nullptr);
+       },
+       "LayerNorm Backward: dy is required but null"},
+      {"LayerNormBackwardWithoutMean",
+       [](Ops& o, F& f) {
+         RowNormBackwardArgs a = f.Backward(kLayer);
+         a.mean = nullptr;
+         return o.Backward(a, nullptr);
+       },
+       "LayerNorm Backward: mean is required but null"},
+      {"BackwardWithoutRstd",
+       [](Ops& o, F& f) {
+         RowNormBackwardArgs a = f.Backward(kLayer);
+         a.rstd = nullptr;
+         return o.Backward(a, nullptr);
+       },
+       "LayerNorm Backward: rstd is required but null"},
+      {"RmsNormBackwardWithGradBias",
+       [](Ops& o, F& f) {
+         RowNormBackwardArgs a = f.Backward(kRms);
+         a.grad_bias = f.out(3);
+         return o.Backward(a, nullptr);
+       },
+       "RMSNorm Backward: grad_bias must be null (RMSNorm has no bias)"},
   };
 }
 
