@@ -16,12 +16,13 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "client/cpp/cli_args.h"
 #include "client/cpp/client.h"
 #include "client/cpp/state_json.h"
 #include "client/cpp/tensor.h"
-#include "google/protobuf/text_format.h"
 #include "common/status_macros.h"
+#include "google/protobuf/text_format.h"
 
 namespace normserve::client::cli {
 namespace {
@@ -91,6 +92,25 @@ uint64_t Fnv1a64(absl::string_view bytes) {
 }
 
 std::string LayerSummary(const v1::Layer& layer) {
+  auto shape = [](const auto& dims) {
+    return absl::StrCat("[", absl::StrJoin(dims, ","), "]");
+  };
+  switch (layer.config_case()) {
+    case v1::Layer::kLayerNorm:
+      return absl::StrFormat(
+          "%s  layer_norm normalized_shape=%s dtype=%s device=%s version=%d",
+          layer.name(), shape(layer.layer_norm().normalized_shape()),
+          DTypeName(layer.layer_norm().dtype()), layer.layer_norm().device(),
+          layer.version());
+    case v1::Layer::kRmsNorm:
+      return absl::StrFormat(
+          "%s  rms_norm normalized_shape=%s dtype=%s device=%s version=%d",
+          layer.name(), shape(layer.rms_norm().normalized_shape()),
+          DTypeName(layer.rms_norm().dtype()), layer.rms_norm().device(),
+          layer.version());
+    default:
+      break;
+  }
   const v1::BatchNormConfig& config = layer.batch_norm();
   return absl::StrFormat(
       "%s  num_features=%d dtype=%s layout=%s device=%s version=%d "

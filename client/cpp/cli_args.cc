@@ -38,7 +38,11 @@ const std::vector<CommandSpec>& Commands() {
   static const auto* const kCommands = new std::vector<CommandSpec>{
       {"create",
        0,
-       {{"num_features", false},
+       {{"kind", false},
+        {"num_features", false},
+        {"normalized_shape", false},
+        {"elementwise_affine", true},
+        {"bias", true},
         {"eps", false},
         {"momentum", false},
         {"affine", true},
@@ -117,13 +121,18 @@ const char* UsageText() {
   return R"(usage: normserve-cli [--address=HOST:PORT] [--timeout_ms=N] COMMAND [ARGS]
 
 Commands:
-  create    Create a BatchNorm layer; prints it.
-              --num_features=C (required)  --id=ID  --eps=1e-5
+  create    Create a layer; prints it.
+              --kind=batch_norm|layer_norm|rms_norm (default batch_norm)
+              --id=ID  --dtype=float32|float16|bfloat16  --device=cpu|cuda:N
+              --request_id=KEY  --retries=N  (see below)
+            batch_norm: --num_features=C (required)  --eps=1e-5
               --momentum=0.1|none  --affine[=true|false]
               --track_running_stats[=true|false]  --layout=nchw|nhwc
-              --dtype=float32|float16|bfloat16  --spatial_dims=0..3
-              --device=cpu|cuda:N
-              --request_id=KEY  --retries=N  (see below)
+              --spatial_dims=0..3
+            layer_norm, rms_norm: --normalized_shape=D[,D...] (required)
+              --eps=E (layer_norm 1e-5; rms_norm unset: float32's epsilon)
+              --elementwise_affine[=true|false]  --bias[=true|false]
+              (layer_norm only)
   list      List all layers.
   get ID    Print one layer.
   delete ID Delete a layer.
@@ -329,9 +338,83 @@ absl::StatusOr<MutationOptions> MutationOptionsFromFlags(
   return options;
 }
 
+namespace {
+
+// The create flags that only `kind` takes; any other kind's is an error.
+absl::Status CheckKindFlags(const CommandLine& line, const std::string& kind,
+                            const std::vector<std::string>& only_batch_norm,
+                            const std::vector<std::string>& only_row_norm) {
+  const bool batch_norm = kind == "batch_norm";
+  for (const std::string& flag : batch_norm ? only_row_norm : only_batch_norm) {
+    if (GetFlag(line, flag) != nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", flag, " does not apply to --kind=", kind));
+    }
+  }
+  if (kind == "rms_norm" && GetFlag(line, "bias") != nullptr) {
+    return absl::InvalidArgumentError(
+        "--bias does not apply to --kind=rms_norm");
+  }
+  return absl::OkStatus();
+}
+
+template <typename Config>
+absl::Status RowNormFromFlags(const CommandLine& line, Config& config) {
+  const std::string* shape = GetFlag(line, "normalized_shape");
+  if (shape == nullptr) {
+    return absl::InvalidArgumentError(
+        "create --kind=layer_norm|rms_norm needs --normalized_shape, e.g. 768");
+  }
+  ASSIGN_OR_RETURN(std::vector<int64_t> dims, ParseShape(*shape));
+  for (int64_t d : dims) config.add_normalized_shape(d);
+  if (const std::string* eps = GetFlag(line, "eps")) {
+    ASSIGN_OR_RETURN(double value, ParseDouble("eps", *eps));
+    config.set_eps(value);
+  }
+  if (const std::string* affine = GetFlag(line, "elementwise_affine")) {
+    config.set_elementwise_affine(*affine == "true");
+  }
+  if (const std::string* dtype = GetFlag(line, "dtype")) {
+    ASSIGN_OR_RETURN(v1::DType value, ParseDType(*dtype));
+    config.set_dtype(value);
+  }
+  if (const std::string* device = GetFlag(line, "device")) {
+    config.set_device(*device);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<v1::CreateLayerRequest> CreateRequestFromFlags(
     const CommandLine& line) {
   v1::CreateLayerRequest request;
+  const std::string* kind_flag = GetFlag(line, "kind");
+  const std::string kind = kind_flag ? *kind_flag : "batch_norm";
+  if (kind != "batch_norm" && kind != "layer_norm" && kind != "rms_norm") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kind=", kind,
+                     " is unknown; expected batch_norm, layer_norm or "
+                     "rms_norm"));
+  }
+  RETURN_IF_ERROR(
+      CheckKindFlags(line, kind,
+                     {"num_features", "momentum", "affine",
+                      "track_running_stats", "layout", "spatial_dims"},
+                     {"normalized_shape", "elementwise_affine", "bias"}));
+  if (const std::string* id = GetFlag(line, "id")) request.set_layer_id(*id);
+  if (kind == "layer_norm") {
+    v1::LayerNormConfig& config = *request.mutable_layer_norm();
+    RETURN_IF_ERROR(RowNormFromFlags(line, config));
+    if (const std::string* bias = GetFlag(line, "bias")) {
+      config.set_bias(*bias == "true");
+    }
+    return request;
+  }
+  if (kind == "rms_norm") {
+    RETURN_IF_ERROR(RowNormFromFlags(line, *request.mutable_rms_norm()));
+    return request;
+  }
   v1::BatchNormConfig& config = *request.mutable_batch_norm();
   const std::string* num_features = GetFlag(line, "num_features");
   if (num_features == nullptr) {
@@ -339,7 +422,6 @@ absl::StatusOr<v1::CreateLayerRequest> CreateRequestFromFlags(
   }
   ASSIGN_OR_RETURN(int64_t c, ParseInt("num_features", *num_features));
   config.set_num_features(c);
-  if (const std::string* id = GetFlag(line, "id")) request.set_layer_id(*id);
   if (const std::string* eps = GetFlag(line, "eps")) {
     ASSIGN_OR_RETURN(double value, ParseDouble("eps", *eps));
     config.set_eps(value);

@@ -16,7 +16,7 @@ StateDict InitialState(const StateSpec& spec) {
       entry.is_int = true;
       entry.int_value = static_cast<int64_t>(array.initial);
     } else {
-      entry.dims = {array.size};
+      entry.dims = array.shape();
       if (!array.optional) {
         entry.values.assign(static_cast<size_t>(array.size),
                             static_cast<float>(array.initial));
@@ -108,11 +108,11 @@ absl::Status ValidateLoad(const StateSpec& spec, const StateDict& incoming,
       }
       continue;
     }
-    if (entry.is_int || entry.dims != std::vector<int64_t>{array->size}) {
+    if (entry.is_int || entry.dims != array->shape()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "state '", key, "' has shape ", ShapeToString(entry.dims),
-          entry.is_int ? " (int64)" : "", "; expected float32 of shape [",
-          array->size, "]"));
+          entry.is_int ? " (int64)" : "", "; expected float32 of shape ",
+          ShapeToString(array->shape())));
     }
     if (absl::Status ok = CheckValues(entry.values, array->size, key.c_str());
         !ok.ok()) {

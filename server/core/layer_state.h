@@ -27,6 +27,13 @@ struct StateArraySpec {
   // Empty until first set (SGD momentum buffers): GetState omits it while
   // empty, a LoadState need not have it.
   bool optional = false;
+  // The array's shape in the state_dict ([size] when empty), e.g.
+  // LayerNorm's weight of shape normalized_shape; its product is `size`.
+  std::vector<int64_t> dims = {};
+
+  std::vector<int64_t> shape() const {
+    return dims.empty() ? std::vector<int64_t>{size} : dims;
+  }
 };
 using StateSpec = std::vector<StateArraySpec>;
 

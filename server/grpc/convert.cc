@@ -68,11 +68,16 @@ absl::StatusOr<LayerConfig> LayerConfigFromProto(
   switch (request.config_case()) {
     case pb::CreateLayerRequest::kBatchNorm:
       return ConfigFromProto(request.batch_norm());
+    case pb::CreateLayerRequest::kLayerNorm:
+      return ConfigFromProto(request.layer_norm());
+    case pb::CreateLayerRequest::kRmsNorm:
+      return ConfigFromProto(request.rms_norm());
     case pb::CreateLayerRequest::CONFIG_NOT_SET:
       break;
   }
   return absl::InvalidArgumentError(
-      "CreateLayer needs a config; expected batch_norm");
+      "CreateLayer needs a config; expected batch_norm, layer_norm or "
+      "rms_norm");
 }
 
 void LayerInfoToProto(const LayerInfo& in, pb::Layer* out) {
@@ -82,6 +87,10 @@ void LayerInfoToProto(const LayerInfo& in, pb::Layer* out) {
     ConfigToProto(*bn, in.config.device, out->mutable_batch_norm());
     out->mutable_batch_norm_status()->set_num_batches_tracked(
         in.num_batches_tracked);
+  } else if (const auto* ln = in.config.As<LayerNormConfig>()) {
+    ConfigToProto(*ln, in.config.device, out->mutable_layer_norm());
+  } else if (const auto* rms = in.config.As<RMSNormConfig>()) {
+    ConfigToProto(*rms, in.config.device, out->mutable_rms_norm());
   }
   out->set_version(in.version);
   out->set_num_batches_tracked(in.num_batches_tracked);
@@ -130,6 +139,54 @@ void ConfigToProto(const BatchNormConfig& in, const std::string& device,
   out->set_layout(LayoutToProto(in.layout));
   out->set_dtype(DTypeToProto(in.dtype));
   out->set_spatial_dims(in.spatial_dims);
+  out->set_device(device);
+}
+
+absl::StatusOr<LayerConfig> ConfigFromProto(const pb::LayerNormConfig& in) {
+  LayerNormConfig config;
+  config.normalized_shape.assign(in.normalized_shape().begin(),
+                                 in.normalized_shape().end());
+  if (in.has_eps()) config.eps = in.eps();
+  if (in.has_elementwise_affine()) {
+    config.elementwise_affine = in.elementwise_affine();
+  }
+  if (in.has_bias()) config.bias = in.bias();
+  ASSIGN_OR_RETURN(std::optional<kernels::DType> dtype,
+                   DTypeFromProto(in.dtype(), "config"));
+  config.dtype = dtype.value_or(kernels::DType::kFloat32);
+  return LayerNormLayerConfig(config, in.device());
+}
+
+void ConfigToProto(const LayerNormConfig& in, const std::string& device,
+                   pb::LayerNormConfig* out) {
+  for (int64_t d : in.normalized_shape) out->add_normalized_shape(d);
+  out->set_eps(in.eps);
+  out->set_elementwise_affine(in.elementwise_affine);
+  out->set_bias(in.bias);
+  out->set_dtype(DTypeToProto(in.dtype));
+  out->set_device(device);
+}
+
+absl::StatusOr<LayerConfig> ConfigFromProto(const pb::RMSNormConfig& in) {
+  RMSNormConfig config;
+  config.normalized_shape.assign(in.normalized_shape().begin(),
+                                 in.normalized_shape().end());
+  if (in.has_eps()) config.eps = in.eps();
+  if (in.has_elementwise_affine()) {
+    config.elementwise_affine = in.elementwise_affine();
+  }
+  ASSIGN_OR_RETURN(std::optional<kernels::DType> dtype,
+                   DTypeFromProto(in.dtype(), "config"));
+  config.dtype = dtype.value_or(kernels::DType::kFloat32);
+  return RMSNormLayerConfig(config, in.device());
+}
+
+void ConfigToProto(const RMSNormConfig& in, const std::string& device,
+                   pb::RMSNormConfig* out) {
+  for (int64_t d : in.normalized_shape) out->add_normalized_shape(d);
+  if (in.eps.has_value()) out->set_eps(*in.eps);
+  out->set_elementwise_affine(in.elementwise_affine);
+  out->set_dtype(DTypeToProto(in.dtype));
   out->set_device(device);
 }
 

@@ -8,6 +8,7 @@
 #include "server/core/engine.h"
 #include "server/core/layer.h"
 #include "server/core/layers/batch_norm_layer.h"
+#include "server/core/layers/row_norm_layer.h"
 
 namespace normserve::server {
 
@@ -27,6 +28,16 @@ void LayerInfoToProto(const LayerInfo& in, pb::Layer* out);
 absl::StatusOr<LayerConfig> ConfigFromProto(const pb::BatchNormConfig& in);
 void ConfigToProto(const BatchNormConfig& in, const std::string& device,
                    pb::BatchNormConfig* out);
+
+// LayerNorm: fills defaults (eps 1e-5, elementwise_affine, bias, float32).
+absl::StatusOr<LayerConfig> ConfigFromProto(const pb::LayerNormConfig& in);
+void ConfigToProto(const LayerNormConfig& in, const std::string& device,
+                   pb::LayerNormConfig* out);
+// RMSNorm: fills defaults (elementwise_affine, float32); eps stays unset
+// when it was (torch's eps=None).
+absl::StatusOr<LayerConfig> ConfigFromProto(const pb::RMSNormConfig& in);
+void ConfigToProto(const RMSNormConfig& in, const std::string& device,
+                   pb::RMSNormConfig* out);
 
 // Points into `in`, which must outlive the result.
 absl::StatusOr<TensorRef> TensorRefFromProto(const pb::Tensor& in,

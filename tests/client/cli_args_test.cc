@@ -1,6 +1,7 @@
 #include "client/cpp/cli_args.h"
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -126,6 +127,51 @@ TEST(CliArgsTest, MomentumNoneIsCumulativeAverage) {
       CreateRequestFromFlags(*line);
   ASSERT_TRUE(request.ok());
   EXPECT_TRUE(request->batch_norm().has_cumulative_average());
+}
+
+TEST(CliArgsTest, CreateLayerNormAndRmsNorm) {
+  absl::StatusOr<CommandLine> line =
+      Parse({"create", "--kind=layer_norm", "--normalized_shape=4,5",
+             "--eps=1e-3", "--bias=false", "--dtype=float16", "--id=ln1"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  absl::StatusOr<v1::CreateLayerRequest> request =
+      CreateRequestFromFlags(*line);
+  ASSERT_TRUE(request.ok()) << request.status();
+  EXPECT_EQ(request->layer_id(), "ln1");
+  const v1::LayerNormConfig& ln = request->layer_norm();
+  EXPECT_THAT(ln.normalized_shape(), ::testing::ElementsAre(4, 5));
+  EXPECT_DOUBLE_EQ(ln.eps(), 1e-3);
+  ASSERT_TRUE(ln.has_bias());
+  EXPECT_FALSE(ln.bias());
+  EXPECT_FALSE(ln.has_elementwise_affine());
+  EXPECT_EQ(ln.dtype(), v1::DTYPE_FLOAT16);
+
+  line = Parse({"create", "--kind=rms_norm", "--normalized_shape=768"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  request = CreateRequestFromFlags(*line);
+  ASSERT_TRUE(request.ok()) << request.status();
+  EXPECT_THAT(request->rms_norm().normalized_shape(),
+              ::testing::ElementsAre(768));
+  EXPECT_FALSE(request->rms_norm().has_eps());  // torch's eps=None.
+}
+
+TEST(CliArgsTest, CreateRejectsFlagsOfAnotherKind) {
+  for (const auto& [args, message] :
+       std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"create", "--kind=layer_norm", "--num_features=4",
+             "--normalized_shape=4"},
+            "--num_features does not apply to --kind=layer_norm"},
+           {{"create", "--num_features=4", "--normalized_shape=4"},
+            "--normalized_shape does not apply to --kind=batch_norm"},
+           {{"create", "--kind=rms_norm", "--normalized_shape=4", "--bias"},
+            "--bias does not apply to --kind=rms_norm"},
+           {{"create", "--kind=layer_norm"}, "needs --normalized_shape"},
+           {{"create", "--kind=group_norm"}, "--kind=group_norm is unknown"},
+       }) {
+    absl::StatusOr<CommandLine> line = Parse(args);
+    ASSERT_FALSE(line.ok()) << message;
+    EXPECT_THAT(line.status().message(), ::testing::HasSubstr(message));
+  }
 }
 
 TEST(CliArgsTest, Forward) {

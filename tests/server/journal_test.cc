@@ -287,7 +287,9 @@ TEST_F(JournalTest, CreateAndDeleteIdsSurviveRestartsAndSnapshots) {
       ASSERT_TRUE((*journal)->LogDelete("t", "layers/a", "d1").ok());
       // Re-created under the same name by another create.
       ASSERT_TRUE((*journal)->LogCreate("t", Info(2), State(0, 1), "c2").ok());
-      if (snapshot) ASSERT_TRUE((*journal)->Snapshot().ok());
+      if (snapshot) {
+        ASSERT_TRUE((*journal)->Snapshot().ok());
+      }
       // A crash: the directory as it is now, the journal still open.
       fs::remove_all(dir_ + "_copy");
       fs::copy(dir_, dir_ + "_copy");

@@ -37,7 +37,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import grpc
 import numpy as np
@@ -104,11 +104,18 @@ _TRAIN_OPS = {name: _wire.length_field(pb.TrainRequest, name) for name in (
 
 @dataclasses.dataclass(frozen=True)
 class LayerInfo:
-    """A layer as the server describes it (config with defaults filled in)."""
+    """A layer as the server describes it (config with defaults filled in).
+
+    BatchNorm layers fill num_features .. spatial_dims. LayerNorm and
+    RMSNorm layers fill normalized_shape, eps (None: RMSNorm's eps=None),
+    affine (their elementwise_affine), bias and dtype; the BatchNorm-only
+    fields read num_features 0, momentum None, track_running_stats False,
+    layout "NCHW", spatial_dims 0.
+    """
 
     name: str  # "layers/{id}"
     num_features: int
-    eps: float
+    eps: Optional[float]
     momentum: Optional[float]  # None: cumulative average (PyTorch's None).
     affine: bool
     track_running_stats: bool
@@ -119,8 +126,11 @@ class LayerInfo:
     version: int
     num_batches_tracked: int
     has_accumulated_grad: bool
-    # The layer's kind: "batch_norm" (servers before kinds: assumed so).
+    # "batch_norm", "layer_norm" or "rms_norm" (servers before kinds:
+    # assumed batch_norm).
     kind: str = "batch_norm"
+    normalized_shape: Tuple[int, ...] = ()  # LayerNorm, RMSNorm.
+    bias: bool = False  # LayerNorm: a bias beside the weight.
 
     @property
     def id(self):
@@ -128,9 +138,24 @@ class LayerInfo:
 
     @classmethod
     def from_proto(cls, layer):
+        which = layer.WhichOneof("config")
+        common = dict(name=layer.name, version=layer.version,
+                      num_batches_tracked=layer.num_batches_tracked,
+                      has_accumulated_grad=layer.has_accumulated_grad)
+        if which in ("layer_norm", "rms_norm"):
+            config = getattr(layer, which)
+            return cls(
+                num_features=0,
+                eps=config.eps if config.HasField("eps") else None,
+                momentum=None, affine=config.elementwise_affine,
+                track_running_stats=False, layout="NCHW",
+                dtype=_tensor.dtype_name(config.dtype), spatial_dims=0,
+                device=config.device, kind=layer.kind or which,
+                normalized_shape=tuple(config.normalized_shape),
+                bias=which == "layer_norm" and config.elementwise_affine
+                and config.bias, **common)
         config = layer.batch_norm
         return cls(
-            name=layer.name,
             num_features=config.num_features,
             eps=config.eps,
             momentum=(None if config.WhichOneof("momentum_policy")
@@ -141,10 +166,7 @@ class LayerInfo:
             dtype=_tensor.dtype_name(config.dtype),
             spatial_dims=config.spatial_dims,
             device=config.device,
-            version=layer.version,
-            num_batches_tracked=layer.num_batches_tracked,
-            has_accumulated_grad=layer.has_accumulated_grad,
-            kind=layer.kind or "batch_norm")
+            kind=layer.kind or "batch_norm", **common)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +344,27 @@ def _create_request(num_features, layer_id, eps, momentum, affine,
     return pb.CreateLayerRequest(layer_id=layer_id or "", batch_norm=config)
 
 
+def _shape_tuple(normalized_shape):
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    return tuple(int(d) for d in normalized_shape)
+
+
+def _row_norm_request(kind, normalized_shape, layer_id, eps,
+                      elementwise_affine, bias, dtype, device):
+    fields = dict(normalized_shape=_shape_tuple(normalized_shape),
+                  elementwise_affine=bool(elementwise_affine),
+                  dtype=_tensor.dtype_enum(dtype), device=device or "")
+    if eps is not None:
+        fields["eps"] = float(eps)
+    if kind == "layer_norm":
+        config = pb.LayerNormConfig(bias=bool(bias), **fields)
+        return pb.CreateLayerRequest(layer_id=layer_id or "",
+                                     layer_norm=config)
+    return pb.CreateLayerRequest(layer_id=layer_id or "",
+                                 rms_norm=pb.RMSNormConfig(**fields))
+
+
 class Client:
     """A connection to a normserve server.
 
@@ -482,26 +525,52 @@ class Client:
 
     # -- layers ------------------------------------------------------------
 
-    def create_layer(self, num_features, *, layer_id=None, eps=1e-5,
-                     momentum=0.1, affine=True, track_running_stats=True,
-                     layout=None, dtype=None, spatial_dims=0, device=None,
+    def create_layer(self, num_features=None, *, kind="batch_norm",
+                     layer_id=None, eps=_MISSING, momentum=0.1, affine=True,
+                     track_running_stats=True, layout=None, dtype=None,
+                     spatial_dims=0, normalized_shape=None,
+                     elementwise_affine=True, bias=True, device=None,
                      request_id=None, retries=0,
                      timeout=_MISSING) -> LayerInfo:
-        """Creates a BatchNorm layer (torch.nn.BatchNorm's arguments).
+        """Creates a layer of `kind` with torch.nn's arguments for it.
 
+        kind="batch_norm" (torch.nn.BatchNorm): num_features, eps (1e-5),
+        momentum (None: cumulative average), affine, track_running_stats;
+        layout/dtype: defaults for requests that leave theirs unset;
+        spatial_dims: 1, 2, 3 for BatchNorm1d/2d/3d input ranks, 0 for any.
+        kind="layer_norm" (torch.nn.LayerNorm): normalized_shape (an int or
+        a tuple of trailing dims), eps (1e-5), elementwise_affine, bias,
+        dtype. kind="rms_norm" (torch.nn.RMSNorm): normalized_shape, eps
+        (None: float32's machine epsilon, as torch), elementwise_affine,
+        dtype.
         layer_id: "" or None lets the server choose; a taken id raises
-        AlreadyExistsError. momentum=None: cumulative average. layout/dtype:
-        defaults for requests that leave theirs unset. spatial_dims: 1, 2, 3
-        for BatchNorm1d/2d/3d input ranks, 0 for any.
+        AlreadyExistsError.
         request_id: a create that already succeeded with this id returns the
         layer it made (also with a server-chosen id) and creates nothing;
         AlreadyExistsError if it made another layer or config, or that layer
         was deleted since. retries: see the module docstring.
         """
-        request = _with_ids(
-            _create_request(num_features, layer_id, eps, momentum, affine,
-                            track_running_stats, layout, dtype, spatial_dims,
-                            device), self._retry_id(request_id, retries))
+        if kind == "batch_norm":
+            if num_features is None:
+                raise TypeError("create_layer(kind='batch_norm') needs "
+                                "num_features")
+            request = _create_request(
+                num_features, layer_id, 1e-5 if eps is _MISSING else eps,
+                momentum, affine, track_running_stats, layout, dtype,
+                spatial_dims, device)
+        elif kind in ("layer_norm", "rms_norm"):
+            if normalized_shape is None:
+                raise TypeError(f"create_layer(kind={kind!r}) needs "
+                                "normalized_shape")
+            if eps is _MISSING:
+                eps = 1e-5 if kind == "layer_norm" else None
+            request = _row_norm_request(kind, normalized_shape, layer_id, eps,
+                                        elementwise_affine, bias, dtype,
+                                        device)
+        else:
+            raise ValueError(f"unknown kind {kind!r}; expected 'batch_norm', "
+                             "'layer_norm' or 'rms_norm'")
+        request = _with_ids(request, self._retry_id(request_id, retries))
         return LayerInfo.from_proto(
             self._mutate(self._create, request, "CreateLayer", timeout,
                          retries))

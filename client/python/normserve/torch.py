@@ -1,4 +1,5 @@
-"""torch.nn.BatchNorm1d/2d/3d whose layer lives on a normserve server.
+"""torch.nn.BatchNorm1d/2d/3d, LayerNorm and RMSNorm whose layer lives on a
+normserve server.
 
     client = normserve.Client("127.0.0.1:50051")
     bn = normserve.torch.BatchNorm2d(64, client=client)   # nn.BatchNorm2d's args
@@ -54,8 +55,8 @@ from normserve.client import Client
 from normserve.tensor import WireTensor
 from normserve.v1 import normserve_pb2 as pb
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ServerSGD",
-           "default_client", "to_wire", "from_wire"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm",
+           "RMSNorm", "ServerSGD", "default_client", "to_wire", "from_wire"]
 
 
 _WIRE_DTYPE = {torch.float32: pb.DTYPE_FLOAT32,
@@ -159,21 +160,25 @@ class _Remote:
     """What the autograd Function needs to reach a layer."""
 
     __slots__ = ("client", "name", "timeout", "server_parameters",
-                 "grad_pending")
+                 "grad_pending", "layout")
 
-    def __init__(self, client, name, timeout, server_parameters):
+    def __init__(self, client, name, timeout, server_parameters, layout=None):
         self.client = client
         self.name = name
         self.timeout = timeout
         self.server_parameters = server_parameters
         self.grad_pending = False
+        # None: NCHW or NHWC as the input's memory is (BatchNorm); row
+        # normalizations send their shape's order (pb.LAYOUT_NCHW).
+        self.layout = layout
 
     def kwargs(self):
         return {} if self.timeout is None else {"timeout": self.timeout}
 
 
 class _BatchNormFunction(torch.autograd.Function):
-    """y = BatchNorm(x) on the server; backward calls the server's Backward.
+    """y = layer(x) on the server (any kind: BatchNorm, LayerNorm, RMSNorm);
+    backward calls the server's Backward.
 
     Inputs: x, weight, bias (local parameters or None), anchor (a tensor that
     requires grad so that backward runs for server-held parameters, or None),
@@ -183,7 +188,7 @@ class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, anchor, remote, training, save):
         device = x.device
-        wire = to_wire(x.detach().cpu())
+        wire = to_wire(x.detach().cpu(), layout=remote.layout)
         result = remote.client.forward(remote.name, wire, training=training,
                                        save_for_backward=save, raw=True,
                                        **remote.kwargs())
@@ -193,8 +198,8 @@ class _BatchNormFunction(torch.autograd.Function):
         ctx.dtype = x.dtype
         ctx.layout = wire.layout
         ctx.device = device
-        ctx.param = (weight.dtype, weight.device) if weight is not None else (
-            torch.float32, device)
+        ctx.param = ((weight.dtype, weight.device, weight.shape)
+                     if weight is not None else (torch.float32, device, None))
         return from_wire(result.output, device)
 
     @staticmethod
@@ -226,13 +231,14 @@ class _BatchNormFunction(torch.autograd.Function):
             remote.grad_pending = True
         grad_input = (from_wire(result.grad_input, ctx.device)
                       if needs_input else None)
-        dtype, device = ctx.param
+        dtype, device, shape = ctx.param
         grad_weight = grad_bias = None
         if needs_weight and result.grad_weight is not None:
-            grad_weight = torch.from_numpy(result.grad_weight).to(device,
-                                                                  dtype)
+            grad_weight = torch.from_numpy(result.grad_weight).to(
+                device, dtype).reshape(shape)
         if needs_bias and result.grad_bias is not None:
-            grad_bias = torch.from_numpy(result.grad_bias).to(device, dtype)
+            grad_bias = torch.from_numpy(result.grad_bias).to(
+                device, dtype).reshape(shape)
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
@@ -642,6 +648,338 @@ class BatchNorm3d(_BatchNorm):
             raise ValueError(f"expected 5D input (got {input.dim()}D input)")
 
 
+class _RowNorm(nn.Module):
+    """Base of LayerNorm and RMSNorm: a normalization over the trailing
+    normalized_shape dims, whose layer lives on the server. No running
+    statistics; weight (and LayerNorm's bias) of shape normalized_shape are
+    local nn.Parameters by default, or live on the server with
+    server_parameters=True, as for BatchNorm (module docstring)."""
+
+    _kind = None
+
+    def __init__(self, normalized_shape, eps, elementwise_affine, bias,
+                 device, dtype, *, client, layer_id, layer, server_parameters,
+                 timeout):
+        super().__init__()
+        if client is None:
+            client = default_client()
+        elif isinstance(client, str):
+            client = Client(client)
+        if isinstance(normalized_shape, int):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(int(d) for d in normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        self._has_bias = bool(elementwise_affine and bias)
+        self._config = self._config_tuple()
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        if layer is None:
+            info = client.create_layer(
+                kind=self._kind, normalized_shape=self.normalized_shape,
+                layer_id=layer_id, eps=eps,
+                elementwise_affine=elementwise_affine, bias=bias, **kwargs)
+        else:
+            info = client.get_layer(layer, **kwargs)
+            self._check_attached(info)
+        self._remote = _Remote(client, info.name, timeout, server_parameters,
+                               layout=pb.LAYOUT_NCHW)
+        self._finalizer = None
+        if layer is None:
+            self._finalizer = weakref.finalize(self, _delete_layer_quietly,
+                                               client, info.name)
+            self._finalizer.atexit = False
+        self._pushed = None
+        self._anchor = None
+        factory_kwargs = {"device": device, "dtype": dtype}
+        if elementwise_affine and not server_parameters:
+            self.weight = nn.Parameter(torch.ones(self.normalized_shape,
+                                                  **factory_kwargs))
+            if self._has_bias:
+                self.bias = nn.Parameter(torch.zeros(self.normalized_shape,
+                                                     **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+            if layer is not None:
+                state = client.get_state(info.name, **kwargs)
+                with torch.no_grad():
+                    for key in self._param_keys():
+                        getattr(self, key).copy_(
+                            torch.from_numpy(state[key]))
+            self._pushed = self._parameter_values()
+        elif elementwise_affine:
+            self._anchor = torch.zeros(0, requires_grad=True)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self._ready = True
+
+    @property
+    def affine(self):
+        return self.elementwise_affine
+
+    @property
+    def client(self):
+        return self._remote.client
+
+    @property
+    def layer_name(self):
+        """The server layer's name, "layers/{id}"."""
+        return self._remote.name
+
+    @property
+    def server_parameters(self):
+        return self._remote.server_parameters
+
+    def close(self):
+        """Deletes the server layer this module created (not an attached
+        one). The module is unusable afterwards."""
+        if self._finalizer is not None and self._finalizer.alive:
+            self._finalizer.detach()
+            self._remote.client.delete_layer(self._remote.name,
+                                             **self._remote.kwargs())
+
+    def extra_repr(self):
+        text = (f"{self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
+        text += f", layer={self._remote.name}"
+        if self._remote.server_parameters:
+            text += ", server_parameters=True"
+        return text
+
+    def _config_tuple(self):
+        return (self.normalized_shape, self.eps, self.elementwise_affine)
+
+    def _param_keys(self):
+        if not self.elementwise_affine:
+            return []
+        return ["weight", "bias"] if self._has_bias else ["weight"]
+
+    def _check_attached(self, info):
+        mismatches = []
+        if info.kind != self._kind:
+            mismatches.append(f"kind {info.kind}")
+        if tuple(info.normalized_shape) != self.normalized_shape:
+            mismatches.append(f"normalized_shape {info.normalized_shape}")
+        if (info.eps is None) != (self.eps is None) or (
+                self.eps is not None and info.eps is not None
+                and abs(info.eps - self.eps) > 1e-12 * max(1.0, self.eps)):
+            mismatches.append(f"eps {info.eps}")
+        if info.affine != self.elementwise_affine:
+            mismatches.append(f"elementwise_affine {info.affine}")
+        if info.bias != self._has_bias:
+            mismatches.append(f"bias {info.bias}")
+        if mismatches:
+            raise ValueError(
+                f"normserve: layer {info.name} has " + ", ".join(mismatches)
+                + f"; this {type(self).__name__} was given normalized_shape="
+                f"{self.normalized_shape}, eps={self.eps}, elementwise_affine="
+                f"{self.elementwise_affine}, bias={self._has_bias}")
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if (self.__dict__.get("_ready") and name in _PARAMS
+                    and self._remote.server_parameters):
+                if name not in self._param_keys():
+                    return None
+                return self._remote_state()[name]
+            raise
+
+    def __setattr__(self, name, value):
+        if (self.__dict__.get("_ready") and name in _PARAMS
+                and self._remote.server_parameters):
+            if value is None or name not in self._param_keys():
+                raise AttributeError(f"normserve: {name} of this "
+                                     "server-parameter layer cannot be set")
+            self._remote.client.set_parameters(self._remote.name,
+                                               **{name: value},
+                                               **self._remote.kwargs())
+            return
+        super().__setattr__(name, value)
+
+    def _remote_state(self):
+        state = self._remote.client.get_state(self._remote.name,
+                                              **self._remote.kwargs())
+        weight = self._parameters.get("weight")
+        device = weight.device if weight is not None else torch.device("cpu")
+        return {k: torch.from_numpy(v).to(device) for k, v in state.items()}
+
+    def _parameter_values(self):
+        return tuple(getattr(self, k).detach().to("cpu", torch.float32).clone()
+                     for k in self._param_keys())
+
+    def _push_parameters(self):
+        if not self.elementwise_affine or self._remote.server_parameters:
+            return
+        values = self._parameter_values()
+        if self._pushed is not None and all(
+                torch.equal(a, b) for a, b in zip(values, self._pushed)):
+            return
+        self._remote.client.set_parameters(
+            self._remote.name,
+            **{k: v.numpy() for k, v in zip(self._param_keys(), values)},
+            **self._remote.kwargs())
+        self._pushed = values
+
+    def reset_parameters(self):
+        if not self.elementwise_affine:
+            return
+        if self._remote.server_parameters:
+            values = {"weight": torch.ones(self.normalized_shape)}
+            if self._has_bias:
+                values["bias"] = torch.zeros(self.normalized_shape)
+            self._remote.client.set_parameters(self._remote.name, **values,
+                                               **self._remote.kwargs())
+        else:
+            nn.init.ones_(self.weight)
+            if self._has_bias:
+                nn.init.zeros_(self.bias)
+
+    server_step = _BatchNorm.server_step
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        keys = self._param_keys()
+        state = self._remote_state() if (
+            keys and self._remote.server_parameters) else {}
+        for key in keys:
+            param = self._parameters.get(key)
+            if param is not None:
+                destination[prefix + key] = param if keep_vars else (
+                    param.detach())
+            else:
+                destination[prefix + key] = state[key]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        keys = self._param_keys()
+        upload = {}
+        for key in keys:
+            full = prefix + key
+            if full not in state_dict:
+                missing_keys.append(full)
+                continue
+            value = state_dict[full]
+            if not torch.is_tensor(value):
+                error_msgs.append(
+                    f'While copying the parameter named "{full}", expected '
+                    "torch.Tensor or Tensor-like object from checkpoint but "
+                    f"received {type(value)}")
+                continue
+            if tuple(value.shape) != self.normalized_shape:
+                error_msgs.append(
+                    f"size mismatch for {full}: copying a param with shape "
+                    f"{value.shape} from checkpoint, the shape in current "
+                    f"model is {torch.Size(self.normalized_shape)}.")
+                continue
+            param = self._parameters.get(key)
+            if param is not None:
+                with torch.no_grad():
+                    param.copy_(value)
+            upload[key] = value.detach().cpu()
+        if strict:
+            for full in state_dict:
+                if full.startswith(prefix) and full[len(prefix):].split(
+                        ".", 1)[0] not in keys:
+                    unexpected_keys.append(full)
+        if upload:
+            try:
+                self._remote.client.load_state(self._remote.name, upload,
+                                               allow_missing=True,
+                                               **self._remote.kwargs())
+            except errors.NormserveError as err:
+                error_msgs.append(str(err))
+                return
+            if not self._remote.server_parameters:
+                self._pushed = self._parameter_values()
+
+    def __deepcopy__(self, memo):
+        copy = type(self)(**self._init_kwargs(), client=self._remote.client,
+                          server_parameters=self._remote.server_parameters,
+                          timeout=self._remote.timeout)
+        memo[id(self)] = copy
+        copy.train(self.training)
+        copy.load_state_dict(self.state_dict())
+        for key, param in self._parameters.items():
+            if param is not None:
+                copy._parameters[key].requires_grad_(param.requires_grad)
+        return copy
+
+    __getstate__ = _BatchNorm.__getstate__
+
+    def forward(self, input):
+        if self._config_tuple() != self._config:
+            raise RuntimeError(
+                "normserve: normalized_shape/eps/elementwise_affine changed "
+                "after the server layer was created; create a new module")
+        k = len(self.normalized_shape)
+        if tuple(input.shape[input.dim() - k:]) != self.normalized_shape or (
+                input.dim() < k):
+            expected = ", ".join(["*"] + [str(d) for d in
+                                          self.normalized_shape])
+            raise RuntimeError(
+                f"Given normalized_shape={list(self.normalized_shape)}, "
+                f"expected input with shape [{expected}], but got input of "
+                f"size{list(input.shape)}")
+        if input.dtype not in _WIRE_DTYPE:
+            raise TypeError(f"normserve: input dtype {input.dtype} is not "
+                            "supported; expected float32, float16 or bfloat16")
+        self._push_parameters()
+        weight = self._parameters.get("weight")
+        bias = self._parameters.get("bias")
+        anchor = self._anchor
+        grad = torch.is_grad_enabled()
+        save = grad and (
+            input.requires_grad or anchor is not None
+            or any(p is not None and p.requires_grad for p in (weight, bias)))
+        return _BatchNormFunction.apply(input, weight, bias,
+                                        anchor if grad else None,
+                                        self._remote, self.training, save)
+
+
+class LayerNorm(_RowNorm):
+    """torch.nn.LayerNorm on a normserve server (its arguments, bias as in
+    torch 2.1+, plus client=, layer_id=, layer=, server_parameters=,
+    timeout= as BatchNorm2d takes them)."""
+
+    _kind = "layer_norm"
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True,
+                 bias=True, device=None, dtype=None, *, client=None,
+                 layer_id=None, layer=None, server_parameters=False,
+                 timeout=None):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias,
+                         device, dtype, client=client, layer_id=layer_id,
+                         layer=layer, server_parameters=server_parameters,
+                         timeout=timeout)
+
+    def _init_kwargs(self):
+        return dict(normalized_shape=self.normalized_shape, eps=self.eps,
+                    elementwise_affine=self.elementwise_affine,
+                    bias=self._has_bias)
+
+
+class RMSNorm(_RowNorm):
+    """torch.nn.RMSNorm on a normserve server: y = x / sqrt(mean(x^2) + eps)
+    * weight over normalized_shape; eps=None is float32's machine epsilon
+    (torch's default for float32, float16 and bfloat16 inputs). Plus
+    client=, layer_id=, layer=, server_parameters=, timeout=."""
+
+    _kind = "rms_norm"
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True,
+                 device=None, dtype=None, *, client=None, layer_id=None,
+                 layer=None, server_parameters=False, timeout=None):
+        super().__init__(normalized_shape, eps, elementwise_affine, False,
+                         device, dtype, client=client, layer_id=layer_id,
+                         layer=layer, server_parameters=server_parameters,
+                         timeout=timeout)
+
+    def _init_kwargs(self):
+        return dict(normalized_shape=self.normalized_shape, eps=self.eps,
+                    elementwise_affine=self.elementwise_affine)
+
+
 class ServerSGD:
     """torch.optim.SGD for the weight and bias of server_parameters modules.
 
@@ -656,7 +994,8 @@ class ServerSGD:
                  weight_decay=0.0, nesterov=False):
         if isinstance(modules, nn.Module):
             modules = modules.modules()
-        self.modules = [m for m in modules if isinstance(m, _BatchNorm)
+        self.modules = [m for m in modules
+                        if isinstance(m, (_BatchNorm, _RowNorm))
                         and m.affine and m.server_parameters]
         if lr < 0:
             raise ValueError(f"Invalid learning rate: {lr}")

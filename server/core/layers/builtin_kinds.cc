@@ -3,13 +3,17 @@
 // line here.
 #include "server/core/layer_kind.h"
 #include "server/core/layers/batch_norm_layer.h"
+#include "server/core/layers/row_norm_layer.h"
 
 namespace normserve::server {
 
 const KindRegistry& BuiltinKinds() {
   static const KindRegistry* const registry = [] {
     auto* r = new KindRegistry;
-    r->Register(NewBatchNormKind()).IgnoreError();  // Names are distinct.
+    // Names are distinct.
+    r->Register(NewBatchNormKind()).IgnoreError();
+    r->Register(NewLayerNormKind()).IgnoreError();
+    r->Register(NewRMSNormKind()).IgnoreError();
     return r;
   }();
   return *registry;
