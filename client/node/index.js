@@ -139,9 +139,29 @@ function tensorFromProto(t) {
 }
 
 function layerFromProto(layer) {
+  const common = {
+    name: layer.name,
+    kind: layer.kind || 'batch_norm',
+    version: Number(layer.version),
+    numBatchesTracked: Number(layer.num_batches_tracked),
+    hasAccumulatedGrad: layer.has_accumulated_grad,
+  };
+  if (layer.config === 'layer_norm' || layer.config === 'rms_norm') {
+    // LayerNorm, RMSNorm: eps null is RMSNorm's eps=None.
+    const c = layer[layer.config];
+    return {
+      ...common,
+      normalizedShape: c.normalized_shape.map(Number),
+      eps: c.eps === undefined || c.eps === null ? null : c.eps,
+      elementwiseAffine: c.elementwise_affine,
+      bias: layer.config === 'layer_norm' && c.elementwise_affine && c.bias,
+      dtype: DTYPE_NAMES[c.dtype],
+      device: c.device,
+    };
+  }
   const c = layer.batch_norm;
   return {
-    name: layer.name,
+    ...common,
     numFeatures: Number(c.num_features),
     eps: c.eps,
     momentum: c.momentum_policy === 'cumulative_average' ? null : c.momentum,
@@ -151,9 +171,6 @@ function layerFromProto(layer) {
     dtype: DTYPE_NAMES[c.dtype],
     spatialDims: c.spatial_dims,
     device: c.device,
-    version: Number(layer.version),
-    numBatchesTracked: Number(layer.num_batches_tracked),
-    hasAccumulatedGrad: layer.has_accumulated_grad,
   };
 }
 
@@ -249,6 +266,27 @@ function createRequest(numFeatures, options) {
     config.momentum = o.momentum === undefined ? 0.1 : o.momentum;
   }
   return { layer_id: o.layerId || '', batch_norm: config };
+}
+
+// kind 'layer_norm' or 'rms_norm'; normalizedShape a number or an array.
+function rowNormRequest(kind, normalizedShape, options) {
+  const o = options || {};
+  const config = {
+    normalized_shape: list([].concat(normalizedShape)),
+    elementwise_affine:
+      o.elementwiseAffine === undefined ? true : o.elementwiseAffine,
+    dtype: enumValue(DTYPES, o.dtype, 'dtype'),
+    device: o.device || '',
+  };
+  if (o.eps !== undefined && o.eps !== null) {
+    config.eps = o.eps;
+  } else if (kind === 'layer_norm') {
+    config.eps = 1e-5;
+  }
+  if (kind === 'layer_norm') {
+    config.bias = o.bias === undefined ? true : o.bias;
+  }
+  return { layer_id: o.layerId || '', [kind]: config };
 }
 
 // Request builders and result decoders shared by unary calls and streams.
@@ -407,6 +445,27 @@ class Client {
     return layerFromProto(await this._unary(
       'CreateLayer', withIds('CreateLayer', createRequest(numFeatures, o), o),
       o));
+  }
+
+  // Creates a LayerNorm layer with torch.nn.LayerNorm's arguments:
+  // normalizedShape (a number or an array of trailing dims), { layerId,
+  // eps (1e-5), elementwiseAffine, bias, dtype, device, timeoutMs,
+  // requestId, retries }.
+  async createLayerNorm(normalizedShape, options = {}) {
+    return this._createRowNorm('layer_norm', normalizedShape, options);
+  }
+
+  // Creates an RMSNorm layer (torch.nn.RMSNorm): as createLayerNorm without
+  // bias; eps unset or null is torch's eps=None (float32's epsilon).
+  async createRmsNorm(normalizedShape, options = {}) {
+    return this._createRowNorm('rms_norm', normalizedShape, options);
+  }
+
+  async _createRowNorm(kind, normalizedShape, options) {
+    const o = withRetryId('CreateLayer', options);
+    return layerFromProto(await this._unary(
+      'CreateLayer',
+      withIds('CreateLayer', rowNormRequest(kind, normalizedShape, o), o), o));
   }
 
   async listLayers({ pageSize = 0, pageToken = '', timeoutMs } = {}) {

@@ -292,3 +292,52 @@ const {{ Client, newRequestId }} = require({json.dumps(node_dir)});
     assert out["retried"] == out["stream"][0] + 1
     assert out["readId"] is True and out["deleteVersion"] is True
     assert out["gone"] == "NOT_FOUND"
+
+
+def test_node_layer_norm_and_rms_norm(server, client, node, tmp_path):
+    """Node creates LayerNorm and RMSNorm layers and runs them; the results
+    match torch.nn.functional.layer_norm and RMSNorm's formula, and the
+    Python client sees the layers Node made."""
+    node_binary, node_dir = node
+    script = tmp_path / "row_norm.js"
+    script.write_text(f"""
+const {{ Client, tensor }} = require({json.dumps(node_dir)});
+(async () => {{
+  const c = new Client({json.dumps(server.address)}, {{ timeoutMs: 10000 }});
+  const ln = await c.createLayerNorm([2, 3], {{ layerId: 'node-ln' }});
+  const rms = await c.createRmsNorm(6, {{ layerId: 'node-rms' }});
+  const data = Float32Array.from({{ length: 24 }}, (_, i) => (i * 7) % 11 - 5);
+  const x = tensor([4, 2, 3], data);
+  const y = await c.forward(ln.name, x, {{ training: true }});
+  const r = await c.forward(rms.name, tensor([4, 6], data));
+  const bwd = await c.backward(ln.name, y.handle,
+                               tensor([4, 2, 3], new Float32Array(24).fill(1)));
+  console.log(JSON.stringify({{
+    ln, rms, y: Array.from(y.output.data), r: Array.from(r.output.data),
+    gw: Array.from(bwd.gradWeight || []), gb: Array.from(bwd.gradBias || []),
+  }}));
+  c.close();
+}})().catch((e) => {{ console.error(e); process.exit(1); }});
+""")
+    out = json.loads(run([node_binary, str(script)]))
+    try:
+        assert out["ln"]["kind"] == "layer_norm"
+        assert out["ln"]["normalizedShape"] == [2, 3] and out["ln"]["bias"]
+        assert out["rms"]["kind"] == "rms_norm" and out["rms"]["eps"] is None
+        x = torch.tensor([(i * 7) % 11 - 5 for i in range(24)],
+                         dtype=torch.float64)
+        want = torch.nn.functional.layer_norm(x.reshape(4, 2, 3), (2, 3))
+        np.testing.assert_allclose(out["y"], want.reshape(-1), atol=1e-5)
+        x6 = x.reshape(4, 6)
+        eps = float(np.finfo(np.float32).eps)
+        want = x6 * torch.rsqrt(x6.pow(2).mean(-1, keepdim=True) + eps)
+        np.testing.assert_allclose(out["r"], want.reshape(-1), atol=1e-5)
+        xhat = torch.nn.functional.layer_norm(x.reshape(4, 2, 3), (2, 3))
+        np.testing.assert_allclose(out["gw"], xhat.sum(0).reshape(-1),
+                                   atol=1e-4)
+        np.testing.assert_allclose(out["gb"], [4.0] * 6)
+        info = client.get_layer("node-ln")
+        assert info.kind == "layer_norm" and info.normalized_shape == (2, 3)
+    finally:
+        for name in ("node-ln", "node-rms"):
+            client.delete_layer(name)
