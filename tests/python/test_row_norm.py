@@ -258,3 +258,24 @@ def test_layers_survive_a_restart():
         assert process.stop() == 0
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def test_train_stream_runs_row_norms(client):
+    ln = client.create_layer(kind="layer_norm", normalized_shape=5)
+    rms = client.create_layer(kind="rms_norm", normalized_shape=5)
+    x = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    with client.train() as stream:
+        fwd = stream.forward(ln.name, x, training=True)
+        bwd = stream.backward(ln.name, fwd.handle, np.ones_like(x),
+                              accumulate_grad=True)
+        stream.optimizer_step(ln.name, lr=0.5)
+        out = stream.forward(rms.name, x).output
+    want = torch.nn.functional.layer_norm(torch.from_numpy(x), (5,))
+    np.testing.assert_allclose(fwd.output, want, atol=1e-5)
+    np.testing.assert_allclose(bwd.grad_bias, [3.0] * 5)
+    state = client.get_state(ln.name)
+    np.testing.assert_allclose(state["bias"], [-1.5] * 5)
+    want = RMSNormRef(5)(torch.from_numpy(x)).detach()
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    for info in (ln, rms):
+        client.delete_layer(info.name)
