@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -136,6 +137,11 @@ struct RowCase {
   DType dtype;
   RowNormShape shape;
 };
+
+void PrintTo(const RowCase& c, std::ostream* os) {
+  *os << RowNormName(c.norm) << " " << DTypeName(c.dtype) << " ("
+      << c.shape.rows << ", " << c.shape.cols << ")";
+}
 
 std::string RowCaseName(const testing::TestParamInfo<RowCase>& info) {
   return absl::StrCat(RowNormName(info.param.norm), "_",
