@@ -10,12 +10,13 @@
 // back what float dropped, so y is as exact as the float arithmetic of one
 // element even when |mean| >> std.
 //
-// Backward, per row: Σg and Σg·(x - mean) in double (g = dy·w), then one
-// pass for dx = rstd·g - (x - mean)·rstd³·Σg(x - mean)/D - rstd·Σg/D,
-// which also adds dy·x̂ and dy to the task's own column sums (double, in
-// scratch); the calling thread adds those in task order, so results depend
-// on the number of tasks (fixed by the problem size and num_threads) but not
-// on timing.
+// Backward, per row: Σg and Σg·(x - mean) (g = dy·w) in double, from float
+// sums over runs of 128 columns, then one pass for
+// dx = rstd·g - (x - mean)·rstd³·Σg(x - mean)/D - rstd·Σg/D, which also adds
+// dy·x̂ and dy to the task's own column sums: in float over runs of kFoldRows
+// rows, folded into double (in scratch) after each run; the calling thread adds
+// the tasks' sums in task order, so results depend on the number of tasks
+// (fixed by the problem size and num_threads) but not on timing.
 #include "kernels/cpu/row_norm_cpu.h"
 
 #include <algorithm>
@@ -34,6 +35,11 @@
 
 namespace normserve::kernels::cpu {
 namespace {
+
+// Backward's float column sums are folded into double after this many rows
+// (a run rounds each sum at most kFoldRows - 1 times, beside the rounding
+// of each term).
+constexpr int64_t kFoldRows = 8;
 
 // Start of part `t` of [0, total) cut into `parts` near-equal parts.
 int64_t PartStart(int64_t total, int t, int parts) {
@@ -80,16 +86,16 @@ class CpuRowNormOps final : public RowNormOps {
         std::min<int64_t>(want, shape.rows), 1, pool_.num_threads()));
   }
 
-  // Doubles per task of column sums: two arrays of cols, on their own
-  // cache lines.
+  // Elements per task of column sums: two arrays of cols, on their own
+  // cache lines (as doubles and as floats).
   static size_t ColumnStride(int64_t cols) {
-    return RoundUp(2 * static_cast<size_t>(cols), 8);
+    return RoundUp(2 * static_cast<size_t>(cols), 16);
   }
 
   // An upper bound of the scratch one call takes, or 0 when it cannot fit.
   static size_t ScratchBytes(int64_t cols, int tasks) {
     const double bytes = 2.0 * 4 * static_cast<double>(cols) +
-                         8.0 * static_cast<double>(ColumnStride(cols)) * tasks;
+                         12.0 * static_cast<double>(ColumnStride(cols)) * tasks;
     return bytes < 1e18 ? static_cast<size_t>(bytes) : 0;
   }
 
@@ -155,23 +161,26 @@ class CpuRowNormOps final : public RowNormOps {
     if (!scratch.ok()) return ScratchExhausted(args.shape, tasks);
     const float* weight = OrFilled(scratch, args.weight, cols, 1.0f);
     const size_t stride = ColumnStride(cols);
-    double* sums =
-        want_gw || want_gb ? scratch.Take<double>(stride * tasks) : nullptr;
+    const bool want_sums = want_gw || want_gb;
+    double* sums = want_sums ? scratch.Take<double>(stride * tasks) : nullptr;
+    float* runs = want_sums ? scratch.Take<float>(stride * tasks) : nullptr;
     const T* x = static_cast<const T*>(args.x);
     const T* dy = static_cast<const T*>(args.dy);
     T* dx = static_cast<T*>(args.dx);
     const bool layer = args.norm == RowNorm::kLayerNorm;
     const double n = static_cast<double>(cols);
     pool_.Run(tasks, [&](int t) {
-      double* gw = nullptr;
-      double* gb = nullptr;
-      if (sums != nullptr) {
+      float* gw = nullptr;
+      float* gb = nullptr;
+      if (want_sums) {
         std::fill_n(sums + stride * t, 2 * cols, 0.0);
-        if (want_gw) gw = sums + stride * t;
-        if (want_gb) gb = sums + stride * t + cols;
+        std::fill_n(runs + stride * t, 2 * cols, 0.0f);
+        if (want_gw) gw = runs + stride * t;
+        if (want_gb) gb = runs + stride * t + cols;
       }
+      const int64_t r0 = PartStart(rows, t, tasks);
       const int64_t r1 = PartStart(rows, t + 1, tasks);
-      for (int64_t r = PartStart(rows, t, tasks); r < r1; ++r) {
+      for (int64_t r = r0; r < r1; ++r) {
         const T* xr = x + r * cols;
         const T* dyr = dy + r * cols;
         const float shift = layer ? args.mean[r] : 0.0f;
@@ -186,9 +195,13 @@ class CpuRowNormOps final : public RowNormOps {
         }
         k.grad_row(xr, dyr, weight, dx == nullptr ? nullptr : dx + r * cols,
                    cols, shift, a, b, c, static_cast<float>(rstd), gw, gb);
+        if (want_sums && ((r - r0 + 1) % kFoldRows == 0 || r + 1 == r1)) {
+          // Both arrays at once: they are adjacent.
+          k.fold(runs + stride * t, sums + stride * t, 2 * cols);
+        }
       }
     });
-    if (sums != nullptr) {
+    if (want_sums) {
       for (int64_t j = 0; j < cols; ++j) {
         double w = 0, bsum = 0;
         for (int t = 0; t < tasks; ++t) {

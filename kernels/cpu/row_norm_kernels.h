@@ -28,15 +28,17 @@ struct RowNormKernelSet {
   void (*normalize)(const T* x, T* y, int64_t cols, float shift, float rstd,
                     float corr, const float* weight, const float* bias);
   // With g = dy * weight and d = x - shift: *sum_g += Σg and
-  // *sum_gd += Σg·d, in double.
+  // *sum_gd += Σg·d, in double (float over runs of 128 values, folded).
   void (*grad_sums)(const T* x, const T* dy, const float* weight, int64_t cols,
                     float shift, double* sum_g, double* sum_gd);
   // With g and d as above: dx = g·a - d·b + c (dx may be null: skipped);
-  // grad_weight[j] += dy·d·rstd and grad_bias[j] += dy, in double (each may
-  // be null: skipped).
+  // grad_weight[j] += dy·d·rstd and grad_bias[j] += dy, in float (each may
+  // be null: skipped); callers fold these into double every few rows.
   void (*grad_row)(const T* x, const T* dy, const float* weight, T* dx,
                    int64_t cols, float shift, float a, float b, float c,
-                   float rstd, double* grad_weight, double* grad_bias);
+                   float rstd, float* grad_weight, float* grad_bias);
+  // sums[j] += run[j] and run[j] = 0 for j < n.
+  void (*fold)(float* run, double* sums, int64_t n);
 };
 
 struct RowNormKernelTable {

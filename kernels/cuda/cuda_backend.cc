@@ -1,7 +1,8 @@
 // The CUDA backend: per-stream resources (workspace for split reductions,
 // pinned staging buffers), copies, and the BatchNorm ops' dtype and form
-// dispatch to the typed entry points of launch.h (their arguments are
-// checked by BatchNormOps, kernels/arg_checks.h).
+// dispatch to the typed entry points of launch.h, and the row
+// normalizations' to row_norm_launch.h (their arguments are checked by
+// BatchNormOps and RowNormOps, kernels/arg_checks.h).
 #include "kernels/cuda/cuda_backend.h"
 
 #include <cuda_runtime_api.h>
@@ -24,6 +25,7 @@
 #include "kernels/arg_checks.h"
 #include "kernels/backend.h"
 #include "kernels/cuda/launch.h"
+#include "kernels/cuda/row_norm_launch.h"
 #include "kernels/types.h"
 
 namespace normserve::kernels {
@@ -499,16 +501,61 @@ class CudaBatchNormOps final : public BatchNormOps {
 };
 
 // ---------------------------------------------------------------------------
-// The row normalizations: not on the GPU yet.
+// The row normalizations: arguments arrive checked (RowNormOps); each op
+// dispatches on the dtype once (row_norm_launch.h picks the path).
 
 class CudaRowNormOps final : public RowNormOps {
+ public:
+  explicit CudaRowNormOps(Streams* streams) : streams_(streams) {}
+
  protected:
-  absl::Status DoForward(const RowNormForwardArgs&, Stream) override {
-    return absl::UnimplementedError("RowNorm Forward: not on CUDA yet");
+  absl::Status DoForward(const RowNormForwardArgs& args,
+                         Stream stream) override {
+    cuda::RowNormForwardParams p;
+    p.rms = args.norm == RowNorm::kRmsNorm;
+    p.rows = args.shape.rows;
+    p.cols = args.shape.cols;
+    p.x = args.x;
+    p.y = args.y;
+    p.weight = args.weight;
+    p.bias = args.bias;
+    p.eps = args.eps;
+    p.mean = args.mean;
+    p.rstd = args.rstd;
+    const std::string op = absl::StrCat(RowNormName(args.norm), " Forward");
+    return streams_->Launch(
+        op.c_str(), stream, [&](const cuda::LaunchEnv& env) {
+          return ForDType(args.dtype, [&](auto tag) {
+            return cuda::RowNormForward<decltype(tag)>(p, env);
+          });
+        });
   }
-  absl::Status DoBackward(const RowNormBackwardArgs&, Stream) override {
-    return absl::UnimplementedError("RowNorm Backward: not on CUDA yet");
+
+  absl::Status DoBackward(const RowNormBackwardArgs& args,
+                          Stream stream) override {
+    cuda::RowNormBackwardParams p;
+    p.rms = args.norm == RowNorm::kRmsNorm;
+    p.rows = args.shape.rows;
+    p.cols = args.shape.cols;
+    p.x = args.x;
+    p.dy = args.dy;
+    p.mean = args.mean;
+    p.rstd = args.rstd;
+    p.weight = args.weight;
+    p.dx = args.dx;
+    p.grad_weight = args.grad_weight;
+    p.grad_bias = args.grad_bias;
+    const std::string op = absl::StrCat(RowNormName(args.norm), " Backward");
+    return streams_->Launch(
+        op.c_str(), stream, [&](const cuda::LaunchEnv& env) {
+          return ForDType(args.dtype, [&](auto tag) {
+            return cuda::RowNormBackward<decltype(tag)>(p, env);
+          });
+        });
   }
+
+ private:
+  Streams* const streams_;
 };
 
 // ---------------------------------------------------------------------------
@@ -520,7 +567,8 @@ class CudaBackend final : public Backend {
       : options_(options),
         device_(options.device),
         streams_(options, prop.multiProcessorCount),
-        ops_(&streams_) {
+        ops_(&streams_),
+        row_norm_ops_(&streams_) {
     name_ =
         absl::StrFormat("cuda:%d (%s, %.1f GiB, sm_%d%d)", device_, prop.name,
                         static_cast<double>(prop.totalGlobalMem) /
@@ -609,7 +657,7 @@ class CudaBackend final : public Backend {
   const CudaBackendOptions options_;
   const int device_;
   std::string name_;
-  Streams streams_;  // Before ops_, which uses it.
+  Streams streams_;  // Before the op tables, which use it.
   CudaBatchNormOps ops_;
   CudaRowNormOps row_norm_ops_;
 };

@@ -1,5 +1,5 @@
-// The CUDA backend: one GPU behind kernels::Backend (the device and the
-// BatchNorm op table).
+// The CUDA backend: one GPU behind kernels::Backend (the device, the
+// BatchNorm op table and the row normalizations').
 //
 // Memory: Allocate returns device memory (cudaMalloc); op arguments are
 // device pointers. CopyToDevice returns once the host source may be reused;

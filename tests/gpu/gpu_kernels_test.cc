@@ -5,7 +5,10 @@
 // pieces (Stats, Apply, BackwardReduce, BackwardApply, slices' Stats merged
 // by MergeBatchNormStats), and its copies, streams, limits and errors (the
 // argument checks shared with the CPU backend among them). Every test skips
-// ("no CUDA device") without a GPU.
+// ("no CUDA device") without a GPU. Also the row normalizations (LayerNorm,
+// RMSNorm) against the same double reference the CPU suite uses, on shapes
+// that take each launch path (warp per row at every register width, block
+// per row), and their shared argument checks.
 //
 // Inputs are rounded to the dtype first; the reference runs on exactly those
 // values in double. Outputs start as NaN bytes. Tolerances: gpu_test_util.h.
@@ -15,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <ostream>
 #include <random>
 #include <string>
 #include <thread>
@@ -25,12 +29,14 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
-#include "kernels/backend.h"
 #include "kernels/batch_norm_merge.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/reference/batch_norm_reference.h"
+#include "kernels/reference/row_norm_reference.h"
+#include "kernels/row_norm.h"
 #include "tests/gpu/gpu_test_util.h"
 #include "tests/kernels/arg_check_cases.h"
+#include "tests/kernels/row_norm_test_util.h"
 
 namespace normserve::kernels::gpu_test {
 namespace {
@@ -882,6 +888,164 @@ TEST(CudaBackendCreateTest, FailsCleanlyOrNamesTheDevice) {
   absl::StatusOr<std::unique_ptr<Backend>> none = CreateCudaBackend(missing);
   EXPECT_EQ(none.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(none.status().message(), HasSubstr("does not exist"));
+}
+
+// ---------------------------------------------------------------------------
+// The row normalizations. Tolerances: the CPU suite's forms
+// (tests/kernels/row_norm_cpu_test.cc) with float accumulation: y as the
+// BatchNorm activations; mean and rstd 1e-5 relative; dx 4e-6 of its row's
+// terms (float row sums); grad_weight and grad_bias 1e-5 relative + 1e-5 of
+// Σ|term| (float partials per block, then a float sum over blocks).
+
+struct RowCase {
+  RowNorm norm;
+  DType dtype;
+  RowNormShape shape;
+};
+
+void PrintTo(const RowCase& c, std::ostream* os) {
+  *os << RowNormName(c.norm) << " " << DTypeName(c.dtype) << " ("
+      << c.shape.rows << ", " << c.shape.cols << ")";
+}
+
+std::string RowCaseName(const testing::TestParamInfo<RowCase>& info) {
+  return absl::StrCat(RowNormName(info.param.norm), "_",
+                      DTypeName(info.param.dtype), "_", info.param.shape.rows,
+                      "x", info.param.shape.cols);
+}
+
+std::vector<RowCase> AllRowCases() {
+  const std::vector<RowNormShape> shapes = {
+      {0, 5},    {1, 1},     {5, 1},    {3, 2},     {9, 7},
+      {33, 31},  {17, 32},   {17, 33},  {40, 100},  {33, 127},
+      {16, 255}, {9, 300},   {64, 768}, {5, 1024},  {3, 1025},
+      {7, 4097}, {2, 20000}, {5000, 3}, {3000, 64}, {300, 768},
+  };
+  std::vector<RowCase> cases;
+  for (RowNorm norm : {RowNorm::kLayerNorm, RowNorm::kRmsNorm}) {
+    for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+      for (const RowNormShape& shape : shapes) {
+        cases.push_back({norm, dtype, shape});
+      }
+    }
+  }
+  return cases;
+}
+
+class CudaRowNormTest : public testing::TestWithParam<RowCase> {
+ protected:
+  void SetUp() override { NORMSERVE_SKIP_WITHOUT_GPU(); }
+  test_util::RowInputs Inputs() const {
+    const RowCase& c = GetParam();
+    return test_util::MakeRowInputs(
+        c.shape, c.dtype,
+        static_cast<uint64_t>(c.shape.rows) * 7919 +
+            static_cast<uint64_t>(c.shape.cols) * 31 +
+            static_cast<uint64_t>(c.dtype) * 3 + static_cast<uint64_t>(c.norm));
+  }
+};
+
+void CheckRowNorm(RowNorm norm, const test_util::RowInputs& in) {
+  const bool layer = norm == RowNorm::kLayerNorm;
+  const std::vector<double> bias = layer ? in.bias : std::vector<double>{};
+  const reference::RowNormForwardResult fwd = reference::RowNormForward(
+      norm, in.shape, in.x, in.weight, bias, test_util::kRowNormEps);
+  const test_util::ForwardOut got =
+      test_util::RunForward(CudaBackend(), norm, in, true, true);
+  ExpectActivationsNear(got.y, fwd.y, in.dtype, "y");
+  if (layer) test_util::ExpectStatsNear(got.mean, fwd.mean, 1e-5, "mean");
+  test_util::ExpectStatsNear(got.rstd, fwd.rstd, 1e-5, "rstd");
+
+  const std::vector<double> mean = ToFloatPrecision(fwd.mean);
+  const std::vector<double> rstd = ToFloatPrecision(fwd.rstd);
+  const reference::RowNormBackwardResult ref = reference::RowNormBackward(
+      norm, in.shape, in.x, in.dy, mean, rstd, in.weight);
+  const test_util::ColumnAbsSums abs = test_util::AbsSums(in, norm, mean, rstd);
+  const std::vector<double> scales =
+      test_util::DxScales(in, norm, mean, rstd, in.weight);
+  for (int mask = 1; mask < 8; ++mask) {
+    const bool want_dx = mask & 4, want_gw = mask & 2, want_gb = mask & 1;
+    SCOPED_TRACE(absl::StrCat("dx ", want_dx, " grad_weight ", want_gw,
+                              " grad_bias ", want_gb));
+    const test_util::BackwardOut g = test_util::RunBackward(
+        CudaBackend(), norm, in, mean, rstd, true, want_dx, want_gw, want_gb);
+    if (want_dx) {
+      test_util::ExpectDxNear(g.dx, ref.dx, in.dtype, in.shape, scales, 4e-6,
+                              "dx");
+    }
+    if (want_gw) {
+      test_util::ExpectColumnSumsNear(g.grad_weight, ref.grad_weight,
+                                      abs.dy_xhat, 1e-5, 1e-5, "grad_weight");
+    }
+    if (want_gb && layer) {
+      test_util::ExpectColumnSumsNear(g.grad_bias, ref.grad_bias, abs.dy, 1e-5,
+                                      1e-5, "grad_bias");
+    }
+  }
+}
+
+TEST_P(CudaRowNormTest, ForwardAndBackward) {
+  CheckRowNorm(GetParam().norm, Inputs());
+}
+
+INSTANTIATE_TEST_SUITE_P(Matrix, CudaRowNormTest,
+                         testing::ValuesIn(AllRowCases()), RowCaseName);
+
+// x = 1000 + small noise: the shifted statistics lose nothing.
+TEST_F(CudaBackendTest, LayerNormWithALargeOffset) {
+  for (RowNormShape shape : {RowNormShape{37, 768}, RowNormShape{5, 3000}}) {
+    SCOPED_TRACE(shape.cols);
+    CheckRowNorm(RowNorm::kLayerNorm,
+                 test_util::MakeRowInputs(shape, DType::kFloat32, 17,
+                                          /*offset=*/1000, /*spread=*/0.01));
+  }
+}
+
+// The CPU backend gives the same answers within the tolerances above.
+TEST_F(CudaBackendTest, RowNormAgreesWithTheCpuBackend) {
+  std::unique_ptr<Backend> cpu = CreateCpuBackend(CpuBackendOptions{});
+  for (RowNorm norm : {RowNorm::kLayerNorm, RowNorm::kRmsNorm}) {
+    SCOPED_TRACE(RowNormName(norm));
+    const test_util::RowInputs in =
+        test_util::MakeRowInputs({64, 768}, DType::kFloat32, 5);
+    const test_util::ForwardOut a =
+        test_util::RunForward(CudaBackend(), norm, in, true, true);
+    const test_util::ForwardOut b =
+        test_util::RunForward(*cpu, norm, in, true, true);
+    ExpectActivationsNear(a.y, b.y, DType::kFloat32, "y");
+    test_util::ExpectStatsNear(a.rstd, b.rstd, 1e-5, "rstd");
+  }
+}
+
+class CudaRowNormArgCheckTest
+    : public testing::TestWithParam<test_util::RowNormArgCheckCase> {
+ protected:
+  void SetUp() override { NORMSERVE_SKIP_WITHOUT_GPU(); }
+};
+
+TEST_P(CudaRowNormArgCheckTest, IsRejected) {
+  test_util::RowNormArgFixture fixture(CudaBackend());
+  const absl::Status status =
+      GetParam().call(CudaBackend().row_norm(), fixture);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  EXPECT_THAT(status.message(), HasSubstr(GetParam().message));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, CudaRowNormArgCheckTest,
+    testing::ValuesIn(test_util::RowNormArgCheckCases()),
+    [](const testing::TestParamInfo<test_util::RowNormArgCheckCase>& info) {
+      return info.param.name;
+    });
+
+TEST_F(CudaBackendTest, RowNormArgCheckBaseArgumentsPass) {
+  test_util::RowNormArgFixture fixture(CudaBackend());
+  for (const test_util::RowNormArgCheckCase& c :
+       test_util::RowNormValidCalls()) {
+    const absl::Status status = c.call(CudaBackend().row_norm(), fixture);
+    EXPECT_TRUE(status.ok()) << c.name << ": " << status;
+  }
+  ASSERT_TRUE(CudaBackend().Synchronize(nullptr).ok());
 }
 
 }  // namespace

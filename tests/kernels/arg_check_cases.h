@@ -9,6 +9,7 @@
 #pragma once
 
 #include <functional>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -396,6 +397,10 @@ struct RowNormArgCheckCase {
   std::function<absl::Status(RowNormOps&, RowNormArgFixture&)> call;
   std::string message;  // A substring of the INVALID_ARGUMENT message.
 };
+
+inline void PrintTo(const RowNormArgCheckCase& c, std::ostream* os) {
+  *os << c.name;
+}
 
 // Forward and Backward of both norms with RowNormArgFixture's arguments,
 // and the no-op rows = 0: each must succeed.
