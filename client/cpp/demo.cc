@@ -154,6 +154,43 @@ absl::Status PrintRunningStats(RemoteBatchNorm& bn, const char* when) {
   return absl::OkStatus();
 }
 
+// The same batch through a LayerNorm and an RMSNorm layer over its last
+// dim (torch.nn.LayerNorm(W), torch.nn.RMSNorm(W)): every row comes out
+// with mean 0 and std 1 (LayerNorm) or mean square 1 (RMSNorm).
+absl::Status RunRowNorms(Client& client, const Batch& batch) {
+  const std::vector<int64_t> shape = {kBatch, kChannels, kHeight, kWidth};
+  for (const char* kind : {"layer_norm", "rms_norm"}) {
+    v1::CreateLayerRequest create;
+    const bool layer_norm = std::string(kind) == "layer_norm";
+    if (layer_norm) {
+      create.mutable_layer_norm()->add_normalized_shape(kWidth);
+    } else {
+      create.mutable_rms_norm()->add_normalized_shape(kWidth);
+    }
+    ASSIGN_OR_RETURN(v1::Layer layer, client.CreateLayer(create));
+    v1::ForwardRequest forward;
+    forward.set_name(layer.name());
+    forward.set_save_for_backward(false);
+    ASSIGN_OR_RETURN(*forward.mutable_input(), MakeTensor(batch.x, shape));
+    ASSIGN_OR_RETURN(v1::ForwardResponse out, client.Forward(forward));
+    ASSIGN_OR_RETURN(std::vector<float> y, TensorToFloats(out.output()));
+    // The first row's statistics.
+    const std::vector<float> row(y.begin(), y.begin() + kWidth);
+    double mean, stddev;
+    MeanStd(row, mean, stddev);
+    double square = 0;
+    for (float v : row) square += static_cast<double>(v) * v;
+    std::printf(
+        "\ncreated %s (%s over the last dim, %lld)\n  first row of the "
+        "output: mean=%.4f std=%.4f mean square=%.4f\n",
+        layer.name().c_str(), kind, static_cast<long long>(kWidth), mean,
+        stddev, square / kWidth);
+    RETURN_IF_ERROR(client.DeleteLayer(layer.name()));
+    std::printf("deleted %s\n", layer.name().c_str());
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RunDemo(Client& client, const DemoFlags& flags,
                      const std::string& layer_id) {
   ASSIGN_OR_RETURN(HealthStatus health, client.CheckHealth());
@@ -248,7 +285,7 @@ absl::Status RunDemo(Client& client, const DemoFlags& flags,
   RETURN_IF_ERROR(bn->Close());
   RETURN_IF_ERROR(client.DeleteLayer(bn->name()));
   std::printf("\ndeleted %s\n", bn->name().c_str());
-  return absl::OkStatus();
+  return RunRowNorms(client, batch);
 }
 
 int Main(int argc, char** argv) {

@@ -227,7 +227,9 @@ pass "request ids and expected versions"
 run 0 "$DEMO" --address="$ADDRESS"
 for line in "server $ADDRESS: SERVING" "created layers/demo-" "step 1/5" \
   "step 5/5" "|grad_weight|=" "eval forward (running statistics): output mean=" \
-  "num_batches_tracked" "int64 [] = 5" "deleted layers/demo-"; do
+  "num_batches_tracked" "int64 [] = 5" "deleted layers/demo-" \
+  "(layer_norm over the last dim, 12)" "std=1.0000 mean square=1.0000" \
+  "(rms_norm over the last dim, 12)" "mean square=1.0000"; do
   expect_out "$line"
 done
 run 0 cli list
