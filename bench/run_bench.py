@@ -9,7 +9,10 @@ usage: run_bench.py --bin BUILD/bin [--out BUILD/reports] [--rounds 3]
 
 Kernels: normserve-kernel-bench (Google Benchmark) and torch_bench.py run
 alternately for --rounds rounds with the same thread counts; each case's
-time is the median over rounds and "spread" is (max - min) / median.
+time is the median over rounds and "spread" is (max - min) / median. Cases
+are matched by name; where torch_bench.py labels what it timed (a composite
+for an op PyTorch has no kernel for, e.g. RMSNorm), the table marks the
+PyTorch time † and lists the label below.
 Service: for each allocator, normserve-echo-server and normserve (and the
 client, normserve-rpc-bench) run with that allocator preloaded (glibc: none),
 and the rpc bench measures echo vs Forward, unary and on the Train stream.
@@ -83,6 +86,7 @@ def machine_info():
 
 def run_kernel_rounds(bin_dir, rounds, min_time, tmp):
     ours, torch = {}, {}
+    torch_labels = {}  # Cases where torch_bench timed something else.
     torch_version = None
     for r in range(rounds):
         log(f"kernels: round {r + 1}/{rounds}: normserve-kernel-bench")
@@ -110,7 +114,9 @@ def run_kernel_rounds(bin_dir, rounds, min_time, tmp):
         torch_version = t["torch_version"]
         for name, c in t["cases"].items():
             torch.setdefault(name, []).append(c["ms"])
-    return ours, torch, torch_version
+            if "label" in c:
+                torch_labels[name] = c["label"]
+    return ours, torch, torch_labels, torch_version
 
 
 def spread(values):
@@ -118,7 +124,7 @@ def spread(values):
     return (max(values) - min(values)) / m if m > 0 else 0.0
 
 
-def kernel_report(ours, torch):
+def kernel_report(ours, torch, torch_labels=None):
     copy = {}
     for name, c in ours.items():
         if name.startswith("copy/"):
@@ -144,6 +150,8 @@ def kernel_report(ours, torch):
             row["torch_ms"] = statistics.median(torch[name])
             row["torch_spread"] = spread(torch[name])
             row["speedup_vs_torch"] = row["torch_ms"] / ms
+            if torch_labels and name in torch_labels:
+                row["torch_label"] = torch_labels[name]
         rows.append(row)
     return {"copy": copy, "cases": rows}
 
@@ -314,7 +322,9 @@ def markdown(report):
             has_torch = "torch_ms" in r
             ok = ((not has_torch or r["speedup_vs_torch"] >= 1.0) and
                   (not r["large"] or r["copy_fraction"] >= 0.5))
-            torch_cells = (f"{r['torch_ms']:.2f} | "
+            # † PyTorch has no such kernel; torch_bench timed a composite.
+            dagger = " †" if "torch_label" in r else ""
+            torch_cells = (f"{r['torch_ms']:.2f}{dagger} | "
                            f"{r['speedup_vs_torch']:.2f} {mark(ok)}"
                            if has_torch else f"– | – {mark(ok)}")
             lines.append(
@@ -322,6 +332,10 @@ def markdown(report):
                 f"{r['ms']:.2f} | {r['gb_per_s']:.1f} | "
                 f"{100 * r['copy_fraction']:.0f}% | {torch_cells} | "
                 f"{100 * max(r['spread'], r.get('torch_spread', 0)):.0f}% |")
+        labels = sorted({r["torch_label"] for r in k["cases"]
+                         if "torch_label" in r})
+        if labels:
+            lines += [""] + [f"† PyTorch side: {label}." for label in labels]
     for svc in report.get("service", []):
         lines += ["", f"**Service, {svc['label']}**: one call at a time over "
                   "loopback; p50 latency and one-way MB/s (payload / mean "
@@ -420,9 +434,9 @@ def main():
     report = {"format": "normserve.bench.v1", "machine": machine_info()}
     with tempfile.TemporaryDirectory() as tmp:
         if "kernels" in sections:
-            ours, torch, version = run_kernel_rounds(
+            ours, torch, labels, version = run_kernel_rounds(
                 bin_dir, args.rounds, args.min_time_s, tmp)
-            report["kernels"] = kernel_report(ours, torch)
+            report["kernels"] = kernel_report(ours, torch, labels)
             report["kernels"].update(rounds=args.rounds,
                                      torch_version=version)
         if "rpc" in sections:

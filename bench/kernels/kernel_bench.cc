@@ -13,6 +13,13 @@
 // the pieces chained as a single client would, beside the fused paths:
 //   stats_apply            Stats, invstd on the host, Apply
 //   backward_reduce_apply  BackwardReduce, BackwardApply
+// the row normalizations (kernels/row_norm.h), OP/SHAPE/rows/tT:
+//   layer_norm_forward   LayerNorm Forward: mean, rstd and y
+//   layer_norm_backward  LayerNorm Backward: dx, grad_weight, grad_bias
+//   rms_norm_forward     RMSNorm Forward: rstd and y
+//   rms_norm_backward    RMSNorm Backward: dx, grad_weight
+// on float32 8192x768, 8192x4096 and 64x197x768 (normalized over the last
+// dimension; traffic: forward 1 read + 1 write, backward 2 reads + 1 write);
 // and the yardstick:
 //   copy/SIZE/tT    memcpy split over T threads
 // for float32 shapes 32x64x56x56, 8x32x224x224, 256x2048x7x7 (NCHW and
@@ -45,9 +52,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "kernels/backend.h"
-#include "kernels/backend.h"
 #include "kernels/cpu/batch_norm_cpu.h"
 #include "kernels/cpu/parallel.h"
+#include "kernels/row_norm.h"
 
 namespace nk = normserve::kernels;
 
@@ -237,6 +244,104 @@ void BM_Kernel(benchmark::State& state, std::string op, StandardShape shape,
       traffic / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// ---------------------------------------------------------------------------
+// The row normalizations.
+
+struct RowShape {
+  const char* name;
+  int64_t rows, cols;
+};
+
+constexpr RowShape kRowShapes[] = {
+    {"8192x768", 8192, 768},
+    {"8192x4096", 8192, 4096},
+    {"64x197x768", 64 * 197, 768},
+};
+
+// Buffers for the largest row shape, made and touched on first use (before
+// the first row-norm timing), so that the BatchNorm cases alone need none.
+struct RowBuffers {
+  std::vector<float> x, y, dy, dx, weight, bias, mean, rstd, grad_weight,
+      grad_bias;
+
+  RowBuffers() {
+    int64_t numel = 0, rows = 0, cols = 0;
+    for (const RowShape& s : kRowShapes) {
+      numel = std::max(numel, s.rows * s.cols);
+      rows = std::max(rows, s.rows);
+      cols = std::max(cols, s.cols);
+    }
+    uint64_t state = 2463534242ull;
+    auto next = [&state] {
+      state ^= state << 13;
+      state ^= state >> 7;
+      state ^= state << 17;
+      return static_cast<float>(state >> 40) / 16777216.0f - 0.5f;
+    };
+    x.resize(numel);
+    dy.resize(numel);
+    for (int64_t i = 0; i < numel; ++i) {
+      x[i] = 2.0f * (next() + next() + next()) + 0.5f;
+      dy[i] = next() + next();
+    }
+    y.assign(numel, 0.0f);
+    dx.assign(numel, 0.0f);
+    weight.assign(cols, 1.25f);
+    bias.assign(cols, -0.5f);
+    mean.assign(rows, 0.0f);
+    rstd.assign(rows, 1.0f);
+    grad_weight.assign(cols, 0.0f);
+    grad_bias.assign(cols, 0.0f);
+  }
+};
+
+RowBuffers& SharedRowBuffers() {
+  static RowBuffers* buffers = new RowBuffers;
+  return *buffers;
+}
+
+void BM_RowNorm(benchmark::State& state, nk::RowNorm norm, bool backward,
+                RowShape shape, int threads) {
+  RowBuffers& b = SharedRowBuffers();
+  nk::RowNormOps& ops = BackendFor(threads)->row_norm();
+  const bool layer = norm == nk::RowNorm::kLayerNorm;
+  const nk::RowNormShape rs{shape.rows, shape.cols};
+  const double bytes = static_cast<double>(rs.numel()) * sizeof(float);
+  nk::RowNormForwardArgs f;
+  f.norm = norm;
+  f.shape = rs;
+  f.x = b.x.data();
+  f.y = b.y.data();
+  f.weight = b.weight.data();
+  f.bias = layer ? b.bias.data() : nullptr;
+  f.mean = layer ? b.mean.data() : nullptr;
+  f.rstd = b.rstd.data();
+  // The backward's statistics are the forward's.
+  Check(ops.Forward(f, nullptr), state);
+  double traffic = 0;
+  if (!backward) {
+    traffic = 2 * bytes;
+    for (auto _ : state) Check(ops.Forward(f, nullptr), state);
+  } else {
+    nk::RowNormBackwardArgs a;
+    a.norm = norm;
+    a.shape = rs;
+    a.x = b.x.data();
+    a.dy = b.dy.data();
+    a.mean = f.mean;
+    a.rstd = b.rstd.data();
+    a.weight = b.weight.data();
+    a.dx = b.dx.data();
+    a.grad_weight = b.grad_weight.data();
+    a.grad_bias = layer ? b.grad_bias.data() : nullptr;
+    traffic = 3 * bytes;
+    for (auto _ : state) Check(ops.Backward(a, nullptr), state);
+  }
+  state.counters["traffic_bytes"] = traffic;
+  state.counters["GB/s"] = benchmark::Counter(
+      traffic / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 void BM_Copy(benchmark::State& state, int64_t bytes, int threads) {
   Buffers& b = SharedBuffers();
   const char* src = reinterpret_cast<const char*>(b.x.data());
@@ -316,6 +421,22 @@ int main(int argc, char** argv) {
               absl::StrCat(op, "/", shape.name, "/", layout_name, "/t", t)
                   .c_str(),
               BM_Kernel, std::string(op), shape, layout, t)
+              ->UseRealTime()
+              ->Unit(benchmark::kMillisecond);
+        }
+      }
+    }
+    for (const RowShape& shape : kRowShapes) {
+      for (nk::RowNorm norm :
+           {nk::RowNorm::kLayerNorm, nk::RowNorm::kRmsNorm}) {
+        for (bool backward : {false, true}) {
+          const char* op =
+              norm == nk::RowNorm::kLayerNorm
+                  ? (backward ? "layer_norm_backward" : "layer_norm_forward")
+                  : (backward ? "rms_norm_backward" : "rms_norm_forward");
+          benchmark::RegisterBenchmark(
+              absl::StrCat(op, "/", shape.name, "/rows/t", t).c_str(),
+              BM_RowNorm, norm, backward, shape, t)
               ->UseRealTime()
               ->Unit(benchmark::kMillisecond);
         }

@@ -11,9 +11,16 @@ torch.var_mean over every axis but the channels (PyTorch 1.13's split
 SyncBatchNorm ops, batch_norm_stats and the rest, have no CPU kernels, so
 the other split cases have no PyTorch counterpart) on float32 32x64x56x56,
 8x32x224x224, 256x2048x7x7 (contiguous = nchw and channels_last = nhwc)
-and 4096x1024, with torch.set_num_threads(T). Case names match the kernel bench:
+and 4096x1024; and the row normalizations: torch.nn.functional.layer_norm
+and aten's native_layer_norm_backward (dx, grad_weight, grad_bias), and,
+for RMSNorm, which PyTorch 1.13 lacks, the composite
+x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w and its autograd
+backward (dx, grad_weight; labelled as such in the output), on float32
+8192x768, 8192x4096 and 64x197x768 normalized over the last dimension
+(layout "rows"); with torch.set_num_threads(T). Case names match the kernel bench:
 OP/SHAPE/LAYOUT/tT. Writes {"torch_version", "cases": {name: {"ms": mean
-per call (as Google Benchmark reports), "min_ms", "iterations"}}}. Uses Debian's python3-torch (/usr/bin/python3).
+per call (as Google Benchmark reports), "min_ms", "iterations"[, "label":
+what was timed when it is not PyTorch's own kernel]}}}. Uses Debian's python3-torch (/usr/bin/python3).
 """
 import argparse
 import json
@@ -31,6 +38,14 @@ SHAPES = [
     ("4096x1024", (4096, 1024)),
 ]
 OPS = ["forward_train", "forward_eval", "backward_train", "stats"]
+ROW_SHAPES = [
+    ("8192x768", (8192, 768)),
+    ("8192x4096", (8192, 4096)),
+    ("64x197x768", (64, 197, 768)),
+]
+ROW_OPS = ["layer_norm_forward", "layer_norm_backward", "rms_norm_forward",
+           "rms_norm_backward"]
+RMS_LABEL = "composite x*rsqrt(mean(x^2)+eps)*w (torch 1.13 has no RMSNorm)"
 
 
 def time_case(fn, min_time_s):
@@ -74,6 +89,39 @@ def make_case(op, shape, layout):
         [True, True, True])
 
 
+def make_row_case(op, shape):
+    """Returns (fn, label or None)."""
+    cols = shape[-1]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen) * 2 + 0.5
+    dy = torch.randn(shape, generator=gen)
+    w = torch.full((cols,), 1.25)
+    b = torch.full((cols,), -0.5)
+    eps = 1e-5
+    if op == "layer_norm_forward":
+        return lambda: F.layer_norm(x, (cols,), w, b, eps), None
+    if op == "layer_norm_backward":
+        _, mean, rstd = torch.ops.aten.native_layer_norm(x, [cols], w, b, eps)
+        return (lambda: torch.ops.aten.native_layer_norm_backward(
+            dy, x, [cols], mean, rstd, w, b, [True, True, True]), None)
+
+    def rms(xv, wv):
+        return xv * torch.rsqrt(xv.pow(2).mean(-1, keepdim=True) + eps) * wv
+    if op == "rms_norm_forward":
+        return (lambda: rms(x, w)), RMS_LABEL
+    # Backward: the graph is built once; each call runs autograd's backward
+    # through it for dx and grad_weight (fresh tensors, no accumulation).
+    with torch.enable_grad():
+        xg = x.clone().requires_grad_(True)
+        wg = w.clone().requires_grad_(True)
+        y = rms(xg, wg)
+
+    def backward():
+        with torch.enable_grad():
+            return torch.autograd.grad(y, [xg, wg], dy, retain_graph=True)
+    return backward, RMS_LABEL
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", default=None)
@@ -103,6 +151,19 @@ def main():
                                        "iterations": n}
                         print(f"{name:40s} {ms:9.3f} ms", file=sys.stderr)
                         del fn
+            for shape_name, shape in ROW_SHAPES:
+                for op in ROW_OPS:
+                    name = f"{op}/{shape_name}/rows/t{t}"
+                    if not pattern.search(name):
+                        continue
+                    fn, label = make_row_case(op, shape)
+                    ms, min_ms, n = time_case(fn, args.min_time_s)
+                    cases[name] = {"ms": ms, "min_ms": min_ms,
+                                   "iterations": n}
+                    if label:
+                        cases[name]["label"] = label
+                    print(f"{name:40s} {ms:9.3f} ms", file=sys.stderr)
+                    del fn
     out = {"torch_version": torch.__version__, "cases": cases}
     if args.json:
         with open(args.json, "w") as f:
