@@ -9,8 +9,8 @@
 //   forward_train  (statistics, running-stat update, y)   traffic 2R + 1W
 //   backward_train (grad_weight, grad_bias, dx)           traffic 4R + 1W
 //   forward_eval   (y from running statistics)            traffic 1R + 1W
-// in bytes of the minimal traffic of docs/design.md §5, for our kernels (through
-// the CUDA backend, as the server calls them) and for cuDNN
+// in bytes of the minimal traffic of docs/design.md §5, for our kernels
+// (through the CUDA backend, as the server calls them) and for cuDNN
 // (cudnnBatchNormalizationForwardTrainingEx / BackwardEx /
 // ForwardInference; SPATIAL_PERSISTENT and SPATIAL, the faster one that is
 // supported). Inputs are random (never zeros), generated on the device, and
@@ -41,7 +41,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "kernels/backend.h"
 #include "kernels/backend.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/types.h"

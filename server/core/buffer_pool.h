@@ -1,6 +1,6 @@
 // Reuses backend buffers across calls: fresh memory costs a page fault per
-// 4 KiB on first touch (docs/design.md §5), so large buffers are kept and handed
-// out again instead of being freed.
+// 4 KiB on first touch (docs/design.md §5), so large buffers are kept and
+// handed out again instead of being freed.
 //
 // Thread safety: Acquire and Release may be called from any thread.
 #pragma once

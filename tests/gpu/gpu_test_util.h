@@ -22,9 +22,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/half.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
-#include "common/half.h"
 #include "kernels/reference/batch_norm_reference.h"
 #include "kernels/types.h"
 #include "tests/kernels/kernel_test_util.h"

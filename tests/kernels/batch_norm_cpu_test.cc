@@ -35,7 +35,6 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
-#include "kernels/backend.h"
 #include "kernels/batch_norm_merge.h"
 #include "kernels/reference/batch_norm_reference.h"
 #include "kernels/types.h"
