@@ -271,4 +271,50 @@ absl::Status CheckRowNormBackwardArgs(const RowNormBackwardArgs& args) {
   return absl::OkStatus();
 }
 
+namespace {
+
+absl::Status CheckGroupNormCommon(const char* op, const GroupNormShape& shape,
+                                  DType dtype) {
+  if (shape.n < 0 || shape.c < 1 || shape.hw < 1 || shape.groups < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        op, ": shape (n=", shape.n, ", c=", shape.c, ", hw=", shape.hw,
+        ", groups=", shape.groups, ") needs n >= 0 and c, hw, groups >= 1"));
+  }
+  if (shape.c % shape.groups != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        op, ": c=", shape.c, " is not divisible by groups=", shape.groups));
+  }
+  const int64_t max = std::numeric_limits<int64_t>::max() / 8;
+  if (shape.n > max / shape.c / shape.hw) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": shape (n=", shape.n, ", c=", shape.c,
+                     ", hw=", shape.hw, ") has too many elements"));
+  }
+  if (dtype != DType::kFloat32 && dtype != DType::kFloat16 &&
+      dtype != DType::kBFloat16) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": unknown dtype"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status CheckGroupNormForwardArgs(const GroupNormForwardArgs& args) {
+  constexpr const char* kOp = "GroupNorm Forward";
+  RETURN_IF_ERROR(CheckGroupNormCommon(kOp, args.shape, args.dtype));
+  RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
+  RETURN_IF_ERROR(CheckNotNull(kOp, args.y, "y"));
+  RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
+  return CheckNotNull(kOp, args.rstd, "rstd");
+}
+
+absl::Status CheckGroupNormBackwardArgs(const GroupNormBackwardArgs& args) {
+  constexpr const char* kOp = "GroupNorm Backward";
+  RETURN_IF_ERROR(CheckGroupNormCommon(kOp, args.shape, args.dtype));
+  RETURN_IF_ERROR(CheckNotNull(kOp, args.x, "x"));
+  RETURN_IF_ERROR(CheckNotNull(kOp, args.dy, "dy"));
+  RETURN_IF_ERROR(CheckNotNull(kOp, args.mean, "mean"));
+  return CheckNotNull(kOp, args.rstd, "rstd");
+}
+
 }  // namespace normserve::kernels

@@ -1,6 +1,7 @@
-// The argument checks of the BatchNorm ops and the row normalizations, run
-// once per call by the public methods of BatchNormOps (kernels/batch_norm.h)
-// and RowNormOps (kernels/row_norm.h) for every backend, so
+// The argument checks of the BatchNorm ops, the row normalizations and
+// GroupNorm, run once per call by the public methods of BatchNormOps
+// (kernels/batch_norm.h), RowNormOps (kernels/row_norm.h) and GroupNormOps
+// (kernels/group_norm.h) for every backend, so
 // that the CPU and CUDA backends reject the same inputs with the same
 // messages. Each returns INVALID_ARGUMENT, prefixed with the op's name,
 // naming what was wrong; OK otherwise.
@@ -11,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "kernels/batch_norm.h"
+#include "kernels/group_norm.h"
 #include "kernels/row_norm.h"
 #include "kernels/types.h"
 
@@ -70,5 +72,13 @@ absl::Status CheckInvStdArgs(int64_t c, const float* var, const float* invstd,
 // does).
 absl::Status CheckRowNormForwardArgs(const RowNormForwardArgs& args);
 absl::Status CheckRowNormBackwardArgs(const RowNormBackwardArgs& args);
+
+// The checks of GroupNormOps (kernels/group_norm.h), the op named
+// "GroupNorm Forward" or "GroupNorm Backward": n >= 0, c >= 1, hw >= 1,
+// groups >= 1 dividing c, n * c * hw * 8 bytes within int64, a known
+// dtype, and the required pointers (x, y, mean, rstd; backward x, dy,
+// mean, rstd). n = 0 passes.
+absl::Status CheckGroupNormForwardArgs(const GroupNormForwardArgs& args);
+absl::Status CheckGroupNormBackwardArgs(const GroupNormBackwardArgs& args);
 
 }  // namespace normserve::kernels

@@ -12,6 +12,7 @@
 
 #include "kernels/batch_norm.h"
 #include "kernels/device.h"
+#include "kernels/group_norm.h"
 #include "kernels/row_norm.h"
 
 namespace normserve::kernels {
@@ -21,9 +22,10 @@ class Backend : public Device {
   // The BatchNorm ops (kernels/batch_norm.h).
   virtual BatchNormOps& batch_norm() = 0;
   // The row normalizations, LayerNorm and RMSNorm (kernels/row_norm.h).
-  // Each later kind (GroupNorm, InstanceNorm: reductions over other axes)
-  // adds its own op table accessor beside these.
   virtual RowNormOps& row_norm() = 0;
+  // GroupNorm (kernels/group_norm.h). InstanceNorm runs on batch_norm().
+  // A kind that reduces over other axes adds its own accessor beside these.
+  virtual GroupNormOps& group_norm() = 0;
 };
 
 // Options for the CPU backend.

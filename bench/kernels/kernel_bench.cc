@@ -20,7 +20,17 @@
 //   rms_norm_backward    RMSNorm Backward: dx, grad_weight
 // on float32 8192x768, 8192x4096 and 64x197x768 (normalized over the last
 // dimension; traffic: forward 1 read + 1 write, backward 2 reads + 1 write);
-// and the yardstick:
+// GroupNorm (kernels/group_norm.h), OP/SHAPE/gG/tT:
+//   group_norm_forward   Forward: mean, rstd and y
+//   group_norm_backward  Backward: dx, grad_weight, grad_bias
+// on float32 32x256x56x56 and 8x64x128x128 with 32 groups; InstanceNorm2d
+// as the instance_norm layer runs it (BatchNorm over (1, N·C, H·W), weight
+// and bias repeated per sample; server/core/layers/batch_norm_layer.h),
+// OP/SHAPE/nchw/tT:
+//   instance_norm_forward   ForwardTrain: statistics and y
+//   instance_norm_backward  BackwardTrain: dx and the per-instance sums
+// on float32 16x64x64x64 (traffic as the row normalizations'); and the
+// yardstick:
 //   copy/SIZE/tT    memcpy split over T threads
 // for float32 shapes 32x64x56x56, 8x32x224x224, 256x2048x7x7 (NCHW and
 // NHWC) and 4096x1024 (N, C), on 1 thread and on every core. Times are
@@ -54,6 +64,7 @@
 #include "kernels/backend.h"
 #include "kernels/cpu/batch_norm_cpu.h"
 #include "kernels/cpu/parallel.h"
+#include "kernels/group_norm.h"
 #include "kernels/row_norm.h"
 
 namespace nk = normserve::kernels;
@@ -244,6 +255,16 @@ void BM_Kernel(benchmark::State& state, std::string op, StandardShape shape,
       traffic / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// Times `op` (returning a Status) and reports `traffic` bytes per call as
+// the counters traffic_bytes and GB/s.
+template <typename Op>
+void TimeOp(benchmark::State& state, double traffic, Op op) {
+  for (auto _ : state) Check(op(), state);
+  state.counters["traffic_bytes"] = traffic;
+  state.counters["GB/s"] = benchmark::Counter(
+      traffic / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 // ---------------------------------------------------------------------------
 // The row normalizations.
 
@@ -318,28 +339,148 @@ void BM_RowNorm(benchmark::State& state, nk::RowNorm norm, bool backward,
   f.rstd = b.rstd.data();
   // The backward's statistics are the forward's.
   Check(ops.Forward(f, nullptr), state);
-  double traffic = 0;
   if (!backward) {
-    traffic = 2 * bytes;
-    for (auto _ : state) Check(ops.Forward(f, nullptr), state);
-  } else {
-    nk::RowNormBackwardArgs a;
-    a.norm = norm;
-    a.shape = rs;
-    a.x = b.x.data();
-    a.dy = b.dy.data();
-    a.mean = f.mean;
-    a.rstd = b.rstd.data();
-    a.weight = b.weight.data();
-    a.dx = b.dx.data();
-    a.grad_weight = b.grad_weight.data();
-    a.grad_bias = layer ? b.grad_bias.data() : nullptr;
-    traffic = 3 * bytes;
-    for (auto _ : state) Check(ops.Backward(a, nullptr), state);
+    TimeOp(state, 2 * bytes, [&] { return ops.Forward(f, nullptr); });
+    return;
   }
-  state.counters["traffic_bytes"] = traffic;
-  state.counters["GB/s"] = benchmark::Counter(
-      traffic / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  nk::RowNormBackwardArgs a;
+  a.norm = norm;
+  a.shape = rs;
+  a.x = b.x.data();
+  a.dy = b.dy.data();
+  a.mean = f.mean;
+  a.rstd = b.rstd.data();
+  a.weight = b.weight.data();
+  a.dx = b.dx.data();
+  a.grad_weight = b.grad_weight.data();
+  a.grad_bias = layer ? b.grad_bias.data() : nullptr;
+  TimeOp(state, 3 * bytes, [&] { return ops.Backward(a, nullptr); });
+}
+
+// ---------------------------------------------------------------------------
+// GroupNorm and InstanceNorm.
+
+struct ChannelShape {
+  const char* name;
+  int64_t n, c, s, groups;  // groups 0: InstanceNorm.
+};
+
+constexpr ChannelShape kGroupShapes[] = {
+    {"32x256x56x56", 32, 256, 56 * 56, 32},
+    {"8x64x128x128", 8, 64, 128 * 128, 32},
+};
+constexpr ChannelShape kInstanceShapes[] = {
+    {"16x64x64x64", 16, 64, 64 * 64, 0},
+};
+
+// Buffers for the largest of these shapes, made and touched on first use.
+struct ChannelBuffers {
+  std::vector<float> x, y, dy, dx, weight, bias, mean, rstd, grad_weight,
+      grad_bias;
+
+  ChannelBuffers() {
+    int64_t numel = 0, planes = 0;
+    for (const ChannelShape& s : kGroupShapes) {
+      numel = std::max(numel, s.n * s.c * s.s);
+      planes = std::max(planes, s.n * s.c);
+    }
+    for (const ChannelShape& s : kInstanceShapes) {
+      numel = std::max(numel, s.n * s.c * s.s);
+      planes = std::max(planes, s.n * s.c);
+    }
+    uint64_t state = 977666321ull;
+    auto next = [&state] {
+      state ^= state << 13;
+      state ^= state >> 7;
+      state ^= state << 17;
+      return static_cast<float>(state >> 40) / 16777216.0f - 0.5f;
+    };
+    x.resize(numel);
+    dy.resize(numel);
+    for (int64_t i = 0; i < numel; ++i) {
+      x[i] = 2.0f * (next() + next() + next()) + 0.5f;
+      dy[i] = next() + next();
+    }
+    y.assign(numel, 0.0f);
+    dx.assign(numel, 0.0f);
+    // Per (sample, channel): InstanceNorm's repeated parameters and
+    // statistics; GroupNorm uses the first c or n * groups.
+    weight.assign(planes, 1.25f);
+    bias.assign(planes, -0.5f);
+    mean.assign(planes, 0.0f);
+    rstd.assign(planes, 1.0f);
+    grad_weight.assign(planes, 0.0f);
+    grad_bias.assign(planes, 0.0f);
+  }
+};
+
+ChannelBuffers& SharedChannelBuffers() {
+  static ChannelBuffers* buffers = new ChannelBuffers;
+  return *buffers;
+}
+
+void BM_GroupNorm(benchmark::State& state, bool backward, ChannelShape shape,
+                  int threads) {
+  ChannelBuffers& b = SharedChannelBuffers();
+  nk::GroupNormOps& ops = BackendFor(threads)->group_norm();
+  const nk::GroupNormShape gs{shape.n, shape.c, shape.s, shape.groups};
+  const double bytes = static_cast<double>(gs.numel()) * sizeof(float);
+  nk::GroupNormForwardArgs f;
+  f.shape = gs;
+  f.x = b.x.data();
+  f.y = b.y.data();
+  f.weight = b.weight.data();
+  f.bias = b.bias.data();
+  f.mean = b.mean.data();
+  f.rstd = b.rstd.data();
+  Check(ops.Forward(f, nullptr), state);
+  if (!backward) {
+    TimeOp(state, 2 * bytes, [&] { return ops.Forward(f, nullptr); });
+    return;
+  }
+  nk::GroupNormBackwardArgs a;
+  a.shape = gs;
+  a.x = b.x.data();
+  a.dy = b.dy.data();
+  a.mean = b.mean.data();
+  a.rstd = b.rstd.data();
+  a.weight = b.weight.data();
+  a.dx = b.dx.data();
+  a.grad_weight = b.grad_weight.data();
+  a.grad_bias = b.grad_bias.data();
+  TimeOp(state, 3 * bytes, [&] { return ops.Backward(a, nullptr); });
+}
+
+void BM_InstanceNorm(benchmark::State& state, bool backward, ChannelShape shape,
+                     int threads) {
+  ChannelBuffers& b = SharedChannelBuffers();
+  nk::BatchNormOps& ops = BackendFor(threads)->batch_norm();
+  const nk::BatchNormShape bs{1, shape.n * shape.c, shape.s, nk::Layout::kNCHW};
+  const double bytes = static_cast<double>(bs.numel()) * sizeof(float);
+  nk::BatchNormForwardTrainArgs f;
+  f.shape = bs;
+  f.x = b.x.data();
+  f.y = b.y.data();
+  f.weight = b.weight.data();
+  f.bias = b.bias.data();
+  f.save_mean = b.mean.data();
+  f.save_invstd = b.rstd.data();
+  Check(ops.ForwardTrain(f, nullptr), state);
+  if (!backward) {
+    TimeOp(state, 2 * bytes, [&] { return ops.ForwardTrain(f, nullptr); });
+    return;
+  }
+  nk::BatchNormBackwardArgs a;
+  a.shape = bs;
+  a.x = b.x.data();
+  a.dy = b.dy.data();
+  a.dx = b.dx.data();
+  a.mean = b.mean.data();
+  a.invstd = b.rstd.data();
+  a.weight = b.weight.data();
+  a.grad_weight = b.grad_weight.data();
+  a.grad_bias = b.grad_bias.data();
+  TimeOp(state, 3 * bytes, [&] { return ops.BackwardTrain(a, nullptr); });
 }
 
 void BM_Copy(benchmark::State& state, int64_t bytes, int threads) {
@@ -440,6 +581,28 @@ int main(int argc, char** argv) {
               ->UseRealTime()
               ->Unit(benchmark::kMillisecond);
         }
+      }
+    }
+  }
+  for (int t : threads) {
+    for (bool backward : {false, true}) {
+      const char* suffix = backward ? "_backward/" : "_forward/";
+      for (const ChannelShape& shape : kGroupShapes) {
+        benchmark::RegisterBenchmark(
+            absl::StrCat("group_norm", suffix, shape.name, "/g", shape.groups,
+                         "/t", t)
+                .c_str(),
+            BM_GroupNorm, backward, shape, t)
+            ->UseRealTime()
+            ->Unit(benchmark::kMillisecond);
+      }
+      for (const ChannelShape& shape : kInstanceShapes) {
+        benchmark::RegisterBenchmark(
+            absl::StrCat("instance_norm", suffix, shape.name, "/nchw/t", t)
+                .c_str(),
+            BM_InstanceNorm, backward, shape, t)
+            ->UseRealTime()
+            ->Unit(benchmark::kMillisecond);
       }
     }
   }

@@ -17,7 +17,13 @@ for RMSNorm, which PyTorch 1.13 lacks, the composite
 x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w and its autograd
 backward (dx, grad_weight; labelled as such in the output), on float32
 8192x768, 8192x4096 and 64x197x768 normalized over the last dimension
-(layout "rows"); with torch.set_num_threads(T). Case names match the kernel bench:
+(layout "rows"); GroupNorm: torch.nn.functional.group_norm and aten's
+native_group_norm_backward on 32x256x56x56 and 8x64x128x128 with 32 groups
+(layout "g32"); InstanceNorm2d: torch.nn.functional.instance_norm (affine,
+no running statistics) and, for its backward, aten's
+native_batch_norm_backward on the (1, N*C, H, W) view, which is what
+autograd runs for instance_norm (labelled), on 16x64x64x64; with
+torch.set_num_threads(T). Case names match the kernel bench:
 OP/SHAPE/LAYOUT/tT. Writes {"torch_version", "cases": {name: {"ms": mean
 per call (as Google Benchmark reports), "min_ms", "iterations"[, "label":
 what was timed when it is not PyTorch's own kernel]}}}. Uses Debian's python3-torch (/usr/bin/python3).
@@ -45,6 +51,17 @@ ROW_SHAPES = [
 ]
 ROW_OPS = ["layer_norm_forward", "layer_norm_backward", "rms_norm_forward",
            "rms_norm_backward"]
+CHANNEL_CASES = [
+    # op, shape name, layout, shape, groups
+    ("group_norm_forward", "32x256x56x56", "g32", (32, 256, 56, 56), 32),
+    ("group_norm_backward", "32x256x56x56", "g32", (32, 256, 56, 56), 32),
+    ("group_norm_forward", "8x64x128x128", "g32", (8, 64, 128, 128), 32),
+    ("group_norm_backward", "8x64x128x128", "g32", (8, 64, 128, 128), 32),
+    ("instance_norm_forward", "16x64x64x64", "nchw", (16, 64, 64, 64), 0),
+    ("instance_norm_backward", "16x64x64x64", "nchw", (16, 64, 64, 64), 0),
+]
+INSTANCE_BACKWARD_LABEL = ("native_batch_norm_backward on the (1, N*C, H, W) "
+                           "view (autograd's instance_norm backward)")
 RMS_LABEL = "composite x*rsqrt(mean(x^2)+eps)*w (torch 1.13 has no RMSNorm)"
 
 
@@ -122,6 +139,38 @@ def make_row_case(op, shape):
     return backward, RMS_LABEL
 
 
+def make_channel_case(op, shape, groups):
+    """Returns (fn, label or None)."""
+    n, c = shape[0], shape[1]
+    hw = 1
+    for d in shape[2:]:
+        hw *= d
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen) * 2 + 0.5
+    dy = torch.randn(shape, generator=gen)
+    w = torch.full((c,), 1.25)
+    b = torch.full((c,), -0.5)
+    eps = 1e-5
+    if op == "group_norm_forward":
+        return lambda: F.group_norm(x, groups, w, b, eps), None
+    if op == "group_norm_backward":
+        _, mean, rstd = torch.ops.aten.native_group_norm(
+            x, w, b, n, c, hw, groups, eps)
+        return (lambda: torch.ops.aten.native_group_norm_backward(
+            dy, x, mean, rstd, w, n, c, hw, groups, [True, True, True]),
+            None)
+    if op == "instance_norm_forward":
+        return (lambda: F.instance_norm(x, weight=w, bias=b, eps=eps)), None
+    xv = x.reshape(1, n * c, *shape[2:])
+    dyv = dy.reshape(1, n * c, *shape[2:])
+    wv = w.repeat(n)
+    _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+        xv, wv, b.repeat(n), None, None, True, 0.1, eps)
+    return (lambda: torch.ops.aten.native_batch_norm_backward(
+        dyv, xv, wv, None, None, save_mean, save_invstd, True, eps,
+        [True, True, True]), INSTANCE_BACKWARD_LABEL)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", default=None)
@@ -164,6 +213,17 @@ def main():
                         cases[name]["label"] = label
                     print(f"{name:40s} {ms:9.3f} ms", file=sys.stderr)
                     del fn
+            for op, shape_name, layout, shape, groups in CHANNEL_CASES:
+                name = f"{op}/{shape_name}/{layout}/t{t}"
+                if not pattern.search(name):
+                    continue
+                fn, label = make_channel_case(op, shape, groups)
+                ms, min_ms, n = time_case(fn, args.min_time_s)
+                cases[name] = {"ms": ms, "min_ms": min_ms, "iterations": n}
+                if label:
+                    cases[name]["label"] = label
+                print(f"{name:40s} {ms:9.3f} ms", file=sys.stderr)
+                del fn
     out = {"torch_version": torch.__version__, "cases": cases}
     if args.json:
         with open(args.json, "w") as f:

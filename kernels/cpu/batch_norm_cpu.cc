@@ -51,6 +51,8 @@
 #include "kernels/backend.h"
 #include "kernels/batch_norm.h"
 #include "kernels/cpu/cpu_kernels.h"
+#include "kernels/cpu/dispatch.h"
+#include "kernels/cpu/group_norm_cpu.h"
 #include "kernels/cpu/parallel.h"
 #include "kernels/cpu/row_norm_cpu.h"
 #include "kernels/cpu/scratch.h"
@@ -59,8 +61,10 @@
 namespace normserve::kernels {
 namespace {
 
+using cpu::ForDType;
 using cpu::KernelSet;
 using cpu::KernelTable;
+using cpu::PartStart;
 using cpu::ThreadPool;
 
 // NCHW planes shorter than this are processed as rows when n >= kMinFoldRows.
@@ -141,12 +145,6 @@ absl::Status ScratchExhausted(const Plan& p) {
   return absl::ResourceExhaustedError(
       absl::StrCat("cannot allocate scratch memory for ", p.c, " channels (",
                    p.rows ? p.width : p.c, " columns, ", p.tasks, " tasks)"));
-}
-
-// Start of part `t` of [0, total) cut into `parts` near-equal parts.
-int64_t PartStart(int64_t total, int t, int parts) {
-  const int64_t q = total / parts, r = total % parts;
-  return q * t + std::min<int64_t>(t, r);
 }
 
 // Calls fn(channel, element_offset, length) for each plane segment of task t.
@@ -251,43 +249,43 @@ class CpuBatchNormOps final : public BatchNormOps {
 
  protected:
   absl::Status DoStats(const BatchNormStatsArgs& args, Stream) override {
-    return ForDType(args.dtype,
+    return ForDType(table_, args.dtype,
                     [&](const auto& k) { return StatsImpl(k, args); });
   }
 
   absl::Status DoApply(const BatchNormApplyArgs& args, Stream) override {
-    return ForDType(args.dtype,
+    return ForDType(table_, args.dtype,
                     [&](const auto& k) { return ApplyImpl(k, args); });
   }
 
   absl::Status DoBackwardReduce(const BatchNormBackwardReduceArgs& args,
                                 Stream) override {
-    return ForDType(args.dtype,
+    return ForDType(table_, args.dtype,
                     [&](const auto& k) { return BackwardReduceImpl(k, args); });
   }
 
   absl::Status DoBackwardApply(const BatchNormBackwardApplyArgs& args,
                                Stream) override {
-    return ForDType(args.dtype,
+    return ForDType(table_, args.dtype,
                     [&](const auto& k) { return BackwardApplyImpl(k, args); });
   }
 
   absl::Status DoForwardTrain(const BatchNormForwardTrainArgs& args,
                               Stream) override {
-    return ForDType(args.dtype,
+    return ForDType(table_, args.dtype,
                     [&](const auto& k) { return ForwardTrainImpl(k, args); });
   }
 
   absl::Status DoBackwardTrain(const BatchNormBackwardArgs& args,
                                Stream) override {
-    return ForDType(args.dtype, [&](const auto& k) {
+    return ForDType(table_, args.dtype, [&](const auto& k) {
       return BackwardImpl(k, args, /*train=*/true);
     });
   }
 
   absl::Status DoBackwardEval(const BatchNormBackwardArgs& args,
                               Stream) override {
-    return ForDType(args.dtype, [&](const auto& k) {
+    return ForDType(table_, args.dtype, [&](const auto& k) {
       return BackwardImpl(k, args, /*train=*/false);
     });
   }
@@ -315,20 +313,6 @@ class CpuBatchNormOps final : public BatchNormOps {
   }
 
  private:
-  // Calls fn(kernel set of `dtype`).
-  template <typename Fn>
-  absl::Status ForDType(DType dtype, Fn fn) const {
-    switch (dtype) {
-      case DType::kFloat32:
-        return fn(table_.f32);
-      case DType::kFloat16:
-        return fn(table_.f16);
-      case DType::kBFloat16:
-        return fn(table_.bf16);
-    }
-    return absl::InternalError("unreachable: dtype was checked");
-  }
-
   Plan PlanFor(const BatchNormShape& shape) const {
     return MakePlan(shape, pool_.num_threads(), min_elements_per_task_);
   }
@@ -675,8 +659,10 @@ class CpuBackend final : public Backend {
              int num_threads, int64_t min_elements_per_task)
       : pool_(num_threads),
         ops_(table, &pool_, min_elements_per_task),
-        row_norm_ops_(cpu::CreateCpuRowNormOps(row_table, &pool_,
-                                               min_elements_per_task)) {}
+        row_norm_ops_(
+            cpu::CreateCpuRowNormOps(row_table, &pool_, min_elements_per_task)),
+        group_norm_ops_(
+            cpu::CreateCpuGroupNormOps(table, &pool_, min_elements_per_task)) {}
 
   DeviceKind kind() const override { return DeviceKind::kCpu; }
 
@@ -711,6 +697,7 @@ class CpuBackend final : public Backend {
 
   BatchNormOps& batch_norm() override { return ops_; }
   RowNormOps& row_norm() override { return *row_norm_ops_; }
+  GroupNormOps& group_norm() override { return *group_norm_ops_; }
 
  private:
   static absl::Status Copy(const char* op, void* dst, const void* src,
@@ -725,6 +712,7 @@ class CpuBackend final : public Backend {
   ThreadPool pool_;  // Shared by the op tables; before them.
   CpuBatchNormOps ops_;
   std::unique_ptr<RowNormOps> row_norm_ops_;
+  std::unique_ptr<GroupNormOps> group_norm_ops_;
 };
 
 const KernelTable& ResolveTable(CpuIsa isa) {

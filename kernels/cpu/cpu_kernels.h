@@ -1,4 +1,5 @@
-// Inner loops of the CPU BatchNorm backend, one table per instruction set.
+// Inner loops of the CPU BatchNorm backend (and GroupNorm's, which
+// reuses the segment functions), one table per instruction set.
 //
 // Every function works on host memory in one thread and is one of two
 // shapes: a "segment" of `len` contiguous elements of one channel (NCHW
@@ -47,6 +48,9 @@ struct KernelSet {
                           int64_t ld, int64_t c0, int64_t c1, const float* mean,
                           const float* grad_mean, const float* k,
                           const float* scale);
+  // dx = dy * a - (x - shift) * b + c (GroupNorm's grad_input).
+  void (*grad_affine_segment)(const T* x, const T* dy, T* dx, int64_t len,
+                              float shift, float a, float b, float c);
 };
 
 struct KernelTable {

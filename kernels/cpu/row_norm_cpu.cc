@@ -27,6 +27,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "common/half.h"
+#include "kernels/cpu/dispatch.h"
 #include "kernels/cpu/parallel.h"
 #include "kernels/cpu/row_norm_kernels.h"
 #include "kernels/cpu/scratch.h"
@@ -41,12 +42,6 @@ namespace {
 // of each term).
 constexpr int64_t kFoldRows = 8;
 
-// Start of part `t` of [0, total) cut into `parts` near-equal parts.
-int64_t PartStart(int64_t total, int t, int parts) {
-  const int64_t q = total / parts, r = total % parts;
-  return q * t + std::min<int64_t>(t, r);
-}
-
 class CpuRowNormOps final : public RowNormOps {
  public:
   CpuRowNormOps(const RowNormKernelTable& table, ThreadPool* pool,
@@ -57,29 +52,16 @@ class CpuRowNormOps final : public RowNormOps {
 
  protected:
   absl::Status DoForward(const RowNormForwardArgs& args, Stream) override {
-    return ForDType(args.dtype,
+    return ForDType(table_, args.dtype,
                     [&](const auto& k) { return ForwardImpl(k, args); });
   }
 
   absl::Status DoBackward(const RowNormBackwardArgs& args, Stream) override {
-    return ForDType(args.dtype,
+    return ForDType(table_, args.dtype,
                     [&](const auto& k) { return BackwardImpl(k, args); });
   }
 
  private:
-  template <typename Fn>
-  absl::Status ForDType(DType dtype, Fn fn) {
-    switch (dtype) {
-      case DType::kFloat32:
-        return fn(table_.f32);
-      case DType::kFloat16:
-        return fn(table_.f16);
-      case DType::kBFloat16:
-        return fn(table_.bf16);
-    }
-    return absl::InvalidArgumentError("unknown dtype");  // Checked before.
-  }
-
   int TasksFor(const RowNormShape& shape) const {
     const int64_t want = shape.numel() / min_elements_per_task_;
     return static_cast<int>(std::clamp<int64_t>(

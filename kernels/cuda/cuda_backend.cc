@@ -1,8 +1,9 @@
 // The CUDA backend: per-stream resources (workspace for split reductions,
 // pinned staging buffers), copies, and the BatchNorm ops' dtype and form
-// dispatch to the typed entry points of launch.h, and the row
-// normalizations' to row_norm_launch.h (their arguments are checked by
-// BatchNormOps and RowNormOps, kernels/arg_checks.h).
+// dispatch to the typed entry points of launch.h, the row normalizations'
+// to row_norm_launch.h and GroupNorm's to group_norm_launch.h (their
+// arguments are checked by BatchNormOps, RowNormOps and GroupNormOps,
+// kernels/arg_checks.h).
 #include "kernels/cuda/cuda_backend.h"
 
 #include <cuda_runtime_api.h>
@@ -24,6 +25,7 @@
 #include "common/status_macros.h"
 #include "kernels/arg_checks.h"
 #include "kernels/backend.h"
+#include "kernels/cuda/group_norm_launch.h"
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/row_norm_launch.h"
 #include "kernels/types.h"
@@ -559,6 +561,65 @@ class CudaRowNormOps final : public RowNormOps {
 };
 
 // ---------------------------------------------------------------------------
+// GroupNorm: arguments arrive checked (GroupNormOps); each op dispatches on
+// the dtype once (group_norm_launch.h picks the path). Backward with n = 0
+// zeroes grad_weight and grad_bias.
+
+class CudaGroupNormOps final : public GroupNormOps {
+ public:
+  explicit CudaGroupNormOps(Streams* streams) : streams_(streams) {}
+
+ protected:
+  absl::Status DoForward(const GroupNormForwardArgs& args,
+                         Stream stream) override {
+    cuda::GroupNormForwardParams p;
+    p.n = args.shape.n;
+    p.c = args.shape.c;
+    p.hw = args.shape.hw;
+    p.groups = args.shape.groups;
+    p.x = args.x;
+    p.y = args.y;
+    p.weight = args.weight;
+    p.bias = args.bias;
+    p.eps = args.eps;
+    p.mean = args.mean;
+    p.rstd = args.rstd;
+    return streams_->Launch(
+        "GroupNorm Forward", stream, [&](const cuda::LaunchEnv& env) {
+          return ForDType(args.dtype, [&](auto tag) {
+            return cuda::GroupNormForward<decltype(tag)>(p, env);
+          });
+        });
+  }
+
+  absl::Status DoBackward(const GroupNormBackwardArgs& args,
+                          Stream stream) override {
+    cuda::GroupNormBackwardParams p;
+    p.n = args.shape.n;
+    p.c = args.shape.c;
+    p.hw = args.shape.hw;
+    p.groups = args.shape.groups;
+    p.x = args.x;
+    p.dy = args.dy;
+    p.mean = args.mean;
+    p.rstd = args.rstd;
+    p.weight = args.weight;
+    p.dx = args.dx;
+    p.grad_weight = args.grad_weight;
+    p.grad_bias = args.grad_bias;
+    return streams_->Launch(
+        "GroupNorm Backward", stream, [&](const cuda::LaunchEnv& env) {
+          return ForDType(args.dtype, [&](auto tag) {
+            return cuda::GroupNormBackward<decltype(tag)>(p, env);
+          });
+        });
+  }
+
+ private:
+  Streams* const streams_;
+};
+
+// ---------------------------------------------------------------------------
 // The backend: device memory, copies, and the ops.
 
 class CudaBackend final : public Backend {
@@ -568,7 +629,8 @@ class CudaBackend final : public Backend {
         device_(options.device),
         streams_(options, prop.multiProcessorCount),
         ops_(&streams_),
-        row_norm_ops_(&streams_) {
+        row_norm_ops_(&streams_),
+        group_norm_ops_(&streams_) {
     name_ =
         absl::StrFormat("cuda:%d (%s, %.1f GiB, sm_%d%d)", device_, prop.name,
                         static_cast<double>(prop.totalGlobalMem) /
@@ -652,6 +714,7 @@ class CudaBackend final : public Backend {
 
   BatchNormOps& batch_norm() override { return ops_; }
   RowNormOps& row_norm() override { return row_norm_ops_; }
+  GroupNormOps& group_norm() override { return group_norm_ops_; }
 
  private:
   const CudaBackendOptions options_;
@@ -660,6 +723,7 @@ class CudaBackend final : public Backend {
   Streams streams_;  // Before the op tables, which use it.
   CudaBatchNormOps ops_;
   CudaRowNormOps row_norm_ops_;
+  CudaGroupNormOps group_norm_ops_;
 };
 
 }  // namespace

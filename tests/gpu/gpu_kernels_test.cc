@@ -8,7 +8,9 @@
 // ("no CUDA device") without a GPU. Also the row normalizations (LayerNorm,
 // RMSNorm) against the same double reference the CPU suite uses, on shapes
 // that take each launch path (warp per row at every register width, block
-// per row), and their shared argument checks.
+// per row), and their shared argument checks. And GroupNorm against its
+// double reference, on shapes that take each path (warp per row, block per
+// row, rows cut into ranges; warp or block per plane in backward).
 //
 // Inputs are rounded to the dtype first; the reference runs on exactly those
 // values in double. Outputs start as NaN bytes. Tolerances: gpu_test_util.h.
@@ -31,11 +33,14 @@
 #include "kernels/backend.h"
 #include "kernels/batch_norm_merge.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "kernels/group_norm.h"
 #include "kernels/reference/batch_norm_reference.h"
+#include "kernels/reference/group_norm_reference.h"
 #include "kernels/reference/row_norm_reference.h"
 #include "kernels/row_norm.h"
 #include "tests/gpu/gpu_test_util.h"
 #include "tests/kernels/arg_check_cases.h"
+#include "tests/kernels/group_norm_test_util.h"
 #include "tests/kernels/row_norm_test_util.h"
 
 namespace normserve::kernels::gpu_test {
@@ -1046,6 +1051,133 @@ TEST_F(CudaBackendTest, RowNormArgCheckBaseArgumentsPass) {
     EXPECT_TRUE(status.ok()) << c.name << ": " << status;
   }
   ASSERT_TRUE(CudaBackend().Synchronize(nullptr).ok());
+}
+
+// ---------------------------------------------------------------------------
+// GroupNorm. A (sample, group) is a row of D contiguous values, so the
+// tolerances are the row normalizations' above: y as the activations; mean
+// 1e-5 relative + 1e-5 of the row's standard deviation, rstd 1e-5
+// relative; dx 4e-6 of its row's terms; grad_weight and grad_bias 1e-5
+// relative + 1e-5 of the channel's Σ|term|. Each output computed alone
+// equals the same output of the full call (every sum has a fixed order).
+
+using test_util::GroupCase;
+using test_util::GroupCaseName;
+using test_util::GroupDxScales;
+using test_util::GroupInputs;
+using test_util::GroupOut;
+using test_util::GroupRows;
+using test_util::MakeGroupInputs;
+using test_util::RunGroupBackward;
+using test_util::RunGroupForward;
+
+std::vector<GroupCase> AllGroupCases() {
+  const std::vector<GroupNormShape> shapes = {
+      {2, 6, 35, 3},     // (2, 6, 5, 7), G = 3: warp per row and plane.
+      {1, 32, 1, 32},    // Groups of one value.
+      {3, 8, 17, 1},     // (3, 8, 1, 17), G = 1.
+      {4, 64, 196, 32},  // (4, 64, 14, 14), G = 32.
+      {2, 4, 90000, 2},  // (2, 4, 300, 300), G = 2: rows and planes split.
+      {2, 4, 1031, 2},   // Block per row and per plane, unsplit.
+      {1, 3, 4099, 1},   // One long row of odd planes.
+      {2, 4096, 1, 2},   // Block per row, planes of one value.
+      {3, 5, 20000, 5},  // G = C: split rows of one plane each.
+  };
+  std::vector<GroupCase> cases;
+  for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    for (const GroupNormShape& shape : shapes) {
+      cases.push_back({dtype, shape, 0.0});
+    }
+  }
+  cases.push_back({DType::kFloat32, {3, 8, 65, 4}, 1000.0});
+  cases.push_back({DType::kFloat32, {2, 4, 90000, 2}, 1000.0});
+  return cases;
+}
+
+class CudaGroupNormTest : public testing::TestWithParam<GroupCase> {
+ protected:
+  void SetUp() override { NORMSERVE_SKIP_WITHOUT_GPU(); }
+  GroupInputs Inputs() const {
+    const GroupCase& c = GetParam();
+    const uint64_t seed =
+        static_cast<uint64_t>(c.dtype) * 1000003 +
+        static_cast<uint64_t>(c.shape.n * 7919 + c.shape.c * 31 + c.shape.hw) +
+        (c.offset != 0 ? 17 : 0);
+    return MakeGroupInputs(c.shape, c.dtype, seed, c.offset);
+  }
+};
+
+TEST_P(CudaGroupNormTest, Forward) {
+  const GroupInputs in = Inputs();
+  for (bool affine : {true, false}) {
+    SCOPED_TRACE(affine ? "weight and bias" : "no weight, no bias");
+    const reference::GroupNormForwardResult ref = reference::GroupNormForward(
+        in.shape, in.x, affine ? in.weight : std::vector<double>{},
+        affine ? in.bias : std::vector<double>{}, kEps);
+    std::vector<double> sd;
+    for (double r : ref.rstd) sd.push_back(1e-5 / r);
+    const GroupOut got = RunGroupForward(CudaBackend(), in, affine, affine);
+    ExpectActivationsNear(got.y, ref.y, in.dtype, "y");
+    ExpectChannelsNear(got.mean, ref.mean, 1e-5, sd, "mean");
+    test_util::ExpectStatsNear(got.rstd, ref.rstd, 1e-5, "rstd");
+  }
+}
+
+TEST_P(CudaGroupNormTest, Backward) {
+  const GroupInputs in = Inputs();
+  // The statistics as a backend stores them.
+  const reference::GroupNormForwardResult fwd =
+      reference::GroupNormForward(in.shape, in.x, {}, {}, kEps);
+  const std::vector<double> mean = ToFloatPrecision(fwd.mean);
+  const std::vector<double> rstd = ToFloatPrecision(fwd.rstd);
+  const test_util::GroupAbsSums abs =
+      test_util::MakeGroupAbsSums(in, mean, rstd);
+  for (bool with_weight : {true, false}) {
+    SCOPED_TRACE(with_weight ? "weight" : "no weight");
+    const std::vector<double> weight =
+        with_weight ? in.weight : std::vector<double>{};
+    const reference::GroupNormBackwardResult ref =
+        reference::GroupNormBackward(in.shape, in.x, in.dy, mean, rstd, weight);
+    const std::vector<double> scales = GroupDxScales(in, mean, rstd, weight);
+    const GroupOut all = RunGroupBackward(CudaBackend(), in, mean, rstd,
+                                          with_weight, true, true, true);
+    test_util::ExpectDxNear(all.dx, ref.dx, in.dtype, GroupRows(in.shape),
+                            scales, 4e-6, "dx");
+    test_util::ExpectColumnSumsNear(all.grad_weight, ref.grad_weight,
+                                    abs.dy_xhat, 1e-5, 1e-5, "grad_weight");
+    test_util::ExpectColumnSumsNear(all.grad_bias, ref.grad_bias, abs.dy, 1e-5,
+                                    1e-5, "grad_bias");
+    for (int mask = 1; mask < 7; ++mask) {
+      const bool want_dx = mask & 4, want_gw = mask & 2, want_gb = mask & 1;
+      SCOPED_TRACE(absl::StrCat("dx ", want_dx, " grad_weight ", want_gw,
+                                " grad_bias ", want_gb));
+      const GroupOut g =
+          RunGroupBackward(CudaBackend(), in, mean, rstd, with_weight, want_dx,
+                           want_gw, want_gb);
+      if (want_dx) {
+        EXPECT_EQ(g.dx, all.dx);
+      }
+      if (want_gw) {
+        EXPECT_EQ(g.grad_weight, all.grad_weight);
+      }
+      if (want_gb) {
+        EXPECT_EQ(g.grad_bias, all.grad_bias);
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Matrix, CudaGroupNormTest,
+                         testing::ValuesIn(AllGroupCases()), GroupCaseName);
+
+TEST_F(CudaBackendTest, GroupNormZeroSamplesWriteZeroGrads) {
+  const GroupInputs in =
+      MakeGroupInputs({0, 6, 4, 3}, DType::kFloat32, 3, /*offset=*/0);
+  const GroupOut got =
+      RunGroupBackward(CudaBackend(), in, {}, {}, true, true, true, true);
+  EXPECT_EQ(got.grad_weight, std::vector<double>(6, 0.0));
+  EXPECT_EQ(got.grad_bias, std::vector<double>(6, 0.0));
+  EXPECT_TRUE(got.dx.empty());
 }
 
 }  // namespace

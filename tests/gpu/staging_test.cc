@@ -95,6 +95,7 @@ class DeviceLikeBackend final : public Backend {
   kernels::BatchNormOps& batch_norm() override { return ops_; }
   // The layer under test uses no row normalization: the CPU's, unchecked.
   kernels::RowNormOps& row_norm() override { return cpu_->row_norm(); }
+  kernels::GroupNormOps& group_norm() override { return cpu_->group_norm(); }
 
   int64_t allocations() {
     absl::MutexLock lock(&mu_);

@@ -41,6 +41,7 @@
 #include "kernels/row_norm.h"
 #include "kernels/types.h"
 #include "tests/kernels/arg_check_cases.h"
+#include "tests/kernels/cpu_backends.h"
 #include "tests/kernels/kernel_test_util.h"
 #include "tests/kernels/row_norm_test_util.h"
 
@@ -56,39 +57,10 @@ constexpr double kEps = test_util::kRowNormEps;
 // ---------------------------------------------------------------------------
 // Backends under test.
 
-struct BackendUnderTest {
-  std::string name;
-  CpuIsa isa;
-  std::unique_ptr<Backend> backend;
-};
+using test_util::BackendUnderTest;
 
-// Generic and auto-detected kernels; one thread, and three threads with every
-// problem split (min_elements_per_task = 1); and the production defaults.
 std::vector<BackendUnderTest>& Backends() {
-  static auto* backends = [] {
-    auto* v = new std::vector<BackendUnderTest>;
-    struct Config {
-      CpuIsa isa;
-      int threads;
-      int64_t min_elements_per_task;
-    };
-    for (const Config& c :
-         {Config{CpuIsa::kGeneric, 1, 1 << 16}, Config{CpuIsa::kGeneric, 3, 1},
-          Config{CpuIsa::kAuto, 1, 1 << 16}, Config{CpuIsa::kAuto, 3, 1},
-          Config{CpuIsa::kAuto, 0, 1 << 16}}) {
-      CpuBackendOptions options;
-      options.num_threads = c.threads;
-      CpuBackendTuning tuning;
-      tuning.isa = c.isa;
-      tuning.min_elements_per_task = c.min_elements_per_task;
-      std::unique_ptr<Backend> b = CreateCpuBackendWithTuning(options, tuning);
-      std::string name =
-          absl::StrCat(b->name(), " split every ", c.min_elements_per_task);
-      v->push_back({std::move(name), c.isa, std::move(b)});
-    }
-    return v;
-  }();
-  return *backends;
+  return test_util::CpuBackendsUnderTest();
 }
 
 // ---------------------------------------------------------------------------
