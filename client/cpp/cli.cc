@@ -108,6 +108,24 @@ std::string LayerSummary(const v1::Layer& layer) {
           layer.name(), shape(layer.rms_norm().normalized_shape()),
           DTypeName(layer.rms_norm().dtype()), layer.rms_norm().device(),
           layer.version());
+    case v1::Layer::kGroupNorm:
+      return absl::StrFormat(
+          "%s  group_norm num_groups=%d num_channels=%d affine=%s dtype=%s "
+          "device=%s version=%d",
+          layer.name(), layer.group_norm().num_groups(),
+          layer.group_norm().num_channels(),
+          layer.group_norm().affine() ? "true" : "false",
+          DTypeName(layer.group_norm().dtype()), layer.group_norm().device(),
+          layer.version());
+    case v1::Layer::kInstanceNorm: {
+      const v1::InstanceNormConfig& c = layer.instance_norm();
+      return absl::StrFormat(
+          "%s  instance_norm num_features=%d affine=%s "
+          "track_running_stats=%s dtype=%s layout=%s device=%s version=%d",
+          layer.name(), c.num_features(), c.affine() ? "true" : "false",
+          c.track_running_stats() ? "true" : "false", DTypeName(c.dtype()),
+          v1::Layout_Name(c.layout()), c.device(), layer.version());
+    }
     default:
       break;
   }

@@ -1,12 +1,15 @@
 #include "client/cpp/cli_args.h"
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <set>
+#include <utility>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/time.h"
@@ -40,6 +43,8 @@ const std::vector<CommandSpec>& Commands() {
        0,
        {{"kind", false},
         {"num_features", false},
+        {"num_groups", false},
+        {"num_channels", false},
         {"normalized_shape", false},
         {"elementwise_affine", true},
         {"bias", true},
@@ -122,7 +127,8 @@ const char* UsageText() {
 
 Commands:
   create    Create a layer; prints it.
-              --kind=batch_norm|layer_norm|rms_norm (default batch_norm)
+              --kind=batch_norm|layer_norm|rms_norm|group_norm|instance_norm
+              (default batch_norm)
               --id=ID  --dtype=float32|float16|bfloat16  --device=cpu|cuda:N
               --request_id=KEY  --retries=N  (see below)
             batch_norm: --num_features=C (required)  --eps=1e-5
@@ -133,6 +139,10 @@ Commands:
               --eps=E (layer_norm 1e-5; rms_norm unset: float32's epsilon)
               --elementwise_affine[=true|false]  --bias[=true|false]
               (layer_norm only)
+            group_norm: --num_groups=G --num_channels=C (required)
+              --eps=1e-5  --affine[=true|false]
+            instance_norm: as batch_norm (momentum a number), torch's
+              defaults: --affine=false --track_running_stats=false
   list      List all layers.
   get ID    Print one layer.
   delete ID Delete a layer.
@@ -340,20 +350,72 @@ absl::StatusOr<MutationOptions> MutationOptionsFromFlags(
 
 namespace {
 
-// The create flags that only `kind` takes; any other kind's is an error.
-absl::Status CheckKindFlags(const CommandLine& line, const std::string& kind,
-                            const std::vector<std::string>& only_batch_norm,
-                            const std::vector<std::string>& only_row_norm) {
-  const bool batch_norm = kind == "batch_norm";
-  for (const std::string& flag : batch_norm ? only_row_norm : only_batch_norm) {
-    if (GetFlag(line, flag) != nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--", flag, " does not apply to --kind=", kind));
+// The create flags each kind takes beside the common ones (id, dtype,
+// device, request_id, retries); another kind's flag is an error.
+const std::vector<std::pair<std::string, std::vector<std::string>>>&
+KindFlags() {
+  static const auto* const kKinds =
+      new std::vector<std::pair<std::string, std::vector<std::string>>>{
+          {"batch_norm",
+           {"num_features", "eps", "momentum", "affine", "track_running_stats",
+            "layout", "spatial_dims"}},
+          {"layer_norm",
+           {"normalized_shape", "eps", "elementwise_affine", "bias"}},
+          {"rms_norm", {"normalized_shape", "eps", "elementwise_affine"}},
+          {"group_norm", {"num_groups", "num_channels", "eps", "affine"}},
+          {"instance_norm",
+           {"num_features", "eps", "momentum", "affine", "track_running_stats",
+            "layout", "spatial_dims"}},
+      };
+  return *kKinds;
+}
+
+absl::Status CheckKindFlags(const CommandLine& line, const std::string& kind) {
+  const std::vector<std::string>* allowed = nullptr;
+  std::vector<std::string> names;
+  for (const auto& [name, flags] : KindFlags()) {
+    names.push_back(name);
+    if (name == kind) allowed = &flags;
+  }
+  if (allowed == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kind=", kind, " is unknown; expected ", absl::StrJoin(names, ", ")));
+  }
+  for (const auto& [name, flags] : KindFlags()) {
+    for (const std::string& flag : flags) {
+      if (GetFlag(line, flag) != nullptr &&
+          std::find(allowed->begin(), allowed->end(), flag) == allowed->end()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--", flag, " does not apply to --kind=", kind));
+      }
     }
   }
-  if (kind == "rms_norm" && GetFlag(line, "bias") != nullptr) {
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> RequiredInt(const CommandLine& line, const char* flag,
+                                    const std::string& kind) {
+  const std::string* value = GetFlag(line, flag);
+  if (value == nullptr) {
     return absl::InvalidArgumentError(
-        "--bias does not apply to --kind=rms_norm");
+        absl::StrCat("create --kind=", kind, " needs --", flag));
+  }
+  return ParseInt(flag, *value);
+}
+
+// The flags every config has: eps, dtype, device.
+template <typename Config>
+absl::Status CommonFromFlags(const CommandLine& line, Config& config) {
+  if (const std::string* eps = GetFlag(line, "eps")) {
+    ASSIGN_OR_RETURN(double value, ParseDouble("eps", *eps));
+    config.set_eps(value);
+  }
+  if (const std::string* dtype = GetFlag(line, "dtype")) {
+    ASSIGN_OR_RETURN(v1::DType value, ParseDType(*dtype));
+    config.set_dtype(value);
+  }
+  if (const std::string* device = GetFlag(line, "device")) {
+    config.set_device(*device);
   }
   return absl::OkStatus();
 }
@@ -367,73 +429,18 @@ absl::Status RowNormFromFlags(const CommandLine& line, Config& config) {
   }
   ASSIGN_OR_RETURN(std::vector<int64_t> dims, ParseShape(*shape));
   for (int64_t d : dims) config.add_normalized_shape(d);
-  if (const std::string* eps = GetFlag(line, "eps")) {
-    ASSIGN_OR_RETURN(double value, ParseDouble("eps", *eps));
-    config.set_eps(value);
-  }
   if (const std::string* affine = GetFlag(line, "elementwise_affine")) {
     config.set_elementwise_affine(*affine == "true");
   }
-  if (const std::string* dtype = GetFlag(line, "dtype")) {
-    ASSIGN_OR_RETURN(v1::DType value, ParseDType(*dtype));
-    config.set_dtype(value);
-  }
-  if (const std::string* device = GetFlag(line, "device")) {
-    config.set_device(*device);
-  }
-  return absl::OkStatus();
+  return CommonFromFlags(line, config);
 }
 
-}  // namespace
-
-absl::StatusOr<v1::CreateLayerRequest> CreateRequestFromFlags(
-    const CommandLine& line) {
-  v1::CreateLayerRequest request;
-  const std::string* kind_flag = GetFlag(line, "kind");
-  const std::string kind = kind_flag ? *kind_flag : "batch_norm";
-  if (kind != "batch_norm" && kind != "layer_norm" && kind != "rms_norm") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--kind=", kind,
-                     " is unknown; expected batch_norm, layer_norm or "
-                     "rms_norm"));
-  }
-  RETURN_IF_ERROR(
-      CheckKindFlags(line, kind,
-                     {"num_features", "momentum", "affine",
-                      "track_running_stats", "layout", "spatial_dims"},
-                     {"normalized_shape", "elementwise_affine", "bias"}));
-  if (const std::string* id = GetFlag(line, "id")) request.set_layer_id(*id);
-  if (kind == "layer_norm") {
-    v1::LayerNormConfig& config = *request.mutable_layer_norm();
-    RETURN_IF_ERROR(RowNormFromFlags(line, config));
-    if (const std::string* bias = GetFlag(line, "bias")) {
-      config.set_bias(*bias == "true");
-    }
-    return request;
-  }
-  if (kind == "rms_norm") {
-    RETURN_IF_ERROR(RowNormFromFlags(line, *request.mutable_rms_norm()));
-    return request;
-  }
-  v1::BatchNormConfig& config = *request.mutable_batch_norm();
-  const std::string* num_features = GetFlag(line, "num_features");
-  if (num_features == nullptr) {
-    return absl::InvalidArgumentError("create needs --num_features");
-  }
-  ASSIGN_OR_RETURN(int64_t c, ParseInt("num_features", *num_features));
+// BatchNorm's and InstanceNorm's flags (num_features required).
+template <typename Config>
+absl::Status ChannelNormFromFlags(const CommandLine& line,
+                                  const std::string& kind, Config& config) {
+  ASSIGN_OR_RETURN(int64_t c, RequiredInt(line, "num_features", kind));
   config.set_num_features(c);
-  if (const std::string* eps = GetFlag(line, "eps")) {
-    ASSIGN_OR_RETURN(double value, ParseDouble("eps", *eps));
-    config.set_eps(value);
-  }
-  if (const std::string* momentum = GetFlag(line, "momentum")) {
-    if (absl::AsciiStrToLower(*momentum) == "none") {
-      config.mutable_cumulative_average();
-    } else {
-      ASSIGN_OR_RETURN(double value, ParseDouble("momentum", *momentum));
-      config.set_momentum(value);
-    }
-  }
   if (const std::string* affine = GetFlag(line, "affine")) {
     config.set_affine(*affine == "true");
   }
@@ -444,16 +451,58 @@ absl::StatusOr<v1::CreateLayerRequest> CreateRequestFromFlags(
     ASSIGN_OR_RETURN(v1::Layout value, ParseLayout(*layout));
     config.set_layout(value);
   }
-  if (const std::string* dtype = GetFlag(line, "dtype")) {
-    ASSIGN_OR_RETURN(v1::DType value, ParseDType(*dtype));
-    config.set_dtype(value);
-  }
   if (const std::string* dims = GetFlag(line, "spatial_dims")) {
     ASSIGN_OR_RETURN(int64_t value, ParseInt("spatial_dims", *dims));
     config.set_spatial_dims(static_cast<int32_t>(value));
   }
-  if (const std::string* device = GetFlag(line, "device")) {
-    config.set_device(*device);
+  return CommonFromFlags(line, config);
+}
+
+}  // namespace
+
+absl::StatusOr<v1::CreateLayerRequest> CreateRequestFromFlags(
+    const CommandLine& line) {
+  v1::CreateLayerRequest request;
+  const std::string* kind_flag = GetFlag(line, "kind");
+  const std::string kind = kind_flag ? *kind_flag : "batch_norm";
+  RETURN_IF_ERROR(CheckKindFlags(line, kind));
+  if (const std::string* id = GetFlag(line, "id")) request.set_layer_id(*id);
+  if (kind == "layer_norm") {
+    v1::LayerNormConfig& config = *request.mutable_layer_norm();
+    RETURN_IF_ERROR(RowNormFromFlags(line, config));
+    if (const std::string* bias = GetFlag(line, "bias")) {
+      config.set_bias(*bias == "true");
+    }
+  } else if (kind == "rms_norm") {
+    RETURN_IF_ERROR(RowNormFromFlags(line, *request.mutable_rms_norm()));
+  } else if (kind == "group_norm") {
+    v1::GroupNormConfig& config = *request.mutable_group_norm();
+    ASSIGN_OR_RETURN(int64_t groups, RequiredInt(line, "num_groups", kind));
+    ASSIGN_OR_RETURN(int64_t c, RequiredInt(line, "num_channels", kind));
+    config.set_num_groups(groups);
+    config.set_num_channels(c);
+    if (const std::string* affine = GetFlag(line, "affine")) {
+      config.set_affine(*affine == "true");
+    }
+    RETURN_IF_ERROR(CommonFromFlags(line, config));
+  } else if (kind == "instance_norm") {
+    v1::InstanceNormConfig& config = *request.mutable_instance_norm();
+    RETURN_IF_ERROR(ChannelNormFromFlags(line, kind, config));
+    if (const std::string* momentum = GetFlag(line, "momentum")) {
+      ASSIGN_OR_RETURN(double value, ParseDouble("momentum", *momentum));
+      config.set_momentum(value);
+    }
+  } else {
+    v1::BatchNormConfig& config = *request.mutable_batch_norm();
+    RETURN_IF_ERROR(ChannelNormFromFlags(line, kind, config));
+    if (const std::string* momentum = GetFlag(line, "momentum")) {
+      if (absl::AsciiStrToLower(*momentum) == "none") {
+        config.mutable_cumulative_average();
+      } else {
+        ASSIGN_OR_RETURN(double value, ParseDouble("momentum", *momentum));
+        config.set_momentum(value);
+      }
+    }
   }
   return request;
 }

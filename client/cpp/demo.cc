@@ -191,6 +191,44 @@ absl::Status RunRowNorms(Client& client, const Batch& batch) {
   return absl::OkStatus();
 }
 
+// The same batch through GroupNorm(2, C) (torch.nn.GroupNorm) and
+// InstanceNorm2d(C) (torch.nn.InstanceNorm2d): each (sample, group of C/2
+// channels), resp. each (sample, channel), comes out with mean 0, std 1.
+absl::Status RunGroupAndInstanceNorms(Client& client, const Batch& batch) {
+  const std::vector<int64_t> shape = {kBatch, kChannels, kHeight, kWidth};
+  for (const char* kind : {"group_norm", "instance_norm"}) {
+    v1::CreateLayerRequest create;
+    const bool group = std::string(kind) == "group_norm";
+    if (group) {
+      create.mutable_group_norm()->set_num_groups(2);
+      create.mutable_group_norm()->set_num_channels(kChannels);
+    } else {
+      create.mutable_instance_norm()->set_num_features(kChannels);
+      create.mutable_instance_norm()->set_spatial_dims(2);
+    }
+    ASSIGN_OR_RETURN(v1::Layer layer, client.CreateLayer(create));
+    v1::ForwardRequest forward;
+    forward.set_name(layer.name());
+    forward.set_training(true);
+    forward.set_save_for_backward(false);
+    ASSIGN_OR_RETURN(*forward.mutable_input(), MakeTensor(batch.x, shape));
+    ASSIGN_OR_RETURN(v1::ForwardResponse out, client.Forward(forward));
+    ASSIGN_OR_RETURN(std::vector<float> y, TensorToFloats(out.output()));
+    // The first group (C/2 channels) or channel of the first sample.
+    const int64_t n = (group ? kChannels / 2 : 1) * kHeight * kWidth;
+    double mean, stddev;
+    MeanStd(std::vector<float>(y.begin(), y.begin() + n), mean, stddev);
+    std::printf(
+        "\ncreated %s (%s)\n  first %s of the output: mean=%.4f std=%.4f\n",
+        layer.name().c_str(),
+        group ? "group_norm, 2 groups of 4 channels" : "instance_norm",
+        group ? "group" : "instance", mean, stddev);
+    RETURN_IF_ERROR(client.DeleteLayer(layer.name()));
+    std::printf("deleted %s\n", layer.name().c_str());
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RunDemo(Client& client, const DemoFlags& flags,
                      const std::string& layer_id) {
   ASSIGN_OR_RETURN(HealthStatus health, client.CheckHealth());
@@ -285,7 +323,8 @@ absl::Status RunDemo(Client& client, const DemoFlags& flags,
   RETURN_IF_ERROR(bn->Close());
   RETURN_IF_ERROR(client.DeleteLayer(bn->name()));
   std::printf("\ndeleted %s\n", bn->name().c_str());
-  return RunRowNorms(client, batch);
+  RETURN_IF_ERROR(RunRowNorms(client, batch));
+  return RunGroupAndInstanceNorms(client, batch);
 }
 
 int Main(int argc, char** argv) {

@@ -159,7 +159,21 @@ function layerFromProto(layer) {
       device: c.device,
     };
   }
-  const c = layer.batch_norm;
+  if (layer.config === 'group_norm') {
+    const g = layer.group_norm;
+    return {
+      ...common,
+      numGroups: Number(g.num_groups),
+      numChannels: Number(g.num_channels),
+      eps: g.eps,
+      affine: g.affine,
+      dtype: DTYPE_NAMES[g.dtype],
+      device: g.device,
+    };
+  }
+  // BatchNorm and InstanceNorm (whose momentum is always a number).
+  const c = layer.config === 'instance_norm' ? layer.instance_norm
+                                             : layer.batch_norm;
   return {
     ...common,
     numFeatures: Number(c.num_features),
@@ -266,6 +280,46 @@ function createRequest(numFeatures, options) {
     config.momentum = o.momentum === undefined ? 0.1 : o.momentum;
   }
   return { layer_id: o.layerId || '', batch_norm: config };
+}
+
+// torch.nn.GroupNorm's arguments.
+function groupNormRequest(numGroups, numChannels, options) {
+  const o = options || {};
+  return {
+    layer_id: o.layerId || '',
+    group_norm: {
+      num_groups: numGroups,
+      num_channels: numChannels,
+      eps: o.eps === undefined ? 1e-5 : o.eps,
+      affine: o.affine === undefined ? true : o.affine,
+      dtype: enumValue(DTYPES, o.dtype, 'dtype'),
+      device: o.device || '',
+    },
+  };
+}
+
+// torch.nn.InstanceNorm's arguments and defaults (affine and
+// trackRunningStats false; momentum a number).
+function instanceNormRequest(numFeatures, options) {
+  const o = options || {};
+  if (o.momentum === null) {
+    throw new Error('instance_norm needs a momentum in [0, 1] ' +
+                    '(torch.nn.InstanceNorm has no cumulative average)');
+  }
+  return {
+    layer_id: o.layerId || '',
+    instance_norm: {
+      num_features: numFeatures,
+      eps: o.eps === undefined ? 1e-5 : o.eps,
+      momentum: o.momentum === undefined ? 0.1 : o.momentum,
+      affine: !!o.affine,
+      track_running_stats: !!o.trackRunningStats,
+      layout: enumValue(LAYOUTS, o.layout, 'layout'),
+      dtype: enumValue(DTYPES, o.dtype, 'dtype'),
+      spatial_dims: o.spatialDims || 0,
+      device: o.device || '',
+    },
+  };
 }
 
 // kind 'layer_norm' or 'rms_norm'; normalizedShape a number or an array.
@@ -462,10 +516,31 @@ class Client {
   }
 
   async _createRowNorm(kind, normalizedShape, options) {
+    return this._create(
+      (o) => rowNormRequest(kind, normalizedShape, o), options);
+  }
+
+  // Creates a GroupNorm layer (torch.nn.GroupNorm): numGroups, numChannels,
+  // { layerId, eps (1e-5), affine (true), dtype, device, timeoutMs,
+  // requestId, retries }.
+  async createGroupNorm(numGroups, numChannels, options = {}) {
+    return this._create(
+      (o) => groupNormRequest(numGroups, numChannels, o), options);
+  }
+
+  // Creates an InstanceNorm layer (torch.nn.InstanceNorm1d/2d/3d):
+  // numFeatures, { layerId, eps, momentum (0.1), affine (false),
+  // trackRunningStats (false), layout, dtype, spatialDims (1, 2, 3 or 0),
+  // device, timeoutMs, requestId, retries }. Inputs are batched: rank 3 to
+  // 5 (add a batch dim of 1 to an unbatched one).
+  async createInstanceNorm(numFeatures, options = {}) {
+    return this._create((o) => instanceNormRequest(numFeatures, o), options);
+  }
+
+  async _create(makeRequest, options) {
     const o = withRetryId('CreateLayer', options);
     return layerFromProto(await this._unary(
-      'CreateLayer',
-      withIds('CreateLayer', rowNormRequest(kind, normalizedShape, o), o), o));
+      'CreateLayer', withIds('CreateLayer', makeRequest(o), o), o));
   }
 
   async listLayers({ pageSize = 0, pageToken = '', timeoutMs } = {}) {

@@ -56,6 +56,15 @@ absl::StatusOr<float*> Staging::Output(std::vector<float>& host) {
   return static_cast<float*>(p);
 }
 
+absl::StatusOr<float*> Staging::InOut(std::vector<float>& host) {
+  const size_t bytes = host.size() * sizeof(float);
+  ASSIGN_OR_RETURN(const void* in, Input(host.data(), bytes));
+  // Input's buffer is this operation's own: writable.
+  void* p = const_cast<void*>(in);
+  CopyBack(host.data(), p, bytes);
+  return static_cast<float*>(p);
+}
+
 void Staging::CopyBack(void* host, const void* device, size_t bytes) {
   if (!zero_copy_) copy_back_.push_back({host, device, bytes});
 }

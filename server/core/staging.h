@@ -53,6 +53,10 @@ class Staging {
   absl::StatusOr<void*> Output(void* host, size_t bytes);
   absl::StatusOr<float*> Output(std::vector<float>& host);
 
+  // Returns backend memory holding `host`'s values, which the kernels may
+  // update in place and Finish() copies back to `host`.
+  absl::StatusOr<float*> InOut(std::vector<float>& host);
+
   // Has Finish() copy `bytes` of backend memory at `device` to `host`
   // (nothing when zero_copy(), where the two are the same memory).
   void CopyBack(void* host, const void* device, size_t bytes);

@@ -72,12 +72,16 @@ absl::StatusOr<LayerConfig> LayerConfigFromProto(
       return ConfigFromProto(request.layer_norm());
     case pb::CreateLayerRequest::kRmsNorm:
       return ConfigFromProto(request.rms_norm());
+    case pb::CreateLayerRequest::kGroupNorm:
+      return ConfigFromProto(request.group_norm());
+    case pb::CreateLayerRequest::kInstanceNorm:
+      return ConfigFromProto(request.instance_norm());
     case pb::CreateLayerRequest::CONFIG_NOT_SET:
       break;
   }
   return absl::InvalidArgumentError(
-      "CreateLayer needs a config; expected batch_norm, layer_norm or "
-      "rms_norm");
+      "CreateLayer needs a config; expected batch_norm, layer_norm, "
+      "rms_norm, group_norm or instance_norm");
 }
 
 void LayerInfoToProto(const LayerInfo& in, pb::Layer* out) {
@@ -91,26 +95,26 @@ void LayerInfoToProto(const LayerInfo& in, pb::Layer* out) {
     ConfigToProto(*ln, in.config.device, out->mutable_layer_norm());
   } else if (const auto* rms = in.config.As<RMSNormConfig>()) {
     ConfigToProto(*rms, in.config.device, out->mutable_rms_norm());
+  } else if (const auto* gn = in.config.As<GroupNormConfig>()) {
+    ConfigToProto(*gn, in.config.device, out->mutable_group_norm());
+  } else if (const auto* inst = in.config.As<InstanceNormConfig>()) {
+    ConfigToProto(*inst, in.config.device, out->mutable_instance_norm());
+    out->mutable_batch_norm_status()->set_num_batches_tracked(
+        in.num_batches_tracked);
   }
   out->set_version(in.version);
   out->set_num_batches_tracked(in.num_batches_tracked);
   out->set_has_accumulated_grad(in.has_accumulated_grad);
 }
 
-absl::StatusOr<LayerConfig> ConfigFromProto(const pb::BatchNormConfig& in) {
-  BatchNormConfig config;
+namespace {
+
+// The fields BatchNormConfig and InstanceNormConfig share (all but
+// momentum), both ways.
+template <typename Proto, typename Config>
+absl::Status ChannelFieldsFromProto(const Proto& in, Config& config) {
   config.num_features = in.num_features();
   if (in.has_eps()) config.eps = in.eps();
-  switch (in.momentum_policy_case()) {
-    case pb::BatchNormConfig::kMomentum:
-      config.momentum = in.momentum();
-      break;
-    case pb::BatchNormConfig::kCumulativeAverage:
-      config.momentum.reset();
-      break;
-    case pb::BatchNormConfig::MOMENTUM_POLICY_NOT_SET:
-      break;
-  }
   if (in.has_affine()) config.affine = in.affine();
   if (in.has_track_running_stats()) {
     config.track_running_stats = in.track_running_stats();
@@ -122,24 +126,48 @@ absl::StatusOr<LayerConfig> ConfigFromProto(const pb::BatchNormConfig& in) {
                    DTypeFromProto(in.dtype(), "config"));
   config.dtype = dtype.value_or(kernels::DType::kFloat32);
   config.spatial_dims = in.spatial_dims();
-  return BatchNormLayerConfig(config, in.device());
+  return absl::OkStatus();
 }
 
-void ConfigToProto(const BatchNormConfig& in, const std::string& device,
-                   pb::BatchNormConfig* out) {
+template <typename Config, typename Proto>
+void ChannelFieldsToProto(const Config& in, const std::string& device,
+                          Proto* out) {
   out->set_num_features(in.num_features);
   out->set_eps(in.eps);
-  if (in.momentum.has_value()) {
-    out->set_momentum(*in.momentum);
-  } else {
-    out->mutable_cumulative_average();
-  }
   out->set_affine(in.affine);
   out->set_track_running_stats(in.track_running_stats);
   out->set_layout(LayoutToProto(in.layout));
   out->set_dtype(DTypeToProto(in.dtype));
   out->set_spatial_dims(in.spatial_dims);
   out->set_device(device);
+}
+
+}  // namespace
+
+absl::StatusOr<LayerConfig> ConfigFromProto(const pb::BatchNormConfig& in) {
+  BatchNormConfig config;
+  RETURN_IF_ERROR(ChannelFieldsFromProto(in, config));
+  switch (in.momentum_policy_case()) {
+    case pb::BatchNormConfig::kMomentum:
+      config.momentum = in.momentum();
+      break;
+    case pb::BatchNormConfig::kCumulativeAverage:
+      config.momentum.reset();
+      break;
+    case pb::BatchNormConfig::MOMENTUM_POLICY_NOT_SET:
+      break;
+  }
+  return BatchNormLayerConfig(config, in.device());
+}
+
+void ConfigToProto(const BatchNormConfig& in, const std::string& device,
+                   pb::BatchNormConfig* out) {
+  ChannelFieldsToProto(in, device, out);
+  if (in.momentum.has_value()) {
+    out->set_momentum(*in.momentum);
+  } else {
+    out->mutable_cumulative_average();
+  }
 }
 
 absl::StatusOr<LayerConfig> ConfigFromProto(const pb::LayerNormConfig& in) {
@@ -188,6 +216,41 @@ void ConfigToProto(const RMSNormConfig& in, const std::string& device,
   out->set_elementwise_affine(in.elementwise_affine);
   out->set_dtype(DTypeToProto(in.dtype));
   out->set_device(device);
+}
+
+absl::StatusOr<LayerConfig> ConfigFromProto(const pb::GroupNormConfig& in) {
+  GroupNormConfig config;
+  config.num_groups = in.num_groups();
+  config.num_channels = in.num_channels();
+  if (in.has_eps()) config.eps = in.eps();
+  if (in.has_affine()) config.affine = in.affine();
+  ASSIGN_OR_RETURN(std::optional<kernels::DType> dtype,
+                   DTypeFromProto(in.dtype(), "config"));
+  config.dtype = dtype.value_or(kernels::DType::kFloat32);
+  return GroupNormLayerConfig(config, in.device());
+}
+
+void ConfigToProto(const GroupNormConfig& in, const std::string& device,
+                   pb::GroupNormConfig* out) {
+  out->set_num_groups(in.num_groups);
+  out->set_num_channels(in.num_channels);
+  out->set_eps(in.eps);
+  out->set_affine(in.affine);
+  out->set_dtype(DTypeToProto(in.dtype));
+  out->set_device(device);
+}
+
+absl::StatusOr<LayerConfig> ConfigFromProto(const pb::InstanceNormConfig& in) {
+  InstanceNormConfig config;
+  RETURN_IF_ERROR(ChannelFieldsFromProto(in, config));
+  if (in.has_momentum()) config.momentum = in.momentum();
+  return InstanceNormLayerConfig(config, in.device());
+}
+
+void ConfigToProto(const InstanceNormConfig& in, const std::string& device,
+                   pb::InstanceNormConfig* out) {
+  ChannelFieldsToProto(in, device, out);
+  out->set_momentum(in.momentum);
 }
 
 absl::StatusOr<TensorRef> TensorRefFromProto(const pb::Tensor& in,

@@ -38,6 +38,15 @@ void ConfigToProto(const LayerNormConfig& in, const std::string& device,
 absl::StatusOr<LayerConfig> ConfigFromProto(const pb::RMSNormConfig& in);
 void ConfigToProto(const RMSNormConfig& in, const std::string& device,
                    pb::RMSNormConfig* out);
+// GroupNorm: fills defaults (eps 1e-5, affine, float32).
+absl::StatusOr<LayerConfig> ConfigFromProto(const pb::GroupNormConfig& in);
+void ConfigToProto(const GroupNormConfig& in, const std::string& device,
+                   pb::GroupNormConfig* out);
+// InstanceNorm: fills torch's defaults (eps 1e-5, momentum 0.1, no affine,
+// no tracked statistics, NCHW, float32).
+absl::StatusOr<LayerConfig> ConfigFromProto(const pb::InstanceNormConfig& in);
+void ConfigToProto(const InstanceNormConfig& in, const std::string& device,
+                   pb::InstanceNormConfig* out);
 
 // Points into `in`, which must outlive the result.
 absl::StatusOr<TensorRef> TensorRefFromProto(const pb::Tensor& in,

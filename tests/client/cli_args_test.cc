@@ -155,6 +155,36 @@ TEST(CliArgsTest, CreateLayerNormAndRmsNorm) {
   EXPECT_FALSE(request->rms_norm().has_eps());  // torch's eps=None.
 }
 
+TEST(CliArgsTest, CreateGroupNormAndInstanceNorm) {
+  absl::StatusOr<CommandLine> line =
+      Parse({"create", "--kind=group_norm", "--num_groups=8",
+             "--num_channels=64", "--affine=false", "--eps=1e-4"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  absl::StatusOr<v1::CreateLayerRequest> request =
+      CreateRequestFromFlags(*line);
+  ASSERT_TRUE(request.ok()) << request.status();
+  const v1::GroupNormConfig& gn = request->group_norm();
+  EXPECT_EQ(gn.num_groups(), 8);
+  EXPECT_EQ(gn.num_channels(), 64);
+  ASSERT_TRUE(gn.has_affine());
+  EXPECT_FALSE(gn.affine());
+  EXPECT_DOUBLE_EQ(gn.eps(), 1e-4);
+
+  line = Parse({"create", "--kind=instance_norm", "--num_features=3",
+                "--track_running_stats", "--momentum=0.3", "--layout=nhwc",
+                "--spatial_dims=2"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  request = CreateRequestFromFlags(*line);
+  ASSERT_TRUE(request.ok()) << request.status();
+  const v1::InstanceNormConfig& in = request->instance_norm();
+  EXPECT_EQ(in.num_features(), 3);
+  EXPECT_TRUE(in.track_running_stats());
+  EXPECT_FALSE(in.has_affine());  // The server fills torch's false.
+  EXPECT_DOUBLE_EQ(in.momentum(), 0.3);
+  EXPECT_EQ(in.layout(), v1::LAYOUT_NHWC);
+  EXPECT_EQ(in.spatial_dims(), 2);
+}
+
 TEST(CliArgsTest, CreateRejectsFlagsOfAnotherKind) {
   for (const auto& [args, message] :
        std::vector<std::pair<std::vector<std::string>, std::string>>{
@@ -166,7 +196,16 @@ TEST(CliArgsTest, CreateRejectsFlagsOfAnotherKind) {
            {{"create", "--kind=rms_norm", "--normalized_shape=4", "--bias"},
             "--bias does not apply to --kind=rms_norm"},
            {{"create", "--kind=layer_norm"}, "needs --normalized_shape"},
-           {{"create", "--kind=group_norm"}, "--kind=group_norm is unknown"},
+           {{"create", "--kind=batch_renorm"},
+            "--kind=batch_renorm is unknown; expected batch_norm, layer_norm, "
+            "rms_norm, group_norm, instance_norm"},
+           {{"create", "--kind=group_norm", "--num_groups=2"},
+            "create --kind=group_norm needs --num_channels"},
+           {{"create", "--kind=group_norm", "--num_groups=2",
+             "--num_channels=4", "--momentum=0.1"},
+            "--momentum does not apply to --kind=group_norm"},
+           {{"create", "--kind=instance_norm", "--num_groups=2"},
+            "--num_groups does not apply to --kind=instance_norm"},
        }) {
     absl::StatusOr<CommandLine> line = Parse(args);
     ASSERT_FALSE(line.ok()) << message;
@@ -260,7 +299,7 @@ TEST(CliArgsTest, UsageErrors) {
   ExpectUsageError({"list", "--address=a", "--address=b"}, "given twice");
   ExpectUsageError({"list", "--timeout_ms=0"}, "--timeout_ms must be positive");
   ExpectUsageError({"list", "--timeout_ms=soon"}, "expects an integer");
-  ExpectUsageError({"create"}, "create needs --num_features");
+  ExpectUsageError({"create"}, "create --kind=batch_norm needs --num_features");
   ExpectUsageError({"create", "--num_features=x"}, "expects an integer");
   ExpectUsageError({"create", "--num_features=4", "--affine=maybe"},
                    "expected true or false");

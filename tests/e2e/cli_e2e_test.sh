@@ -229,7 +229,9 @@ for line in "server $ADDRESS: SERVING" "created layers/demo-" "step 1/5" \
   "step 5/5" "|grad_weight|=" "eval forward (running statistics): output mean=" \
   "num_batches_tracked" "int64 [] = 5" "deleted layers/demo-" \
   "(layer_norm over the last dim, 12)" "std=1.0000 mean square=1.0000" \
-  "(rms_norm over the last dim, 12)" "mean square=1.0000"; do
+  "(rms_norm over the last dim, 12)" "mean square=1.0000" \
+  "(group_norm, 2 groups of 4 channels)" "first group of the output: mean=" \
+  "(instance_norm)" "first instance of the output: mean="; do
   expect_out "$line"
 done
 run 0 cli list

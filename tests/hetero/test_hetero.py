@@ -341,3 +341,53 @@ const {{ Client, tensor }} = require({json.dumps(node_dir)});
     finally:
         for name in ("node-ln", "node-rms"):
             client.delete_layer(name)
+
+
+def test_node_group_norm_and_instance_norm(server, client, node, tmp_path):
+    """Node creates GroupNorm and tracked InstanceNorm layers and trains a
+    step; the results match torch.nn.functional.group_norm/instance_norm,
+    and the Python client sees the running statistics Node's step moved."""
+    node_binary, node_dir = node
+    script = tmp_path / "group_instance.js"
+    script.write_text(f"""
+const {{ Client, tensor }} = require({json.dumps(node_dir)});
+(async () => {{
+  const c = new Client({json.dumps(server.address)}, {{ timeoutMs: 10000 }});
+  const gn = await c.createGroupNorm(2, 4, {{ layerId: 'node-gn' }});
+  const inst = await c.createInstanceNorm(4, {{
+    layerId: 'node-in', trackRunningStats: true, spatialDims: 1 }});
+  const data = Float32Array.from({{ length: 24 }}, (_, i) => (i * 7) % 11 - 5);
+  const y = await c.forward(gn.name, tensor([2, 4, 3], data),
+                            {{ training: true }});
+  const bwd = await c.backward(gn.name, y.handle,
+                               tensor([2, 4, 3], new Float32Array(24).fill(1)));
+  const z = await c.forward(inst.name, tensor([2, 4, 3], data),
+                            {{ training: true }});
+  console.log(JSON.stringify({{
+    gn, inst, y: Array.from(y.output.data), z: Array.from(z.output.data),
+    gb: Array.from(bwd.gradBias || []),
+  }}));
+  c.close();
+}})().catch((e) => {{ console.error(e); process.exit(1); }});
+""")
+    out = json.loads(run([node_binary, str(script)]))
+    try:
+        assert out["gn"]["kind"] == "group_norm"
+        assert (out["gn"]["numGroups"], out["gn"]["numChannels"]) == (2, 4)
+        assert out["inst"]["kind"] == "instance_norm"
+        assert out["inst"]["trackRunningStats"] and not out["inst"]["affine"]
+        x = torch.tensor([(i * 7) % 11 - 5 for i in range(24)],
+                         dtype=torch.float64).reshape(2, 4, 3)
+        want = torch.nn.functional.group_norm(x, 2)
+        np.testing.assert_allclose(out["y"], want.reshape(-1), atol=1e-5)
+        np.testing.assert_allclose(out["gb"], [6.0] * 4)
+        rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(
+            4, dtype=torch.float64)
+        want = torch.nn.functional.instance_norm(x, rm, rv, use_input_stats=True)
+        np.testing.assert_allclose(out["z"], want.reshape(-1), atol=1e-5)
+        state = client.get_state("node-in")
+        np.testing.assert_allclose(state["running_var"], rv, rtol=1e-6)
+        assert int(state["num_batches_tracked"]) == 0
+    finally:
+        for name in ("node-gn", "node-in"):
+            client.delete_layer(name)

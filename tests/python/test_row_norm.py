@@ -224,7 +224,7 @@ def test_bad_input_over_the_wire(client):
     with pytest.raises(normserve.InvalidArgumentError, match="eps"):
         client.create_layer(kind="rms_norm", normalized_shape=4, eps=-1.0)
     with pytest.raises(ValueError, match="unknown kind"):
-        client.create_layer(kind="group_norm")
+        client.create_layer(kind="batch_renorm")
 
 
 def test_layers_survive_a_restart():

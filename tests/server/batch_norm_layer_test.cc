@@ -13,6 +13,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/reference/batch_norm_reference.h"
+#include "server/core/layer_kind.h"
 
 namespace normserve::server {
 namespace {
@@ -426,6 +427,118 @@ TEST(LayerTest, SgdRejectsPyTorchsInvalidOptions) {
   sgd.nesterov = true;
   EXPECT_THAT(fixture.layer().OptimizerStep(sgd).status().message(),
               HasSubstr("Nesterov momentum requires a momentum"));
+}
+
+// InstanceNorm through the BatchNorm layer: the same input in NCHW and in
+// NHWC gives the same output, per-instance statistics and running-stat
+// update (one BatchNorm over (1, N·C, s), or one per sample), and the
+// running statistics move toward the batch average of the per-instance mean
+// and unbiased variance; num_batches_tracked stays 0.
+TEST(InstanceNormTest, LayoutsAgreeAndRunningStatsAverageInstances) {
+  InstanceNormConfig config;
+  config.num_features = 3;
+  config.affine = true;
+  config.track_running_stats = true;
+  config.momentum = 0.25;
+  constexpr int64_t kN = 4, kC = 3, kS = 10;
+  std::mt19937 rng(5);
+  const std::vector<float> nchw = Random(kN * kC * kS, rng, 2.0f, 1.0f);
+  std::vector<float> nhwc(nchw.size());
+  for (int64_t n = 0; n < kN; ++n) {
+    for (int64_t c = 0; c < kC; ++c) {
+      for (int64_t i = 0; i < kS; ++i) {
+        nhwc[(n * kS + i) * kC + c] = nchw[(n * kC + c) * kS + i];
+      }
+    }
+  }
+  std::vector<std::vector<float>> outs;
+  std::vector<StateDict> states;
+  for (Layout layout : {Layout::kNCHW, Layout::kNHWC}) {
+    const LayerKind* kind = BuiltinKinds().Find("instance_norm");
+    ASSERT_NE(kind, nullptr);
+    auto backend = kernels::CreateCpuBackend({});
+    ContextStore contexts(4, size_t{1} << 20);
+    BufferPool pool(backend.get(), size_t{1} << 20);
+    LayerEnv env;
+    env.backend = backend.get();
+    env.contexts = &contexts;
+    env.pool = &pool;
+    std::unique_ptr<Layer> layer =
+        kind->Create("layers/in", 1, InstanceNormLayerConfig(config), env);
+    ASSERT_TRUE(layer->SetParameters({1.5f, -1.0f, 0.5f}, {0, 1, 2}).ok());
+    std::vector<float> y;
+    ForwardArgs fwd;
+    fwd.input =
+        Ref(layout == Layout::kNCHW ? nchw : nhwc, {kN, kC, 2, 5}, layout);
+    fwd.training = true;
+    fwd.output = Into(&y);
+    absl::StatusOr<ForwardResult> r = layer->Forward(fwd);
+    ASSERT_TRUE(r.ok()) << r.status();
+    if (layout == Layout::kNHWC) {
+      std::vector<float> back(y.size());
+      for (int64_t n = 0; n < kN; ++n) {
+        for (int64_t c = 0; c < kC; ++c) {
+          for (int64_t i = 0; i < kS; ++i) {
+            back[(n * kC + c) * kS + i] = y[(n * kS + i) * kC + c];
+          }
+        }
+      }
+      y = back;
+    }
+    outs.push_back(y);
+    states.push_back(*layer->GetState(nullptr));
+    EXPECT_EQ(layer->UpdateRunningStats({}).status().code(),
+              absl::StatusCode::kUnimplemented);
+  }
+  for (size_t i = 0; i < outs[0].size(); ++i) {
+    EXPECT_NEAR(outs[0][i], outs[1][i], 1e-6) << i;
+  }
+  for (int64_t c = 0; c < kC; ++c) {
+    double mean = 0, var = 0;
+    for (int64_t n = 0; n < kN; ++n) {
+      double m = 0, q = 0;
+      for (int64_t i = 0; i < kS; ++i) m += nchw[(n * kC + c) * kS + i];
+      m /= kS;
+      for (int64_t i = 0; i < kS; ++i) {
+        const double d = nchw[(n * kC + c) * kS + i] - m;
+        q += d * d;
+      }
+      mean += m / kN;
+      var += q / (kS - 1) / kN;
+    }
+    for (const StateDict& state : states) {
+      EXPECT_NEAR(state.at("running_mean").values[c], 0.25 * mean, 1e-6);
+      EXPECT_NEAR(state.at("running_var").values[c], 0.75 + 0.25 * var, 1e-6);
+      EXPECT_EQ(state.at("num_batches_tracked").int_value, 0);
+    }
+  }
+}
+
+TEST(InstanceNormTest, ConfigRoundTripsAndNeedsAMomentum) {
+  InstanceNormConfig config;
+  config.num_features = 5;
+  config.momentum = 0.5;
+  config.layout = Layout::kNHWC;
+  config.spatial_dims = 3;
+  const LayerKind* kind = BuiltinKinds().Find("instance_norm");
+  ASSERT_NE(kind, nullptr);
+  EXPECT_EQ(kind->id_prefix(), "in");
+  const std::string bytes = kind->EncodeParams(config);
+  auto decoded = kind->DecodeParams(bytes, 1);
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_TRUE(kind->SameParams(**decoded, config));
+  InstanceNormConfig other = config;
+  other.affine = true;
+  EXPECT_FALSE(kind->SameParams(other, config));
+  // A batch_norm config with momentum=None is not an instance_norm one.
+  BatchNormConfig cumulative;
+  cumulative.num_features = 5;
+  cumulative.momentum.reset();
+  const LayerKind* bn = BuiltinKinds().Find("batch_norm");
+  EXPECT_FALSE(kind->DecodeParams(bn->EncodeParams(cumulative), 1).ok());
+  config.momentum = 1.5;
+  EXPECT_THAT(ValidateConfig(config).message(),
+              HasSubstr("momentum is 1.5; expected a value in [0, 1]"));
 }
 
 }  // namespace

@@ -440,7 +440,7 @@ TEST_F(JournalTest, NewerFormatsAreKeptUnreadNotMisread) {
   std::string future_format = good;
   future_format[4] = 3;  // Layer format 3.
   std::string future_kind =
-      "NSLR" + std::string("\x02\0\0\0", 4) + Str("group_norm");
+      "NSLR" + std::string("\x02\0\0\0", 4) + Str("batch_renorm");
   EXPECT_EQ(DecodeLayer(BuiltinKinds(), future_format).status().code(),
             absl::StatusCode::kUnimplemented);
   EXPECT_EQ(DecodeLayer(BuiltinKinds(), future_kind).status().code(),
@@ -472,7 +472,7 @@ TEST_F(JournalTest, NewerFormatsAreKeptUnreadNotMisread) {
     const std::string report = absl::StrJoin((*journal)->report(), "\n");
     EXPECT_THAT(report, HasSubstr("layers/f (tenant '') is not served: layer "
                                   "state of format 3, written by a newer"));
-    EXPECT_THAT(report, HasSubstr("layer kind 'group_norm' is not built"));
+    EXPECT_THAT(report, HasSubstr("layer kind 'batch_renorm' is not built"));
     if (round == 0) {
       EXPECT_THAT(report, HasSubstr("1 record(s) of a type this release does "
                                     "not know"));

@@ -1,4 +1,5 @@
-// LayerNorm and RMSNorm layers (server/core/layers/row_norm_layer.h): the
+// LayerNorm, RMSNorm and GroupNorm layers
+// (server/core/layers/row_norm_layer.h): the
 // forward and backward against the double reference through the layer,
 // gradient accumulation and SGD, state export/restore and the config codec,
 // and the bad inputs each must reject with a specific message.
@@ -12,6 +13,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kernels/reference/group_norm_reference.h"
 #include "kernels/reference/row_norm_reference.h"
 #include "server/core/layer_kind.h"
 
@@ -290,6 +292,118 @@ TEST(RowNormKinds, ValidateNamesTheBadField) {
   EXPECT_TRUE(ValidateConfig(rms).ok());
   rms.eps = 0;
   EXPECT_THAT(ValidateConfig(rms).message(), HasSubstr("eps is 0"));
+}
+
+LayerConfig GroupNorm(int64_t groups, int64_t channels, bool affine = true) {
+  GroupNormConfig c;
+  c.num_groups = groups;
+  c.num_channels = channels;
+  c.affine = affine;
+  return GroupNormLayerConfig(c);
+}
+
+TEST(GroupNormLayer, ForwardBackwardMatchTheReference) {
+  RowNormFixture f(GroupNorm(3, 6));
+  const std::vector<float> w = {1.5f, -1.0f, 0.5f, 2.0f, 0.0f, 1.0f};
+  const std::vector<float> b = {0, 1, 2, 3, 4, 5};
+  ASSERT_TRUE(f.layer().SetParameters(w, b).ok());
+  const std::vector<int64_t> dims = {2, 6, 5, 7};
+  const std::vector<float> x = Random(2 * 6 * 35, 9, 3.0f);
+  std::vector<float> y(x.size()), dx(x.size());
+  ForwardArgs fwd;
+  fwd.input = Ref(x, dims);
+  fwd.save_for_backward = true;
+  fwd.return_stats = true;
+  fwd.output = [&](size_t) -> void* { return y.data(); };
+  absl::StatusOr<ForwardResult> r = f.layer().Forward(fwd);
+  ASSERT_TRUE(r.ok()) << r.status();
+  const kernels::GroupNormShape shape{2, 6, 35, 3};
+  const ref::GroupNormForwardResult want =
+      ref::GroupNormForward(shape, Doubles(x), Doubles(w), Doubles(b), 1e-5);
+  for (size_t i = 0; i < y.size(); ++i) EXPECT_NEAR(y[i], want.y[i], 1e-5);
+  ASSERT_EQ(r->mean.size(), 6u);  // n * groups.
+  const std::vector<float> g = Random(x.size(), 10);
+  BackwardArgs bwd;
+  bwd.handle = r->handle;
+  bwd.grad_output = Ref(g, dims);
+  bwd.accumulate_grad = true;
+  bwd.grad_input = [&](size_t) -> void* { return dx.data(); };
+  absl::StatusOr<BackwardResult> back = f.layer().Backward(bwd);
+  ASSERT_TRUE(back.ok()) << back.status();
+  const ref::GroupNormBackwardResult want_b =
+      ref::GroupNormBackward(shape, Doubles(x), Doubles(g), Doubles(r->mean),
+                             Doubles(r->invstd), Doubles(w));
+  for (size_t i = 0; i < dx.size(); ++i) {
+    EXPECT_NEAR(dx[i], want_b.dx[i], 1e-5) << i;
+  }
+  for (size_t c = 0; c < 6; ++c) {
+    EXPECT_NEAR(back->grad_weight[c], want_b.grad_weight[c], 1e-4);
+    EXPECT_NEAR(back->grad_bias[c], want_b.grad_bias[c], 1e-4);
+  }
+  SgdArgs sgd;
+  sgd.lr = 0.5;
+  EXPECT_TRUE(f.layer().OptimizerStep(sgd).ok());
+  const StateDict state = *f.layer().GetState(nullptr);
+  EXPECT_NEAR(state.at("bias").values[1], 1 - 0.5 * want_b.grad_bias[1], 1e-4);
+  EXPECT_EQ(state.at("weight").dims, std::vector<int64_t>{6});
+}
+
+TEST(GroupNormLayer, RejectsInputsAsTorchDoes) {
+  RowNormFixture f(GroupNorm(2, 4));
+  std::vector<float> x(64), y(64);
+  ForwardArgs fwd;
+  fwd.output = [&](size_t) -> void* { return y.data(); };
+  fwd.input = Ref(x, {2, 8, 4});
+  EXPECT_THAT(f.layer().Forward(fwd).status().message(),
+              HasSubstr("Expected weight to be a vector of size equal to the "
+                        "number of channels in input, but got weight of "
+                        "shape [4] and input of shape [2, 8, 4]"));
+  fwd.input = Ref(x, {64});
+  EXPECT_THAT(f.layer().Forward(fwd).status().message(),
+              HasSubstr("Expected at least 2 dimensions for input tensor but "
+                        "received 1"));
+  fwd.input = Ref(x, {2, 4, 8});
+  fwd.input.layout = kernels::Layout::kNHWC;
+  EXPECT_THAT(f.layer().Forward(fwd).status().message(),
+              HasSubstr("NHWC; GroupNorm takes"));
+  RowNormFixture plain(GroupNorm(2, 4, false));
+  fwd.input = Ref(std::vector<float>(60), {2, 5, 6});
+  EXPECT_THAT(plain.layer().Forward(fwd).status().message(),
+              HasSubstr("Expected number of channels in input to be divisible "
+                        "by num_groups, but got input of shape [2, 5, 6] and "
+                        "num_groups=2"));
+  fwd.input = Ref(x, {2, 8, 4});  // Without affine any C % G == 0 runs.
+  EXPECT_TRUE(plain.layer().Forward(fwd).ok());
+  GroupNormConfig bad;
+  bad.num_groups = 3;
+  bad.num_channels = 4;
+  EXPECT_THAT(ValidateConfig(bad).message(),
+              HasSubstr("num_channels must be divisible by num_groups "
+                        "(num_channels=4, num_groups=3)"));
+  bad.num_groups = 0;
+  EXPECT_THAT(ValidateConfig(bad).message(), HasSubstr("num_groups is 0"));
+}
+
+TEST(GroupNormKind, ConfigRoundTripsAndDamageIsRejected) {
+  GroupNormConfig c;
+  c.num_groups = 4;
+  c.num_channels = 12;
+  c.eps = 1e-3;
+  c.affine = false;
+  c.dtype = kernels::DType::kFloat16;
+  const LayerKind* kind = BuiltinKinds().Find("group_norm");
+  ASSERT_NE(kind, nullptr);
+  EXPECT_EQ(kind->id_prefix(), "gn");
+  const std::string bytes = kind->EncodeParams(c);
+  auto decoded = kind->DecodeParams(bytes, 1);
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_TRUE(kind->SameParams(**decoded, c));
+  for (size_t cut = 0; cut < bytes.size(); ++cut) {
+    EXPECT_FALSE(kind->DecodeParams(bytes.substr(0, cut), 1).ok()) << cut;
+  }
+  GroupNormConfig other = c;
+  other.num_groups = 3;
+  EXPECT_FALSE(kind->SameParams(other, c));
 }
 
 }  // namespace

@@ -106,11 +106,12 @@ _TRAIN_OPS = {name: _wire.length_field(pb.TrainRequest, name) for name in (
 class LayerInfo:
     """A layer as the server describes it (config with defaults filled in).
 
-    BatchNorm layers fill num_features .. spatial_dims. LayerNorm and
-    RMSNorm layers fill normalized_shape, eps (None: RMSNorm's eps=None),
-    affine (their elementwise_affine), bias and dtype; the BatchNorm-only
-    fields read num_features 0, momentum None, track_running_stats False,
-    layout "NCHW", spatial_dims 0.
+    BatchNorm and InstanceNorm layers fill num_features .. spatial_dims.
+    LayerNorm and RMSNorm layers fill normalized_shape, eps (None: RMSNorm's
+    eps=None), affine (their elementwise_affine), bias and dtype; GroupNorm
+    layers num_groups, num_features (its num_channels), eps, affine, bias
+    (= affine) and dtype. Fields a kind lacks read num_features 0, momentum
+    None, track_running_stats False, layout "NCHW", spatial_dims 0.
     """
 
     name: str  # "layers/{id}"
@@ -126,11 +127,12 @@ class LayerInfo:
     version: int
     num_batches_tracked: int
     has_accumulated_grad: bool
-    # "batch_norm", "layer_norm" or "rms_norm" (servers before kinds:
-    # assumed batch_norm).
+    # "batch_norm", "layer_norm", "rms_norm", "group_norm" or
+    # "instance_norm" (servers before kinds: assumed batch_norm).
     kind: str = "batch_norm"
     normalized_shape: Tuple[int, ...] = ()  # LayerNorm, RMSNorm.
     bias: bool = False  # LayerNorm: a bias beside the weight.
+    num_groups: int = 0  # GroupNorm.
 
     @property
     def id(self):
@@ -154,19 +156,33 @@ class LayerInfo:
                 normalized_shape=tuple(config.normalized_shape),
                 bias=which == "layer_norm" and config.elementwise_affine
                 and config.bias, **common)
-        config = layer.batch_norm
+        if which == "group_norm":
+            config = layer.group_norm
+            return cls(
+                num_features=config.num_channels, eps=config.eps,
+                momentum=None, affine=config.affine,
+                track_running_stats=False, layout="NCHW",
+                dtype=_tensor.dtype_name(config.dtype), spatial_dims=0,
+                device=config.device, kind="group_norm", bias=config.affine,
+                num_groups=config.num_groups, **common)
+        if which == "instance_norm":
+            config = layer.instance_norm
+            momentum = config.momentum
+        else:
+            config = layer.batch_norm
+            momentum = (None if config.WhichOneof("momentum_policy")
+                        == "cumulative_average" else config.momentum)
         return cls(
             num_features=config.num_features,
             eps=config.eps,
-            momentum=(None if config.WhichOneof("momentum_policy")
-                      == "cumulative_average" else config.momentum),
+            momentum=momentum,
             affine=config.affine,
             track_running_stats=config.track_running_stats,
             layout=_tensor.layout_name(config.layout),
             dtype=_tensor.dtype_name(config.dtype),
             spatial_dims=config.spatial_dims,
             device=config.device,
-            kind=layer.kind or "batch_norm", **common)
+            kind=layer.kind or which or "batch_norm", **common)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,6 +358,31 @@ def _create_request(num_features, layer_id, eps, momentum, affine,
     else:
         config.momentum = float(momentum)
     return pb.CreateLayerRequest(layer_id=layer_id or "", batch_norm=config)
+
+
+def _group_norm_request(num_groups, num_channels, layer_id, eps, affine,
+                        dtype, device):
+    config = pb.GroupNormConfig(
+        num_groups=int(num_groups), num_channels=int(num_channels),
+        eps=float(eps), affine=bool(affine), dtype=_tensor.dtype_enum(dtype),
+        device=device or "")
+    return pb.CreateLayerRequest(layer_id=layer_id or "", group_norm=config)
+
+
+def _instance_norm_request(num_features, layer_id, eps, momentum, affine,
+                           track_running_stats, layout, dtype, spatial_dims,
+                           device):
+    if momentum is None:
+        raise ValueError("instance_norm needs a momentum in [0, 1] "
+                         "(torch.nn.InstanceNorm has no cumulative average)")
+    config = pb.InstanceNormConfig(
+        num_features=int(num_features), eps=float(eps),
+        momentum=float(momentum), affine=bool(affine),
+        track_running_stats=bool(track_running_stats),
+        layout=_tensor.layout_enum(layout), dtype=_tensor.dtype_enum(dtype),
+        spatial_dims=int(spatial_dims), device=device or "")
+    return pb.CreateLayerRequest(layer_id=layer_id or "",
+                                 instance_norm=config)
 
 
 def _shape_tuple(normalized_shape):
@@ -526,11 +567,12 @@ class Client:
     # -- layers ------------------------------------------------------------
 
     def create_layer(self, num_features=None, *, kind="batch_norm",
-                     layer_id=None, eps=_MISSING, momentum=0.1, affine=True,
-                     track_running_stats=True, layout=None, dtype=None,
-                     spatial_dims=0, normalized_shape=None,
-                     elementwise_affine=True, bias=True, device=None,
-                     request_id=None, retries=0,
+                     layer_id=None, eps=_MISSING, momentum=0.1,
+                     affine=_MISSING, track_running_stats=_MISSING,
+                     layout=None, dtype=None, spatial_dims=0,
+                     normalized_shape=None, elementwise_affine=True,
+                     bias=True, num_groups=None, num_channels=None,
+                     device=None, request_id=None, retries=0,
                      timeout=_MISSING) -> LayerInfo:
         """Creates a layer of `kind` with torch.nn's arguments for it.
 
@@ -542,7 +584,12 @@ class Client:
         a tuple of trailing dims), eps (1e-5), elementwise_affine, bias,
         dtype. kind="rms_norm" (torch.nn.RMSNorm): normalized_shape, eps
         (None: float32's machine epsilon, as torch), elementwise_affine,
-        dtype.
+        dtype. kind="group_norm" (torch.nn.GroupNorm): num_groups,
+        num_channels, eps (1e-5), affine (True), dtype.
+        kind="instance_norm" (torch.nn.InstanceNorm1d/2d/3d): num_features,
+        eps (1e-5), momentum (0.1; not None), affine (False),
+        track_running_stats (False), layout, dtype, spatial_dims (1, 2, 3
+        for InstanceNorm1d/2d/3d batched ranks 3, 4, 5; 0 for any).
         layer_id: "" or None lets the server choose; a taken id raises
         AlreadyExistsError.
         request_id: a create that already succeeded with this id returns the
@@ -550,26 +597,42 @@ class Client:
         AlreadyExistsError if it made another layer or config, or that layer
         was deleted since. retries: see the module docstring.
         """
-        if kind == "batch_norm":
+        if eps is _MISSING and kind != "rms_norm":
+            eps = 1e-5
+        if kind in ("batch_norm", "instance_norm"):
             if num_features is None:
-                raise TypeError("create_layer(kind='batch_norm') needs "
+                raise TypeError(f"create_layer(kind={kind!r}) needs "
                                 "num_features")
-            request = _create_request(
-                num_features, layer_id, 1e-5 if eps is _MISSING else eps,
-                momentum, affine, track_running_stats, layout, dtype,
-                spatial_dims, device)
+            # torch's defaults: BatchNorm True, True; InstanceNorm False.
+            default = kind == "batch_norm"
+            make = (_create_request if kind == "batch_norm"
+                    else _instance_norm_request)
+            request = make(
+                num_features, layer_id, eps, momentum,
+                default if affine is _MISSING else affine,
+                default if track_running_stats is _MISSING
+                else track_running_stats, layout, dtype, spatial_dims,
+                device)
+        elif kind == "group_norm":
+            if num_groups is None or num_channels is None:
+                raise TypeError("create_layer(kind='group_norm') needs "
+                                "num_groups and num_channels")
+            request = _group_norm_request(
+                num_groups, num_channels, layer_id, eps,
+                True if affine is _MISSING else affine, dtype, device)
         elif kind in ("layer_norm", "rms_norm"):
             if normalized_shape is None:
                 raise TypeError(f"create_layer(kind={kind!r}) needs "
                                 "normalized_shape")
             if eps is _MISSING:
-                eps = 1e-5 if kind == "layer_norm" else None
+                eps = None  # RMSNorm's default.
             request = _row_norm_request(kind, normalized_shape, layer_id, eps,
                                         elementwise_affine, bias, dtype,
                                         device)
         else:
             raise ValueError(f"unknown kind {kind!r}; expected 'batch_norm', "
-                             "'layer_norm' or 'rms_norm'")
+                             "'layer_norm', 'rms_norm', 'group_norm' or "
+                             "'instance_norm'")
         request = _with_ids(request, self._retry_id(request_id, retries))
         return LayerInfo.from_proto(
             self._mutate(self._create, request, "CreateLayer", timeout,

@@ -1,5 +1,5 @@
-"""torch.nn.BatchNorm1d/2d/3d, LayerNorm and RMSNorm whose layer lives on a
-normserve server.
+"""torch.nn.BatchNorm1d/2d/3d, LayerNorm, RMSNorm, GroupNorm and
+InstanceNorm1d/2d/3d whose layer lives on a normserve server.
 
     client = normserve.Client("127.0.0.1:50051")
     bn = normserve.torch.BatchNorm2d(64, client=client)   # nn.BatchNorm2d's args
@@ -38,6 +38,11 @@ RuntimeError), no double backward, no torch.jit, no pickling of the module
 (save its state_dict); copy.deepcopy creates a new server layer with the same
 state. The layer's config (eps, momentum, affine, track_running_stats) is
 fixed when it is created.
+
+InstanceNorm1d/2d/3d hold running statistics as BatchNorm does (with
+track_running_stats=True; torch's default is False), and take unbatched
+inputs as torch does (sent with a batch dim of 1). LayerNorm, RMSNorm and
+GroupNorm have no running statistics; their weight and bias work as above.
 """
 
 import os
@@ -55,7 +60,8 @@ from normserve.client import Client
 from normserve.tensor import WireTensor
 from normserve.v1 import normserve_pb2 as pb
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm",
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm",
+           "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm",
            "RMSNorm", "ServerSGD", "default_client", "to_wire", "from_wire"]
 
 
@@ -249,48 +255,47 @@ def _delete_layer_quietly(client, name):
         pass
 
 
-class _BatchNorm(nn.Module):
-    """Base of BatchNorm1d/2d/3d; see the module docstring."""
+def _load_error(full, value, want):
+    """PyTorch's message for a state_dict entry that cannot load, or None."""
+    if not torch.is_tensor(value):
+        return (f'While copying the parameter named "{full}", expected '
+                "torch.Tensor or Tensor-like object from checkpoint but "
+                f"received {type(value)}")
+    if tuple(value.shape) != tuple(want):
+        return (f"size mismatch for {full}: copying a param with shape "
+                f"{value.shape} from checkpoint, the shape in current model "
+                f"is {torch.Size(want)}.")
+    return None
 
-    _version = 2  # nn.BatchNorm's state_dict version.
-    _spatial_dims = 0
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None, *,
-                 client=None, layer_id=None, layer=None,
-                 server_parameters=False, timeout=None):
-        """torch.nn.BatchNorm's arguments, plus:
+class _RemoteModule(nn.Module):
+    """What every normserve.torch module shares: its server layer (created
+    or attached), weight and bias as local nn.Parameters or server-held
+    (server_parameters=True), the push of changed local parameters before a
+    forward, state dicts under PyTorch's keys, and the forward through
+    _BatchNormFunction. Subclasses say their kind, config and keys."""
 
-        client: a normserve.Client, an address, or None for default_client().
-        layer_id: id for the new server layer (None: the server picks one).
-        layer: attach to this existing layer ("layers/{id}" or "{id}")
-          instead of creating one; its config must match. An attached layer
-          is not deleted by close().
-        server_parameters: weight and bias live and are updated on the
-          server (see ServerSGD) instead of being local nn.Parameters.
-        timeout: deadline of each call in seconds (None: the client's).
-        """
-        super().__init__()
+    _kind = None
+    # Server-held state besides the parameters (BatchNorm's buffers).
+    _remote_buffers = ()
+
+    def _connect(self, client, layer_id, layer, server_parameters, timeout,
+                 device, dtype, create_kwargs, layout=None):
+        """Creates (or attaches to) the layer and makes the parameters."""
         if client is None:
             client = default_client()
         elif isinstance(client, str):
             client = Client(client)
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
         self._config = self._config_tuple()
         kwargs = {} if timeout is None else {"timeout": timeout}
         if layer is None:
-            info = client.create_layer(
-                num_features, layer_id=layer_id, eps=eps, momentum=momentum,
-                affine=affine, track_running_stats=track_running_stats,
-                spatial_dims=self._spatial_dims, **kwargs)
+            info = client.create_layer(kind=self._kind, layer_id=layer_id,
+                                       **create_kwargs, **kwargs)
         else:
             info = client.get_layer(layer, **kwargs)
             self._check_attached(info)
-        self._remote = _Remote(client, info.name, timeout, server_parameters)
+        self._remote = _Remote(client, info.name, timeout, server_parameters,
+                               layout=layout)
         self._finalizer = None
         if layer is None:
             self._finalizer = weakref.finalize(self, _delete_layer_quietly,
@@ -298,26 +303,28 @@ class _BatchNorm(nn.Module):
             self._finalizer.atexit = False
         self._pushed = None
         self._anchor = None
-        factory_kwargs = {"device": device, "dtype": dtype}
-        if affine and not server_parameters:
-            self.weight = nn.Parameter(torch.ones(num_features,
-                                                  **factory_kwargs))
-            self.bias = nn.Parameter(torch.zeros(num_features,
-                                                 **factory_kwargs))
-            if layer is None:  # A new layer holds ones and zeros too.
-                self._pushed = self._parameter_values()
-            else:
+        keys = self._param_keys()
+        if keys and not server_parameters:
+            for key in ("weight", "bias"):
+                if key not in keys:
+                    self.register_parameter(key, None)
+                    continue
+                init = torch.ones if key == "weight" else torch.zeros
+                setattr(self, key, nn.Parameter(init(
+                    self._param_shape(), device=device, dtype=dtype)))
+            if layer is not None:  # Start from the layer's values.
                 state = client.get_state(info.name, **kwargs)
                 with torch.no_grad():
-                    self.weight.copy_(torch.from_numpy(state["weight"]))
-                    self.bias.copy_(torch.from_numpy(state["bias"]))
-                self._pushed = self._parameter_values()
-        elif affine:
-            # Makes backward run when only server-held parameters need it.
-            self._anchor = torch.zeros(0, requires_grad=True)
+                    for key in keys:
+                        getattr(self, key).copy_(torch.from_numpy(state[key]))
+            self._pushed = self._parameter_values()
         else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+            if keys:
+                # Makes backward run when only server-held parameters need it.
+                self._anchor = torch.zeros(0, requires_grad=True)
+            else:
+                self.register_parameter("weight", None)
+                self.register_parameter("bias", None)
         self._ready = True
 
     # -- identity ------------------------------------------------------------
@@ -343,22 +350,291 @@ class _BatchNorm(nn.Module):
             self._remote.client.delete_layer(self._remote.name,
                                              **self._remote.kwargs())
 
-    def extra_repr(self):
-        text = ("{num_features}, eps={eps}, momentum={momentum}, "
-                "affine={affine}, track_running_stats={track_running_stats}"
-                .format(**self.__dict__))
-        text += f", layer={self._remote.name}"
+    def _remote_repr(self):
+        text = f", layer={self._remote.name}"
         if self._remote.server_parameters:
             text += ", server_parameters=True"
         return text
+
+    # -- server-held attributes ----------------------------------------------
+
+    def _remote_keys(self):
+        """The keys read from the server: its buffers and, with
+        server_parameters, the parameters."""
+        keys = list(self._buffer_keys())
+        if self._remote.server_parameters:
+            keys += self._param_keys()
+        return keys
+
+    def _buffer_keys(self):
+        return []
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if not self.__dict__.get("_ready"):
+                raise
+            if name in self._remote_buffers or (
+                    name in _PARAMS and self._remote.server_parameters):
+                if name not in self._state_keys():
+                    return None
+                return self._remote_state()[name]
+            raise
+
+    def __setattr__(self, name, value):
+        if self.__dict__.get("_ready") and (
+                name in self._remote_buffers or
+                (name in _PARAMS and self._remote.server_parameters)):
+            self._write_remote(name, value)
+            return
+        super().__setattr__(name, value)
+
+    def _write_remote(self, name, value):
+        if name in _PARAMS:
+            if value is None or name not in self._param_keys():
+                raise AttributeError(f"normserve: {name} of this "
+                                     "server-parameter layer cannot be set")
+            self._remote.client.set_parameters(self._remote.name,
+                                               **{name: value},
+                                               **self._remote.kwargs())
+            return
+        if name not in self._buffer_keys():
+            if value is None:
+                return
+            raise AttributeError(
+                f"normserve: {name} cannot be set: the layer was created with "
+                "track_running_stats=False")
+        self._remote.client.load_state(self._remote.name, {name: value},
+                                       allow_missing=True,
+                                       **self._remote.kwargs())
+
+    def _remote_state(self):
+        """Returns the server's state as tensors (PyTorch's names)."""
+        state = self._remote.client.get_state(self._remote.name,
+                                              **self._remote.kwargs())
+        weight = self._parameters.get("weight")
+        device = weight.device if weight is not None else torch.device("cpu")
+        out = {}
+        for key, value in state.items():
+            if key == "num_batches_tracked":
+                out[key] = torch.tensor(int(value), dtype=torch.long,
+                                        device=device)
+            else:
+                out[key] = torch.from_numpy(value).to(device)
+        return out
+
+    # -- parameters ----------------------------------------------------------
+
+    def _parameter_values(self):
+        return tuple(getattr(self, k).detach().to("cpu", torch.float32).clone()
+                     for k in self._param_keys())
+
+    def _push_parameters(self):
+        """Sends local weight/bias to the server when they changed since the
+        last push (compared by value: in-place updates through .data do not
+        bump the tensor version)."""
+        if not self._param_keys() or self._remote.server_parameters:
+            return
+        values = self._parameter_values()
+        if self._pushed is not None and all(
+                torch.equal(a, b) for a, b in zip(values, self._pushed)):
+            return
+        self._remote.client.set_parameters(
+            self._remote.name,
+            **{k: v.numpy() for k, v in zip(self._param_keys(), values)},
+            **self._remote.kwargs())
+        self._pushed = values
+
+    def _reset_param_values(self):
+        keys = self._param_keys()
+        if not keys:
+            return
+        if self._remote.server_parameters:
+            values = {"weight": torch.ones(self._param_shape())}
+            if "bias" in keys:
+                values["bias"] = torch.zeros(self._param_shape())
+            self._remote.client.set_parameters(self._remote.name, **values,
+                                               **self._remote.kwargs())
+        else:
+            nn.init.ones_(self.weight)
+            if "bias" in keys:
+                nn.init.zeros_(self.bias)
+
+    def server_step(self, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                    nesterov=False):
+        """Applies torch.optim.SGD's update to the server-held weight and bias
+        (OptimizerStep) and zeroes the gradients accumulated there."""
+        if not self._remote.server_parameters:
+            raise RuntimeError("normserve: server_step() needs "
+                               "server_parameters=True; use a torch.optim "
+                               "optimizer on the local parameters")
+        version = self._remote.client.optimizer_step(
+            self._remote.name, lr=lr, momentum=momentum, dampening=dampening,
+            weight_decay=weight_decay, nesterov=nesterov,
+            **self._remote.kwargs())
+        self._remote.grad_pending = False
+        return version
+
+    # -- state dict ----------------------------------------------------------
+
+    def _state_keys(self):
+        return list(self._param_keys()) + list(self._buffer_keys())
+
+    def _state_shape(self, key):
+        return () if key == "num_batches_tracked" else self._param_shape()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        keys = self._state_keys()
+        state = self._remote_state() if any(
+            k in self._remote_keys() for k in keys) else {}
+        for key in keys:
+            param = self._parameters.get(key)
+            if param is not None:
+                destination[prefix + key] = param if keep_vars else (
+                    param.detach())
+            else:
+                destination[prefix + key] = state[key]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        keys = self._state_keys()
+        upload = {}
+        for key in keys:
+            full = prefix + key
+            if full not in state_dict:
+                missing_keys.append(full)
+                continue
+            value = state_dict[full]
+            error = _load_error(full, value, self._state_shape(key))
+            if error:
+                error_msgs.append(error)
+                continue
+            param = self._parameters.get(key)
+            if param is not None:
+                with torch.no_grad():
+                    param.copy_(value)
+            upload[key] = value.detach().cpu()
+        if strict:
+            for full in state_dict:
+                if full.startswith(prefix) and full[len(prefix):].split(
+                        ".", 1)[0] not in keys:
+                    unexpected_keys.append(full)
+        if upload:
+            try:
+                self._remote.client.load_state(self._remote.name, upload,
+                                               allow_missing=True,
+                                               **self._remote.kwargs())
+            except errors.NormserveError as err:
+                error_msgs.append(str(err))
+                return
+            if self._param_keys() and not self._remote.server_parameters:
+                self._pushed = self._parameter_values()
+
+    def __deepcopy__(self, memo):
+        args, kwargs = self._init_args()
+        copy = type(self)(*args, **kwargs, client=self._remote.client,
+                          server_parameters=self._remote.server_parameters,
+                          timeout=self._remote.timeout)
+        memo[id(self)] = copy
+        copy.train(self.training)
+        copy.load_state_dict(self.state_dict())
+        for key, param in self._parameters.items():
+            if param is not None:
+                copy._parameters[key].requires_grad_(param.requires_grad)
+        return copy
+
+    def __getstate__(self):
+        raise TypeError(
+            "normserve modules hold a server connection and cannot be "
+            "pickled; save module.state_dict() instead")
+
+    # -- compute -------------------------------------------------------------
+
+    def _remote_forward(self, input):
+        if self._config_tuple() != self._config:
+            raise RuntimeError(
+                "normserve: the config changed after the server layer was "
+                f"created (now {self._config_tuple()}, layer has "
+                f"{self._config}); create a new module instead")
+        if input.dtype not in _WIRE_DTYPE:
+            raise TypeError(f"normserve: input dtype {input.dtype} is not "
+                            "supported; expected float32, float16 or bfloat16")
+        self._push_parameters()
+        weight = self._parameters.get("weight")
+        bias = self._parameters.get("bias")
+        anchor = self._anchor
+        grad = torch.is_grad_enabled()
+        save = grad and (
+            input.requires_grad or anchor is not None
+            or any(p is not None and p.requires_grad for p in (weight, bias)))
+        return _BatchNormFunction.apply(input, weight, bias,
+                                        anchor if grad else None,
+                                        self._remote, self.training, save)
+
+
+class _BatchNorm(_RemoteModule):
+    """Base of BatchNorm1d/2d/3d; see the module docstring."""
+
+    _version = 2  # nn.BatchNorm's state_dict version.
+    _spatial_dims = 0
+    _kind = "batch_norm"
+    _remote_buffers = _REMOTE_BUFFERS
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None, *,
+                 client=None, layer_id=None, layer=None,
+                 server_parameters=False, timeout=None):
+        """torch.nn.BatchNorm's arguments, plus:
+
+        client: a normserve.Client, an address, or None for default_client().
+        layer_id: id for the new server layer (None: the server picks one).
+        layer: attach to this existing layer ("layers/{id}" or "{id}")
+          instead of creating one; its config must match. An attached layer
+          is not deleted by close().
+        server_parameters: weight and bias live and are updated on the
+          server (see ServerSGD) instead of being local nn.Parameters.
+        timeout: deadline of each call in seconds (None: the client's).
+        """
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self._connect(client, layer_id, layer, server_parameters, timeout,
+                      device, dtype, dict(
+                          num_features=num_features, eps=eps,
+                          momentum=momentum, affine=affine,
+                          track_running_stats=track_running_stats,
+                          spatial_dims=self._spatial_dims))
+
+    def extra_repr(self):
+        return ("{num_features}, eps={eps}, momentum={momentum}, "
+                "affine={affine}, track_running_stats={track_running_stats}"
+                .format(**self.__dict__)) + self._remote_repr()
 
     def _config_tuple(self):
         return (self.num_features, self.eps, self.momentum, self.affine,
                 self.track_running_stats)
 
+    def _init_args(self):
+        return self._config_tuple(), {}
+
+    def _param_keys(self):
+        return list(_PARAMS) if self.affine else []
+
+    def _param_shape(self):
+        return (self.num_features,)
+
+    def _buffer_keys(self):
+        return list(_REMOTE_BUFFERS) if self.track_running_stats else []
+
     def _check_attached(self, info):
         momentum = info.momentum
         mismatches = []
+        if info.kind != self._kind:
+            mismatches.append(f"kind {info.kind}")
         if info.num_features != self.num_features:
             mismatches.append(f"num_features {info.num_features}")
         if abs(info.eps - self.eps) > 1e-12 * max(1.0, abs(self.eps)):
@@ -381,87 +657,6 @@ class _BatchNorm(nn.Module):
                     ("num_features", "eps", "momentum", "affine",
                      "track_running_stats"), self._config_tuple())))
 
-    # -- server-held attributes ----------------------------------------------
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if not self.__dict__.get("_ready"):
-                raise
-            if name in _REMOTE_BUFFERS:
-                if not self.track_running_stats:
-                    return None
-                return self._remote_state()[name]
-            if name in _PARAMS and self._remote.server_parameters:
-                return self._remote_state()[name]
-            raise
-
-    def __setattr__(self, name, value):
-        if self.__dict__.get("_ready") and (
-                name in _REMOTE_BUFFERS or
-                (name in _PARAMS and self._remote.server_parameters)):
-            self._write_remote(name, value)
-            return
-        super().__setattr__(name, value)
-
-    def _tensor_device(self):
-        weight = self._parameters.get("weight")
-        return weight.device if weight is not None else torch.device("cpu")
-
-    def _remote_state(self):
-        """Returns the server's state as tensors (PyTorch's names)."""
-        state = self._remote.client.get_state(self._remote.name,
-                                              **self._remote.kwargs())
-        device = self._tensor_device()
-        out = {}
-        for key, value in state.items():
-            if key == "num_batches_tracked":
-                out[key] = torch.tensor(int(value), dtype=torch.long,
-                                        device=device)
-            else:
-                out[key] = torch.from_numpy(value).to(device)
-        return out
-
-    def _write_remote(self, name, value):
-        if name in _REMOTE_BUFFERS and not self.track_running_stats:
-            if value is None:
-                return
-            raise AttributeError(
-                f"normserve: {name} cannot be set: the layer was created with "
-                "track_running_stats=False")
-        if name in _PARAMS:
-            if value is None:
-                raise AttributeError(f"normserve: {name} of a server-parameter "
-                                     "layer cannot be removed")
-            self._remote.client.set_parameters(self._remote.name,
-                                               **{name: value},
-                                               **self._remote.kwargs())
-            return
-        self._remote.client.load_state(self._remote.name, {name: value},
-                                       allow_missing=True,
-                                       **self._remote.kwargs())
-
-    def _parameter_values(self):
-        return (self.weight.detach().to("cpu", torch.float32).clone(),
-                self.bias.detach().to("cpu", torch.float32).clone())
-
-    def _push_parameters(self):
-        """Sends local weight/bias to the server when they changed since the
-        last push (compared by value: in-place updates through .data do not
-        bump the tensor version)."""
-        if not self.affine or self._remote.server_parameters:
-            return
-        weight, bias = self._parameter_values()
-        if (self._pushed is not None and torch.equal(weight, self._pushed[0])
-                and torch.equal(bias, self._pushed[1])):
-            return
-        self._remote.client.set_parameters(self._remote.name,
-                                           weight=weight.numpy(),
-                                           bias=bias.numpy(),
-                                           **self._remote.kwargs())
-        self._pushed = (weight, bias)
-
     def reset_running_stats(self):
         if self.track_running_stats:
             self._remote.client.load_state(
@@ -473,50 +668,7 @@ class _BatchNorm(nn.Module):
 
     def reset_parameters(self):
         self.reset_running_stats()
-        if not self.affine:
-            return
-        if self._remote.server_parameters:
-            self._remote.client.set_parameters(
-                self._remote.name, weight=torch.ones(self.num_features),
-                bias=torch.zeros(self.num_features), **self._remote.kwargs())
-        else:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
-
-    def server_step(self, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                    nesterov=False):
-        """Applies torch.optim.SGD's update to the server-held weight and bias
-        (OptimizerStep) and zeroes the gradients accumulated there."""
-        if not self._remote.server_parameters:
-            raise RuntimeError("normserve: server_step() needs "
-                               "server_parameters=True; use a torch.optim "
-                               "optimizer on the local parameters")
-        version = self._remote.client.optimizer_step(
-            self._remote.name, lr=lr, momentum=momentum, dampening=dampening,
-            weight_decay=weight_decay, nesterov=nesterov,
-            **self._remote.kwargs())
-        self._remote.grad_pending = False
-        return version
-
-    # -- state dict ----------------------------------------------------------
-
-    def _state_keys(self):
-        keys = list(_PARAMS) if self.affine else []
-        if self.track_running_stats:
-            keys += _REMOTE_BUFFERS
-        return keys
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        server_params = self.affine and self._remote.server_parameters
-        state = (self._remote_state()
-                 if self.track_running_stats or server_params else {})
-        for key in self._state_keys():
-            param = self._parameters.get(key)
-            if param is not None:
-                destination[prefix + key] = param if keep_vars else (
-                    param.detach())
-            else:
-                destination[prefix + key] = state[key]
+        self._reset_param_values()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
@@ -526,95 +678,16 @@ class _BatchNorm(nn.Module):
                 and nbt_key not in state_dict):
             # As nn.BatchNorm: state dicts before version 2 lack the counter.
             state_dict[nbt_key] = torch.tensor(0, dtype=torch.long)
-        keys = self._state_keys()
-        upload = {}
-        for key in keys:
-            full = prefix + key
-            if full not in state_dict:
-                missing_keys.append(full)
-                continue
-            value = state_dict[full]
-            if not torch.is_tensor(value):
-                error_msgs.append(
-                    f'While copying the parameter named "{full}", expected '
-                    "torch.Tensor or Tensor-like object from checkpoint but "
-                    f"received {type(value)}")
-                continue
-            want = () if key == "num_batches_tracked" else (
-                self.num_features,)
-            if tuple(value.shape) != want:
-                error_msgs.append(
-                    f"size mismatch for {full}: copying a param with shape "
-                    f"{value.shape} from checkpoint, the shape in current "
-                    f"model is {torch.Size(want)}.")
-                continue
-            param = self._parameters.get(key)
-            if param is not None:
-                with torch.no_grad():
-                    param.copy_(value)
-            upload[key] = value.detach().cpu()
-        if strict:
-            for full in state_dict:
-                if full.startswith(prefix) and full[len(prefix):].split(
-                        ".", 1)[0] not in keys:
-                    unexpected_keys.append(full)
-        if upload:
-            try:
-                self._remote.client.load_state(self._remote.name, upload,
-                                               allow_missing=True,
-                                               **self._remote.kwargs())
-            except errors.NormserveError as err:
-                error_msgs.append(str(err))
-                return
-            if self.affine and not self._remote.server_parameters:
-                self._pushed = self._parameter_values()
-
-    def __deepcopy__(self, memo):
-        copy = type(self)(self.num_features, self.eps, self.momentum,
-                          self.affine, self.track_running_stats,
-                          client=self._remote.client,
-                          server_parameters=self._remote.server_parameters,
-                          timeout=self._remote.timeout)
-        memo[id(self)] = copy
-        copy.train(self.training)
-        copy.load_state_dict(self.state_dict())
-        for key, param in self._parameters.items():
-            if param is not None:
-                copy._parameters[key].requires_grad_(param.requires_grad)
-        return copy
-
-    def __getstate__(self):
-        raise TypeError(
-            "normserve modules hold a server connection and cannot be "
-            "pickled; save module.state_dict() instead")
-
-    # -- compute -------------------------------------------------------------
+        super()._load_from_state_dict(state_dict, prefix, local_metadata,
+                                      strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _check_input_dim(self, input):
         raise NotImplementedError
 
     def forward(self, input):
         self._check_input_dim(input)
-        if self._config_tuple() != self._config:
-            raise RuntimeError(
-                "normserve: num_features/eps/momentum/affine/"
-                "track_running_stats changed after the server layer was "
-                f"created (now {self._config_tuple()}, layer has "
-                f"{self._config}); create a new module instead")
-        if input.dtype not in _WIRE_DTYPE:
-            raise TypeError(f"normserve: input dtype {input.dtype} is not "
-                            "supported; expected float32, float16 or bfloat16")
-        self._push_parameters()
-        weight = self._parameters.get("weight")
-        bias = self._parameters.get("bias")
-        anchor = self._anchor
-        grad = torch.is_grad_enabled()
-        save = grad and (
-            input.requires_grad or anchor is not None
-            or any(p is not None and p.requires_grad for p in (weight, bias)))
-        return _BatchNormFunction.apply(input, weight, bias,
-                                        anchor if grad else None,
-                                        self._remote, self.training, save)
+        return self._remote_forward(input)
 
 
 class BatchNorm1d(_BatchNorm):
@@ -648,111 +721,65 @@ class BatchNorm3d(_BatchNorm):
             raise ValueError(f"expected 5D input (got {input.dim()}D input)")
 
 
-class _RowNorm(nn.Module):
-    """Base of LayerNorm and RMSNorm: a normalization over the trailing
-    normalized_shape dims, whose layer lives on the server. No running
-    statistics; weight (and LayerNorm's bias) of shape normalized_shape are
-    local nn.Parameters by default, or live on the server with
-    server_parameters=True, as for BatchNorm (module docstring)."""
-
-    _kind = None
+class _RowNorm(_RemoteModule):
+    """Base of LayerNorm and RMSNorm (and GroupNorm, whose parameters are
+    per channel): no running statistics; weight (and bias) of shape
+    normalized_shape are local nn.Parameters by default, or live on the
+    server with server_parameters=True, as for BatchNorm (module
+    docstring)."""
 
     def __init__(self, normalized_shape, eps, elementwise_affine, bias,
                  device, dtype, *, client, layer_id, layer, server_parameters,
                  timeout):
         super().__init__()
-        if client is None:
-            client = default_client()
-        elif isinstance(client, str):
-            client = Client(client)
         if isinstance(normalized_shape, int):
             normalized_shape = (normalized_shape,)
         self.normalized_shape = tuple(int(d) for d in normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         self._has_bias = bool(elementwise_affine and bias)
-        self._config = self._config_tuple()
-        kwargs = {} if timeout is None else {"timeout": timeout}
-        if layer is None:
-            info = client.create_layer(
-                kind=self._kind, normalized_shape=self.normalized_shape,
-                layer_id=layer_id, eps=eps,
-                elementwise_affine=elementwise_affine, bias=bias, **kwargs)
-        else:
-            info = client.get_layer(layer, **kwargs)
-            self._check_attached(info)
-        self._remote = _Remote(client, info.name, timeout, server_parameters,
-                               layout=pb.LAYOUT_NCHW)
-        self._finalizer = None
-        if layer is None:
-            self._finalizer = weakref.finalize(self, _delete_layer_quietly,
-                                               client, info.name)
-            self._finalizer.atexit = False
-        self._pushed = None
-        self._anchor = None
-        factory_kwargs = {"device": device, "dtype": dtype}
-        if elementwise_affine and not server_parameters:
-            self.weight = nn.Parameter(torch.ones(self.normalized_shape,
-                                                  **factory_kwargs))
-            if self._has_bias:
-                self.bias = nn.Parameter(torch.zeros(self.normalized_shape,
-                                                     **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-            if layer is not None:
-                state = client.get_state(info.name, **kwargs)
-                with torch.no_grad():
-                    for key in self._param_keys():
-                        getattr(self, key).copy_(
-                            torch.from_numpy(state[key]))
-            self._pushed = self._parameter_values()
-        elif elementwise_affine:
-            self._anchor = torch.zeros(0, requires_grad=True)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self._ready = True
+        self._connect(client, layer_id, layer, server_parameters, timeout,
+                      device, dtype, self._create_kwargs(),
+                      layout=pb.LAYOUT_NCHW)
 
     @property
     def affine(self):
         return self.elementwise_affine
 
-    @property
-    def client(self):
-        return self._remote.client
-
-    @property
-    def layer_name(self):
-        """The server layer's name, "layers/{id}"."""
-        return self._remote.name
-
-    @property
-    def server_parameters(self):
-        return self._remote.server_parameters
-
-    def close(self):
-        """Deletes the server layer this module created (not an attached
-        one). The module is unusable afterwards."""
-        if self._finalizer is not None and self._finalizer.alive:
-            self._finalizer.detach()
-            self._remote.client.delete_layer(self._remote.name,
-                                             **self._remote.kwargs())
-
     def extra_repr(self):
-        text = (f"{self.normalized_shape}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}")
-        text += f", layer={self._remote.name}"
-        if self._remote.server_parameters:
-            text += ", server_parameters=True"
-        return text
+        return (f"{self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}"
+                + self._remote_repr())
 
     def _config_tuple(self):
         return (self.normalized_shape, self.eps, self.elementwise_affine)
+
+    def _create_kwargs(self):
+        return dict(normalized_shape=self.normalized_shape, eps=self.eps,
+                    elementwise_affine=self.elementwise_affine,
+                    bias=self._has_bias)
+
+    def _init_args(self):
+        return (), self._init_kwargs()
+
+    def _check_input(self, input):
+        k = len(self.normalized_shape)
+        if tuple(input.shape[input.dim() - k:]) != self.normalized_shape or (
+                input.dim() < k):
+            expected = ", ".join(["*"] + [str(d) for d in
+                                          self.normalized_shape])
+            raise RuntimeError(
+                f"Given normalized_shape={list(self.normalized_shape)}, "
+                f"expected input with shape [{expected}], but got input of "
+                f"size{list(input.shape)}")
 
     def _param_keys(self):
         if not self.elementwise_affine:
             return []
         return ["weight", "bias"] if self._has_bias else ["weight"]
+
+    def _param_shape(self):
+        return self.normalized_shape
 
     def _check_attached(self, info):
         mismatches = []
@@ -775,166 +802,12 @@ class _RowNorm(nn.Module):
                 f"{self.normalized_shape}, eps={self.eps}, elementwise_affine="
                 f"{self.elementwise_affine}, bias={self._has_bias}")
 
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if (self.__dict__.get("_ready") and name in _PARAMS
-                    and self._remote.server_parameters):
-                if name not in self._param_keys():
-                    return None
-                return self._remote_state()[name]
-            raise
-
-    def __setattr__(self, name, value):
-        if (self.__dict__.get("_ready") and name in _PARAMS
-                and self._remote.server_parameters):
-            if value is None or name not in self._param_keys():
-                raise AttributeError(f"normserve: {name} of this "
-                                     "server-parameter layer cannot be set")
-            self._remote.client.set_parameters(self._remote.name,
-                                               **{name: value},
-                                               **self._remote.kwargs())
-            return
-        super().__setattr__(name, value)
-
-    def _remote_state(self):
-        state = self._remote.client.get_state(self._remote.name,
-                                              **self._remote.kwargs())
-        weight = self._parameters.get("weight")
-        device = weight.device if weight is not None else torch.device("cpu")
-        return {k: torch.from_numpy(v).to(device) for k, v in state.items()}
-
-    def _parameter_values(self):
-        return tuple(getattr(self, k).detach().to("cpu", torch.float32).clone()
-                     for k in self._param_keys())
-
-    def _push_parameters(self):
-        if not self.elementwise_affine or self._remote.server_parameters:
-            return
-        values = self._parameter_values()
-        if self._pushed is not None and all(
-                torch.equal(a, b) for a, b in zip(values, self._pushed)):
-            return
-        self._remote.client.set_parameters(
-            self._remote.name,
-            **{k: v.numpy() for k, v in zip(self._param_keys(), values)},
-            **self._remote.kwargs())
-        self._pushed = values
-
     def reset_parameters(self):
-        if not self.elementwise_affine:
-            return
-        if self._remote.server_parameters:
-            values = {"weight": torch.ones(self.normalized_shape)}
-            if self._has_bias:
-                values["bias"] = torch.zeros(self.normalized_shape)
-            self._remote.client.set_parameters(self._remote.name, **values,
-                                               **self._remote.kwargs())
-        else:
-            nn.init.ones_(self.weight)
-            if self._has_bias:
-                nn.init.zeros_(self.bias)
-
-    server_step = _BatchNorm.server_step
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        keys = self._param_keys()
-        state = self._remote_state() if (
-            keys and self._remote.server_parameters) else {}
-        for key in keys:
-            param = self._parameters.get(key)
-            if param is not None:
-                destination[prefix + key] = param if keep_vars else (
-                    param.detach())
-            else:
-                destination[prefix + key] = state[key]
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
-                              missing_keys, unexpected_keys, error_msgs):
-        keys = self._param_keys()
-        upload = {}
-        for key in keys:
-            full = prefix + key
-            if full not in state_dict:
-                missing_keys.append(full)
-                continue
-            value = state_dict[full]
-            if not torch.is_tensor(value):
-                error_msgs.append(
-                    f'While copying the parameter named "{full}", expected '
-                    "torch.Tensor or Tensor-like object from checkpoint but "
-                    f"received {type(value)}")
-                continue
-            if tuple(value.shape) != self.normalized_shape:
-                error_msgs.append(
-                    f"size mismatch for {full}: copying a param with shape "
-                    f"{value.shape} from checkpoint, the shape in current "
-                    f"model is {torch.Size(self.normalized_shape)}.")
-                continue
-            param = self._parameters.get(key)
-            if param is not None:
-                with torch.no_grad():
-                    param.copy_(value)
-            upload[key] = value.detach().cpu()
-        if strict:
-            for full in state_dict:
-                if full.startswith(prefix) and full[len(prefix):].split(
-                        ".", 1)[0] not in keys:
-                    unexpected_keys.append(full)
-        if upload:
-            try:
-                self._remote.client.load_state(self._remote.name, upload,
-                                               allow_missing=True,
-                                               **self._remote.kwargs())
-            except errors.NormserveError as err:
-                error_msgs.append(str(err))
-                return
-            if not self._remote.server_parameters:
-                self._pushed = self._parameter_values()
-
-    def __deepcopy__(self, memo):
-        copy = type(self)(**self._init_kwargs(), client=self._remote.client,
-                          server_parameters=self._remote.server_parameters,
-                          timeout=self._remote.timeout)
-        memo[id(self)] = copy
-        copy.train(self.training)
-        copy.load_state_dict(self.state_dict())
-        for key, param in self._parameters.items():
-            if param is not None:
-                copy._parameters[key].requires_grad_(param.requires_grad)
-        return copy
-
-    __getstate__ = _BatchNorm.__getstate__
+        self._reset_param_values()
 
     def forward(self, input):
-        if self._config_tuple() != self._config:
-            raise RuntimeError(
-                "normserve: normalized_shape/eps/elementwise_affine changed "
-                "after the server layer was created; create a new module")
-        k = len(self.normalized_shape)
-        if tuple(input.shape[input.dim() - k:]) != self.normalized_shape or (
-                input.dim() < k):
-            expected = ", ".join(["*"] + [str(d) for d in
-                                          self.normalized_shape])
-            raise RuntimeError(
-                f"Given normalized_shape={list(self.normalized_shape)}, "
-                f"expected input with shape [{expected}], but got input of "
-                f"size{list(input.shape)}")
-        if input.dtype not in _WIRE_DTYPE:
-            raise TypeError(f"normserve: input dtype {input.dtype} is not "
-                            "supported; expected float32, float16 or bfloat16")
-        self._push_parameters()
-        weight = self._parameters.get("weight")
-        bias = self._parameters.get("bias")
-        anchor = self._anchor
-        grad = torch.is_grad_enabled()
-        save = grad and (
-            input.requires_grad or anchor is not None
-            or any(p is not None and p.requires_grad for p in (weight, bias)))
-        return _BatchNormFunction.apply(input, weight, bias,
-                                        anchor if grad else None,
-                                        self._remote, self.training, save)
+        self._check_input(input)
+        return self._remote_forward(input)
 
 
 class LayerNorm(_RowNorm):
@@ -978,6 +851,116 @@ class RMSNorm(_RowNorm):
     def _init_kwargs(self):
         return dict(normalized_shape=self.normalized_shape, eps=self.eps,
                     elementwise_affine=self.elementwise_affine)
+
+
+class GroupNorm(_RowNorm):
+    """torch.nn.GroupNorm on a normserve server: input (N, C, *), C =
+    num_channels in num_groups groups, each (sample, group) normalized over
+    its channels and positions; per-channel weight and bias (affine). Plus
+    client=, layer_id=, layer=, server_parameters=, timeout=."""
+
+    _kind = "group_norm"
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True,
+                 device=None, dtype=None, *, client=None, layer_id=None,
+                 layer=None, server_parameters=False, timeout=None):
+        if num_channels % num_groups != 0:
+            raise ValueError("num_channels must be divisible by num_groups")
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        super().__init__((num_channels,), eps, affine, affine, device, dtype,
+                         client=client, layer_id=layer_id, layer=layer,
+                         server_parameters=server_parameters, timeout=timeout)
+
+    def extra_repr(self):
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, "
+                f"affine={self.affine}" + self._remote_repr())
+
+    def _config_tuple(self):
+        return (self.num_groups, self.num_channels, self.eps,
+                self.elementwise_affine)
+
+    def _init_kwargs(self):
+        return dict(num_groups=self.num_groups,
+                    num_channels=self.num_channels, eps=self.eps,
+                    affine=self.elementwise_affine)
+
+    _create_kwargs = _init_kwargs  # create_layer takes the same arguments.
+
+    def _check_attached(self, info):
+        mismatches = []
+        if info.kind != self._kind:
+            mismatches.append(f"kind {info.kind}")
+        if info.num_groups != self.num_groups:
+            mismatches.append(f"num_groups {info.num_groups}")
+        if info.num_features != self.num_channels:
+            mismatches.append(f"num_channels {info.num_features}")
+        if info.eps is None or abs(info.eps - self.eps) > 1e-12 * max(
+                1.0, self.eps):
+            mismatches.append(f"eps {info.eps}")
+        if info.affine != self.elementwise_affine:
+            mismatches.append(f"affine {info.affine}")
+        if mismatches:
+            raise ValueError(
+                f"normserve: layer {info.name} has " + ", ".join(mismatches)
+                + f"; this GroupNorm was given num_groups={self.num_groups}, "
+                f"num_channels={self.num_channels}, eps={self.eps}, "
+                f"affine={self.elementwise_affine}")
+
+    def _check_input(self, input):
+        if input.dim() < 2:
+            raise RuntimeError("Expected at least 2 dimensions for input "
+                               f"tensor but received {input.dim()}")
+
+
+class _InstanceNorm(_BatchNorm):
+    """Base of InstanceNorm1d/2d/3d: BatchNorm's module with torch.nn
+    InstanceNorm's defaults (affine and track_running_stats False) and its
+    unbatched inputs (rank spatial_dims + 1, sent with a batch dim of 1)."""
+
+    _kind = "instance_norm"
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
+                 track_running_stats=False, device=None, dtype=None, *,
+                 client=None, layer_id=None, layer=None,
+                 server_parameters=False, timeout=None):
+        super().__init__(num_features, eps, momentum, affine,
+                         track_running_stats, device, dtype, client=client,
+                         layer_id=layer_id, layer=layer,
+                         server_parameters=server_parameters, timeout=timeout)
+
+    def _check_input_dim(self, input):
+        d = self._spatial_dims
+        if input.dim() not in (d + 1, d + 2):
+            raise ValueError(f"expected {d + 1}D or {d + 2}D input (got "
+                             f"{input.dim()}D input)")
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        if input.dim() == self._spatial_dims + 1:
+            return super().forward(input.unsqueeze(0)).squeeze(0)
+        return super().forward(input)
+
+
+class InstanceNorm1d(_InstanceNorm):
+    """torch.nn.InstanceNorm1d on a normserve server: input (N, C, L) or
+    (C, L)."""
+
+    _spatial_dims = 1
+
+
+class InstanceNorm2d(_InstanceNorm):
+    """torch.nn.InstanceNorm2d on a normserve server: input (N, C, H, W) or
+    (C, H, W)."""
+
+    _spatial_dims = 2
+
+
+class InstanceNorm3d(_InstanceNorm):
+    """torch.nn.InstanceNorm3d on a normserve server: input (N, C, D, H, W)
+    or (C, D, H, W)."""
+
+    _spatial_dims = 3
 
 
 class ServerSGD:

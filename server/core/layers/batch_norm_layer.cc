@@ -30,6 +30,37 @@ std::string ExpectedRank(int spatial_dims) {
   return "2D to 5D";
 }
 
+// An InstanceNorm's problem as BatchNorm calls: the samples side by side
+// as channels (NCHW: one call over (1, N·C, s)), or one call per sample
+// (NHWC), each with its elements and per-channel arrays at an offset.
+struct InstanceChunk {
+  BatchNormShape shape;
+  int64_t element_offset = 0;
+  int64_t array_offset = 0;
+};
+
+std::vector<InstanceChunk> InstanceChunks(const BatchNormShape& s) {
+  if (s.layout == Layout::kNCHW) {
+    return {{BatchNormShape{1, s.n * s.c, s.s, Layout::kNCHW}, 0, 0}};
+  }
+  std::vector<InstanceChunk> chunks;
+  for (int64_t i = 0; i < s.n; ++i) {
+    chunks.push_back(
+        {BatchNormShape{1, s.c, s.s, Layout::kNHWC}, i * s.c * s.s, i * s.c});
+  }
+  return chunks;
+}
+
+// `values` (C of them) once per sample.
+std::vector<float> PerSample(const std::vector<float>& values, int64_t n) {
+  std::vector<float> out;
+  out.reserve(values.size() * static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    out.insert(out.end(), values.begin(), values.end());
+  }
+  return out;
+}
+
 // What a BatchNorm Forward saves for its Backward.
 struct BatchNormContext final : SavedContext {
   // True: the forward normalized with the batch's own statistics, so the
@@ -48,6 +79,29 @@ struct BatchNormContext final : SavedContext {
 };
 
 }  // namespace
+
+BatchNormConfig AsBatchNorm(const InstanceNormConfig& c) {
+  BatchNormConfig b;
+  b.num_features = c.num_features;
+  b.eps = c.eps;
+  b.momentum = c.momentum;
+  b.affine = c.affine;
+  b.track_running_stats = c.track_running_stats;
+  b.layout = c.layout;
+  b.dtype = c.dtype;
+  b.spatial_dims = c.spatial_dims;
+  return b;
+}
+
+absl::Status ValidateConfig(const InstanceNormConfig& config) {
+  if (!(config.momentum >= 0 && config.momentum <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("momentum is ", config.momentum,
+                     "; expected a value in [0, 1] (InstanceNorm has no "
+                     "cumulative average)"));
+  }
+  return ValidateConfig(AsBatchNorm(config));
+}
 
 absl::Status ValidateConfig(const BatchNormConfig& config) {
   if (config.num_features < 1) {
@@ -90,6 +144,12 @@ LayerConfig BatchNormLayerConfig(const BatchNormConfig& params,
   return config;
 }
 
+LayerConfig InstanceNormLayerConfig(const InstanceNormConfig& params,
+                                    std::string device) {
+  return LayerConfig{InstanceNormConfig::kKind, std::move(device),
+                     std::make_shared<InstanceNormConfig>(params)};
+}
+
 StateSpec BatchNormStateSpec(const BatchNormConfig& config) {
   const int64_t c = config.num_features;
   StateSpec spec;
@@ -111,22 +171,42 @@ StateSpec BatchNormStateSpec(const BatchNormConfig& config) {
 }
 
 BatchNormLayer::BatchNormLayer(std::string name, uint64_t uid,
-                               const BatchNormConfig& config,
+                               LayerConfig config,
+                               const BatchNormConfig& params, bool instance,
                                const LayerEnv& env)
-    : Layer(std::move(name), uid,
-            BatchNormLayerConfig(config, env.backend->device()), env),
-      params_(config),
-      spec_(BatchNormStateSpec(config)),
-      resident_(*env.backend, config.num_features) {
+    : Layer(std::move(name), uid, std::move(config), env),
+      params_(params),
+      instance_(instance),
+      spec_(BatchNormStateSpec(params)),
+      resident_(*env.backend, params.num_features) {
   absl::MutexLock lock(&mu_);
   state_ = InitialState(spec_);
   BindArrays();
 }
 
 BatchNormLayer::BatchNormLayer(std::string name, uint64_t uid,
-                               const LayerConfig& config, const LayerEnv& env)
-    : BatchNormLayer(std::move(name), uid, *config.As<BatchNormConfig>(), env) {
+                               const BatchNormConfig& config,
+                               const LayerEnv& env)
+    : BatchNormLayer(std::move(name), uid,
+                     BatchNormLayerConfig(config, env.backend->device()),
+                     config, /*instance=*/false, env) {}
+
+namespace {
+
+BatchNormConfig BatchNormParamsOf(const LayerConfig& config) {
+  if (const auto* in = config.As<InstanceNormConfig>()) return AsBatchNorm(*in);
+  return *config.As<BatchNormConfig>();
 }
+
+}  // namespace
+
+BatchNormLayer::BatchNormLayer(std::string name, uint64_t uid,
+                               const LayerConfig& config, const LayerEnv& env)
+    : BatchNormLayer(
+          std::move(name), uid,
+          LayerConfig{config.kind, env.backend->device(), config.params},
+          BatchNormParamsOf(config), config.As<InstanceNormConfig>() != nullptr,
+          env) {}
 
 void BatchNormLayer::BindArrays() {
   auto floats = [&](const char* key) -> std::vector<float>* {
@@ -177,7 +257,12 @@ absl::StatusOr<ForwardResult> BatchNormLayer::Forward(const ForwardArgs& args) {
   ASSIGN_OR_RETURN(ResolvedTensor in, Resolve(args.input, "input"));
   const bool batch_stats = args.training || !params_.track_running_stats;
   const bool update = args.training && params_.track_running_stats;
-  if (batch_stats && in.shape.per_channel() <= 1) {
+  if (instance_ && batch_stats && in.shape.s <= 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Expected more than 1 spatial element when training, got input size ",
+        kernels::ShapeToString(args.input.dims)));
+  }
+  if (!instance_ && batch_stats && in.shape.per_channel() <= 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "Expected more than 1 value per channel when training, got input "
         "size ",
@@ -225,69 +310,76 @@ absl::StatusOr<ForwardResult> BatchNormLayer::Forward(const ForwardArgs& args) {
   ASSIGN_OR_RETURN(void* y_out, staging.Output(y, bytes));
   const size_t c = static_cast<size_t>(params_.num_features);
   std::vector<float> mean(c), invstd(c);
-  ASSIGN_OR_RETURN(float* invstd_out, staging.Output(invstd));
-  ASSIGN_OR_RETURN(const float* weight, WeightOrNull());
-  ASSIGN_OR_RETURN(const float* bias, BiasOrNull());
   const size_t stat_bytes = c * sizeof(float);
-  if (batch_stats) {
-    ASSIGN_OR_RETURN(float* mean_out, staging.Output(mean));
-    kernels::BatchNormForwardTrainArgs k;
-    k.shape = in.shape;
-    k.dtype = in.dtype;
-    k.x = x;
-    k.y = y_out;
-    k.weight = weight;
-    k.bias = bias;
-    k.eps = params_.eps;
-    k.save_mean = mean_out;
-    k.save_invstd = invstd_out;
-    if (update) {
-      ASSIGN_OR_RETURN(
-          k.running_mean,
-          resident_.Get(ResidentArrays::kRunningMean, *running_mean_));
-      ASSIGN_OR_RETURN(k.running_var, resident_.Get(ResidentArrays::kRunningVar,
-                                                    *running_var_));
-      k.momentum = NextMomentum();
-      // The kernel updates the device copies; bring them back with y.
-      staging.CopyBack(running_mean_->data(), k.running_mean, stat_bytes);
-      staging.CopyBack(running_var_->data(), k.running_var, stat_bytes);
-    }
-    absl::Status status = backend.batch_norm().ForwardTrain(k, nullptr);
-    if (status.ok()) status = staging.Finish();
-    if (!status.ok()) {
-      if (update) {  // Host and device copies may disagree now.
-        resident_.Invalidate(ResidentArrays::kRunningMean);
-        resident_.Invalidate(ResidentArrays::kRunningVar);
-      }
-      return status;
-    }
+  if (instance_ && batch_stats) {
+    RETURN_IF_ERROR(
+        InstanceForward(in, x, y_out, update, staging, mean, invstd));
   } else {
-    mean = *running_mean_;
-    ASSIGN_OR_RETURN(
-        const float* running_mean,
-        resident_.Get(ResidentArrays::kRunningMean, *running_mean_));
-    ASSIGN_OR_RETURN(const float* running_var,
-                     resident_.Get(ResidentArrays::kRunningVar, *running_var_));
-    RETURN_IF_ERROR(backend.batch_norm().InvStd(
-        params_.num_features, running_var, params_.eps, invstd_out, nullptr));
-    kernels::BatchNormApplyArgs k;
-    k.shape = in.shape;
-    k.dtype = in.dtype;
-    k.x = x;
-    k.y = y_out;
-    k.mean = running_mean;
-    k.invstd = invstd_out;
-    k.weight = weight;
-    k.bias = bias;
-    RETURN_IF_ERROR(backend.batch_norm().Apply(k, nullptr));
-    RETURN_IF_ERROR(staging.Finish());
+    ASSIGN_OR_RETURN(float* invstd_out, staging.Output(invstd));
+    ASSIGN_OR_RETURN(const float* weight, WeightOrNull());
+    ASSIGN_OR_RETURN(const float* bias, BiasOrNull());
+    if (batch_stats) {
+      ASSIGN_OR_RETURN(float* mean_out, staging.Output(mean));
+      kernels::BatchNormForwardTrainArgs k;
+      k.shape = in.shape;
+      k.dtype = in.dtype;
+      k.x = x;
+      k.y = y_out;
+      k.weight = weight;
+      k.bias = bias;
+      k.eps = params_.eps;
+      k.save_mean = mean_out;
+      k.save_invstd = invstd_out;
+      if (update) {
+        ASSIGN_OR_RETURN(
+            k.running_mean,
+            resident_.Get(ResidentArrays::kRunningMean, *running_mean_));
+        ASSIGN_OR_RETURN(
+            k.running_var,
+            resident_.Get(ResidentArrays::kRunningVar, *running_var_));
+        k.momentum = NextMomentum();
+        // The kernel updates the device copies; bring them back with y.
+        staging.CopyBack(running_mean_->data(), k.running_mean, stat_bytes);
+        staging.CopyBack(running_var_->data(), k.running_var, stat_bytes);
+      }
+      absl::Status status = backend.batch_norm().ForwardTrain(k, nullptr);
+      if (status.ok()) status = staging.Finish();
+      if (!status.ok()) {
+        if (update) {  // Host and device copies may disagree now.
+          resident_.Invalidate(ResidentArrays::kRunningMean);
+          resident_.Invalidate(ResidentArrays::kRunningVar);
+        }
+        return status;
+      }
+    } else {
+      mean = *running_mean_;
+      ASSIGN_OR_RETURN(
+          const float* running_mean,
+          resident_.Get(ResidentArrays::kRunningMean, *running_mean_));
+      ASSIGN_OR_RETURN(
+          const float* running_var,
+          resident_.Get(ResidentArrays::kRunningVar, *running_var_));
+      RETURN_IF_ERROR(backend.batch_norm().InvStd(
+          params_.num_features, running_var, params_.eps, invstd_out, nullptr));
+      kernels::BatchNormApplyArgs k;
+      k.shape = in.shape;
+      k.dtype = in.dtype;
+      k.x = x;
+      k.y = y_out;
+      k.mean = running_mean;
+      k.invstd = invstd_out;
+      k.weight = weight;
+      k.bias = bias;
+      RETURN_IF_ERROR(backend.batch_norm().Apply(k, nullptr));
+      RETURN_IF_ERROR(staging.Finish());
+    }
   }
 
   ForwardResult result;
   result.dtype = in.dtype;
   result.layout = in.shape.layout;
   if (update) {
-    ++*num_batches_tracked_;
+    if (!instance_) ++*num_batches_tracked_;
     Mutated();
   }
   result.version = version_;
@@ -358,15 +450,19 @@ absl::StatusOr<BackwardResult> BatchNormLayer::Backward(
   }
   ASSIGN_OR_RETURN(k.mean, staging.Input(context->mean));
   ASSIGN_OR_RETURN(k.invstd, staging.Input(context->invstd));
-  ASSIGN_OR_RETURN(k.weight, WeightOrNull());
-  if (params_.affine) {
-    ASSIGN_OR_RETURN(k.grad_weight, staging.Output(result.grad_weight));
-    ASSIGN_OR_RETURN(k.grad_bias, staging.Output(result.grad_bias));
+  if (instance_ && context->batch_stats) {
+    RETURN_IF_ERROR(InstanceBackward(k, staging, result));
+  } else {
+    ASSIGN_OR_RETURN(k.weight, WeightOrNull());
+    if (params_.affine) {
+      ASSIGN_OR_RETURN(k.grad_weight, staging.Output(result.grad_weight));
+      ASSIGN_OR_RETURN(k.grad_bias, staging.Output(result.grad_bias));
+    }
+    RETURN_IF_ERROR(context->batch_stats
+                        ? backend.batch_norm().BackwardTrain(k, nullptr)
+                        : backend.batch_norm().BackwardEval(k, nullptr));
+    RETURN_IF_ERROR(staging.Finish());
   }
-  RETURN_IF_ERROR(context->batch_stats
-                      ? backend.batch_norm().BackwardTrain(k, nullptr)
-                      : backend.batch_norm().BackwardEval(k, nullptr));
-  RETURN_IF_ERROR(staging.Finish());
 
   if (!args.retain_context) {
     env().contexts->Take(args.handle, uid(), /*retain=*/false).IgnoreError();
@@ -391,7 +487,15 @@ absl::StatusOr<BatchNormLayer::ResolvedTensor> BatchNormLayer::Resolve(
                    kernels::MakeBatchNormShape(tensor.dims, layout));
   const int rank = static_cast<int>(tensor.dims.size());
   const int s = params_.spatial_dims;
-  if ((s == 1 && rank != 2 && rank != 3) || (s >= 2 && rank != s + 2)) {
+  if (instance_ && (s == 0 ? rank < 3 : rank != s + 2)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": expected ", s == 0 ? "3D to 5D" : absl::StrCat(s + 2, "D"),
+        " input (got ", rank, "D input) for InstanceNorm",
+        s == 0 ? "" : absl::StrCat(s, "d"),
+        "; an unbatched input is sent with a batch dim of 1"));
+  }
+  if (!instance_ &&
+      ((s == 1 && rank != 2 && rank != 3) || (s >= 2 && rank != s + 2))) {
     return absl::InvalidArgumentError(
         absl::StrCat(what, ": expected ", ExpectedRank(s), " input (got ", rank,
                      "D input) for BatchNorm", s, "d"));
@@ -424,9 +528,135 @@ absl::StatusOr<BatchNormLayer::ResolvedTensor> BatchNormLayer::Resolve(
   return ResolvedTensor{shape, dtype};
 }
 
+absl::Status BatchNormLayer::InstanceForward(const ResolvedTensor& in,
+                                             const void* x, void* y,
+                                             bool update, Staging& staging,
+                                             std::vector<float>& mean,
+                                             std::vector<float>& invstd) {
+  const int64_t n = in.shape.n, c = in.shape.c;
+  const size_t nc = static_cast<size_t>(n * c);
+  const size_t elem = kernels::DTypeSize(in.dtype);
+  mean.assign(nc, 0.0f);
+  invstd.assign(nc, 0.0f);
+  ASSIGN_OR_RETURN(float* mean_out, staging.Output(mean));
+  ASSIGN_OR_RETURN(float* invstd_out, staging.Output(invstd));
+  std::vector<float> weight, bias;
+  const float* w = nullptr;
+  const float* b = nullptr;
+  if (params_.affine) {
+    weight = PerSample(*weight_, n);
+    bias = PerSample(*bias_, n);
+    ASSIGN_OR_RETURN(w, staging.Input(weight));
+    ASSIGN_OR_RETURN(b, staging.Input(bias));
+  }
+  // Each instance's mean and unbiased variance, as the kernel's running
+  // statistics with momentum 1 over zeros (exactly the batch values).
+  std::vector<float> run_mean, run_var;
+  float* rm = nullptr;
+  float* rv = nullptr;
+  if (update) {
+    run_mean.assign(nc, 0.0f);
+    run_var.assign(nc, 0.0f);
+    ASSIGN_OR_RETURN(rm, staging.InOut(run_mean));
+    ASSIGN_OR_RETURN(rv, staging.InOut(run_var));
+  }
+  for (const InstanceChunk& chunk : InstanceChunks(in.shape)) {
+    const int64_t a = chunk.array_offset;
+    kernels::BatchNormForwardTrainArgs k;
+    k.shape = chunk.shape;
+    k.dtype = in.dtype;
+    k.x = static_cast<const char*>(x) + chunk.element_offset * elem;
+    k.y = static_cast<char*>(y) + chunk.element_offset * elem;
+    k.weight = w == nullptr ? nullptr : w + a;
+    k.bias = b == nullptr ? nullptr : b + a;
+    k.eps = params_.eps;
+    k.save_mean = mean_out + a;
+    k.save_invstd = invstd_out + a;
+    if (update) {
+      k.running_mean = rm + a;
+      k.running_var = rv + a;
+      k.momentum = 1.0;
+    }
+    RETURN_IF_ERROR(env().backend->batch_norm().ForwardTrain(k, nullptr));
+  }
+  RETURN_IF_ERROR(staging.Finish());
+  if (update) {
+    // torch: each sample's copy moves by momentum, then the copies are
+    // averaged; the same as moving once toward the average.
+    const double m = *params_.momentum;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      double sum_mean = 0, sum_var = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        sum_mean += run_mean[i * c + ch];
+        sum_var += run_var[i * c + ch];
+      }
+      float& rmean = (*running_mean_)[ch];
+      float& rvar = (*running_var_)[ch];
+      rmean = static_cast<float>((1 - m) * rmean + m * sum_mean / n);
+      rvar = static_cast<float>((1 - m) * rvar + m * sum_var / n);
+    }
+    resident_.Invalidate(ResidentArrays::kRunningMean);
+    resident_.Invalidate(ResidentArrays::kRunningVar);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status BatchNormLayer::InstanceBackward(
+    const kernels::BatchNormBackwardArgs& args, Staging& staging,
+    BackwardResult& result) {
+  const int64_t n = args.shape.n, c = args.shape.c;
+  const size_t nc = static_cast<size_t>(n * c);
+  const size_t elem = kernels::DTypeSize(args.dtype);
+  std::vector<float> weight, grad_weight, grad_bias;
+  const float* w = nullptr;
+  float* gw = nullptr;
+  float* gb = nullptr;
+  if (params_.affine) {
+    weight = PerSample(*weight_, n);
+    grad_weight.assign(nc, 0.0f);
+    grad_bias.assign(nc, 0.0f);
+    ASSIGN_OR_RETURN(w, staging.Input(weight));
+    ASSIGN_OR_RETURN(gw, staging.Output(grad_weight));
+    ASSIGN_OR_RETURN(gb, staging.Output(grad_bias));
+  }
+  for (const InstanceChunk& chunk : InstanceChunks(args.shape)) {
+    const int64_t a = chunk.array_offset;
+    const int64_t e = chunk.element_offset * static_cast<int64_t>(elem);
+    kernels::BatchNormBackwardArgs k = args;
+    k.shape = chunk.shape;
+    k.x = static_cast<const char*>(args.x) + e;
+    k.dy = static_cast<const char*>(args.dy) + e;
+    k.dx = args.dx == nullptr ? nullptr : static_cast<char*>(args.dx) + e;
+    k.mean = args.mean + a;
+    k.invstd = args.invstd + a;
+    k.weight = w == nullptr ? nullptr : w + a;
+    k.grad_weight = gw == nullptr ? nullptr : gw + a;
+    k.grad_bias = gb == nullptr ? nullptr : gb + a;
+    RETURN_IF_ERROR(env().backend->batch_norm().BackwardTrain(k, nullptr));
+  }
+  RETURN_IF_ERROR(staging.Finish());
+  if (params_.affine) {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      double sum_w = 0, sum_b = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        sum_w += grad_weight[i * c + ch];
+        sum_b += grad_bias[i * c + ch];
+      }
+      result.grad_weight[ch] = static_cast<float>(sum_w);
+      result.grad_bias[ch] = static_cast<float>(sum_b);
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<int64_t> BatchNormLayer::UpdateRunningStats(
     const RunningStatsArgs& args) {
   absl::MutexLock lock(&mu_);
+  if (instance_) {
+    return absl::UnimplementedError(
+        "UpdateRunningStats is for batch_norm layers; an instance_norm "
+        "layer's running statistics move only in its training forwards");
+  }
   if (!params_.track_running_stats) {
     return absl::FailedPreconditionError(
         "the layer was created with track_running_stats=false; it has no "
@@ -625,10 +855,39 @@ bool GetParams(ByteReader& r, BatchNormConfig* c) {
   return true;
 }
 
-class BatchNormKind final : public LayerKind {
+BatchNormConfig AsBatchNorm(const BatchNormConfig& c) { return c; }
+
+// The config back from BatchNorm's fields; false when they do not make one.
+bool FromBatchNorm(const BatchNormConfig& b, BatchNormConfig* c) {
+  *c = b;
+  return true;
+}
+
+bool FromBatchNorm(const BatchNormConfig& b, InstanceNormConfig* c) {
+  if (!b.momentum.has_value()) return false;
+  c->num_features = b.num_features;
+  c->eps = b.eps;
+  c->momentum = *b.momentum;
+  c->affine = b.affine;
+  c->track_running_stats = b.track_running_stats;
+  c->layout = b.layout;
+  c->dtype = b.dtype;
+  c->spatial_dims = b.spatial_dims;
+  return true;
+}
+
+// The kinds BatchNormLayer serves, batch_norm and instance_norm: Config is
+// BatchNormConfig or InstanceNormConfig, which has BatchNorm's fields. Both
+// encode params format 1 as BatchNorm's (an InstanceNorm's momentum is
+// always set).
+template <typename Config>
+class ChannelNormKind final : public LayerKind {
  public:
-  absl::string_view name() const override { return BatchNormConfig::kKind; }
-  absl::string_view id_prefix() const override { return "bn"; }
+  explicit ChannelNormKind(absl::string_view id_prefix)
+      : id_prefix_(id_prefix) {}
+
+  absl::string_view name() const override { return Config::kKind; }
+  absl::string_view id_prefix() const override { return id_prefix_; }
 
   absl::Status Validate(const KindParams& params) const override {
     return ValidateConfig(Of(params));
@@ -639,15 +898,15 @@ class BatchNormKind final : public LayerKind {
     // two momentum buffers, float32 each, plus a fixed overhead per layer.
     constexpr size_t kPerChannel = 8 * sizeof(float);
     constexpr size_t kPerLayer = 1024;
+    const int64_t c = AsBatchNorm(Of(params)).num_features;
     return kPerLayer +
-           static_cast<size_t>(std::max<int64_t>(Of(params).num_features, 0)) *
-               kPerChannel;
+           static_cast<size_t>(std::max<int64_t>(c, 0)) * kPerChannel;
   }
 
   bool SameParams(const KindParams& requested,
                   const KindParams& existing) const override {
-    const BatchNormConfig& a = Of(requested);
-    const BatchNormConfig& b = Of(existing);
+    const BatchNormConfig a = AsBatchNorm(Of(requested));
+    const BatchNormConfig b = AsBatchNorm(Of(existing));
     return a.num_features == b.num_features && a.eps == b.eps &&
            a.momentum == b.momentum && a.affine == b.affine &&
            a.track_running_stats == b.track_running_stats &&
@@ -665,32 +924,40 @@ class BatchNormKind final : public LayerKind {
 
   std::string EncodeParams(const KindParams& params) const override {
     ByteWriter w;
-    PutParams(Of(params), w);
+    PutParams(AsBatchNorm(Of(params)), w);
     return std::move(w.out());
   }
 
   absl::StatusOr<std::shared_ptr<const KindParams>> DecodeParams(
       absl::string_view bytes, uint32_t version) const override {
-    auto params = std::make_shared<BatchNormConfig>();
+    BatchNormConfig fields;
+    auto params = std::make_shared<Config>();
     ByteReader r(bytes);
-    if (version != 1 || !GetParams(r, params.get()) || !r.done()) {
+    if (version != 1 || !GetParams(r, &fields) || !r.done() ||
+        !FromBatchNorm(fields, params.get())) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "batch_norm config (format ", version, ") does not decode"));
+          Config::kKind, " config (format ", version, ") does not decode"));
     }
     RETURN_IF_ERROR(ValidateConfig(*params));
     return std::shared_ptr<const KindParams>(std::move(params));
   }
 
  private:
-  static const BatchNormConfig& Of(const KindParams& params) {
-    return static_cast<const BatchNormConfig&>(params);
+  static const Config& Of(const KindParams& params) {
+    return static_cast<const Config&>(params);
   }
+
+  const absl::string_view id_prefix_;
 };
 
 }  // namespace
 
 std::unique_ptr<LayerKind> NewBatchNormKind() {
-  return std::make_unique<BatchNormKind>();
+  return std::make_unique<ChannelNormKind<BatchNormConfig>>("bn");
+}
+
+std::unique_ptr<LayerKind> NewInstanceNormKind() {
+  return std::make_unique<ChannelNormKind<InstanceNormConfig>>("in");
 }
 
 absl::StatusOr<std::pair<BatchNormConfig, LayerState>> DecodeFormat1BatchNorm(

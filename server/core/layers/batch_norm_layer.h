@@ -2,6 +2,16 @@
 // (docs/design.md): config, parameters, running statistics, accumulated
 // gradients and SGD state, as one map of named arrays (layer.h).
 //
+// InstanceNorm1d/2d/3d is the same layer with per-instance statistics, as
+// torch computes it: a training forward (or any forward without
+// track_running_stats) is a BatchNorm over each sample alone, run as one
+// BatchNorm of N·C channels over (1, N·C, *) for NCHW input (one per
+// sample for NHWC), with the weight and bias repeated per sample; the
+// running statistics move by momentum toward the batch average of the
+// per-instance mean and unbiased variance; num_batches_tracked stays 0
+// (torch never counts for InstanceNorm). An eval forward with tracked
+// statistics is BatchNorm's eval forward.
+//
 // On the CPU backend the kernels read the request's bytes and write the
 // reply's bytes in place; on a device backend each operation stages them
 // through pooled device buffers (server/core/staging.h), and the
@@ -49,15 +59,36 @@ struct BatchNormConfig final : KindParams {
   int spatial_dims = 0;
 };
 
+// torch.nn.InstanceNorm1d/2d/3d(num_features, eps, momentum, affine,
+// track_running_stats), torch's defaults.
+struct InstanceNormConfig final : KindParams {
+  static constexpr char kKind[] = "instance_norm";
+
+  int64_t num_features = 0;
+  double eps = kDefaultEps;
+  // In [0, 1]; torch's instance_norm has no cumulative average (None).
+  double momentum = kDefaultMomentum;
+  bool affine = false;
+  bool track_running_stats = false;
+  kernels::Layout layout = kernels::Layout::kNCHW;
+  kernels::DType dtype = kernels::DType::kFloat32;
+  // 1, 2, 3: InstanceNorm1d/2d/3d batched input ranks (3D, 4D, 5D);
+  // 0: any rank 3 to 5. Unbatched inputs are the client's to unsqueeze.
+  int spatial_dims = 0;
+};
+
 // Channels of one layer (4 GiB of float32 state); more is a malformed config.
 constexpr int64_t kMaxNumFeatures = int64_t{1} << 27;
 
 // INVALID_ARGUMENT naming the bad field and what was expected.
 absl::Status ValidateConfig(const BatchNormConfig& config);
+absl::Status ValidateConfig(const InstanceNormConfig& config);
 
 // The config of a BatchNorm layer on `device` ("": the server's device).
 LayerConfig BatchNormLayerConfig(const BatchNormConfig& params,
                                  std::string device = "");
+LayerConfig InstanceNormLayerConfig(const InstanceNormConfig& params,
+                                    std::string device = "");
 
 // The named arrays of a BatchNorm layer's state with `config`: weight,
 // bias, weight_momentum_buffer, bias_momentum_buffer (affine), running_mean,
@@ -71,10 +102,13 @@ class BatchNormLayer final : public Layer {
   // env.backend's device. `uid` is unique per server.
   BatchNormLayer(std::string name, uint64_t uid, const BatchNormConfig& config,
                  const LayerEnv& env);
+  // `config` is a valid BatchNormConfig or InstanceNormConfig.
   BatchNormLayer(std::string name, uint64_t uid, const LayerConfig& config,
                  const LayerEnv& env);
 
+  // The config as BatchNorm's fields (an InstanceNorm's too).
   const BatchNormConfig& params() const { return params_; }
+  bool instance() const { return instance_; }
 
   // Training: batch statistics, running-stat update; eval: running
   // statistics (batch statistics without track_running_stats).
@@ -83,6 +117,8 @@ class BatchNormLayer final : public Layer {
   // is now (PyTorch would refuse a weight changed in between; we use the
   // current one).
   absl::StatusOr<BackwardResult> Backward(const BackwardArgs& args) override;
+  // UNIMPLEMENTED for InstanceNorm (its running statistics move only in
+  // training forwards).
   absl::StatusOr<int64_t> UpdateRunningStats(
       const RunningStatsArgs& args) override;
   absl::StatusOr<int64_t> OptimizerStep(const SgdArgs& args) override;
@@ -96,10 +132,25 @@ class BatchNormLayer final : public Layer {
   absl::Status RestoreState(const LayerState& state) override;
 
  private:
+  BatchNormLayer(std::string name, uint64_t uid, LayerConfig config,
+                 const BatchNormConfig& params, bool instance,
+                 const LayerEnv& env);
+
   struct ResolvedTensor {
     kernels::BatchNormShape shape;
     kernels::DType dtype;
   };
+  // InstanceNorm's forward with per-instance statistics: y, the N·C means
+  // and invstds, and (update) the running statistics. Finishes `staging`.
+  absl::Status InstanceForward(const ResolvedTensor& in, const void* x, void* y,
+                               bool update, Staging& staging,
+                               std::vector<float>& mean,
+                               std::vector<float>& invstd)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Its backward through them, into `result`. Finishes `staging`.
+  absl::Status InstanceBackward(const kernels::BatchNormBackwardArgs& k,
+                                Staging& staging, BackwardResult& result)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<ResolvedTensor> Resolve(const TensorRef& tensor,
                                          const char* what) const;
   // Binds the array views below to state_'s entries.
@@ -115,6 +166,7 @@ class BatchNormLayer final : public Layer {
   absl::StatusOr<const float*> BiasOrNull() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const BatchNormConfig params_;
+  const bool instance_;
   const StateSpec spec_;
 
   mutable absl::Mutex mu_;
@@ -137,8 +189,9 @@ class BatchNormLayer final : public Layer {
   ResidentArrays resident_ ABSL_GUARDED_BY(mu_);
 };
 
-// The BatchNorm kind for the registry.
+// The BatchNorm and InstanceNorm kinds for the registry.
 std::unique_ptr<LayerKind> NewBatchNormKind();
+std::unique_ptr<LayerKind> NewInstanceNormKind();
 
 // A layer state as the release before kinds (journal format 1) encoded it:
 // config and arrays in fixed order. Returns the config and the state as

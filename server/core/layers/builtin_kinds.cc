@@ -14,6 +14,8 @@ const KindRegistry& BuiltinKinds() {
     r->Register(NewBatchNormKind()).IgnoreError();
     r->Register(NewLayerNormKind()).IgnoreError();
     r->Register(NewRMSNormKind()).IgnoreError();
+    r->Register(NewGroupNormKind()).IgnoreError();
+    r->Register(NewInstanceNormKind()).IgnoreError();
     return r;
   }();
   return *registry;

@@ -20,8 +20,9 @@ using kernels::RowNorm;
 struct RowNormContext final : SavedContext {
   std::vector<int64_t> dims;
   kernels::RowNormShape shape;
+  kernels::GroupNormShape group_shape;  // GroupNorm only.
   DType dtype = DType::kFloat32;
-  std::vector<float> mean;  // [rows]; LayerNorm only.
+  std::vector<float> mean;  // [rows]; LayerNorm and GroupNorm.
   std::vector<float> rstd;  // [rows]
 
   size_t bytes() const override {
@@ -71,6 +72,25 @@ absl::Status ValidateDType(DType dtype) {
   return absl::OkStatus();
 }
 
+// The byte-size rules every input of `dtype` and `numel` elements follows.
+absl::Status CheckTensorBytes(const TensorRef& tensor, const char* what,
+                              DType dtype, int64_t numel,
+                              size_t max_tensor_bytes) {
+  const size_t bytes = static_cast<size_t>(numel) * kernels::DTypeSize(dtype);
+  if (max_tensor_bytes != 0 && bytes > max_tensor_bytes) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(what, " is ", bytes, " bytes; the server's limit is ",
+                     max_tensor_bytes, " bytes (--max_message_mb)"));
+  }
+  if (tensor.bytes != bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " data has ", tensor.bytes, " bytes; shape ",
+                     ShapeToString(tensor.dims), " in ",
+                     kernels::DTypeName(dtype), " needs ", bytes));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status ValidateConfig(const LayerNormConfig& config) {
@@ -85,6 +105,27 @@ absl::Status ValidateConfig(const RMSNormConfig& config) {
   return ValidateDType(config.dtype);
 }
 
+absl::Status ValidateConfig(const GroupNormConfig& config) {
+  if (config.num_groups < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_groups is ", config.num_groups,
+                     "; expected a positive number of groups"));
+  }
+  if (config.num_channels < 1 || config.num_channels > kMaxRowElements) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_channels is ", config.num_channels,
+                     "; expected 1 to ", kMaxRowElements));
+  }
+  if (config.num_channels % config.num_groups != 0) {
+    // torch's wording, with the values.
+    return absl::InvalidArgumentError(absl::StrCat(
+        "num_channels must be divisible by num_groups (num_channels=",
+        config.num_channels, ", num_groups=", config.num_groups, ")"));
+  }
+  RETURN_IF_ERROR(ValidateEps(config.eps));
+  return ValidateDType(config.dtype);
+}
+
 LayerConfig LayerNormLayerConfig(const LayerNormConfig& params,
                                  std::string device) {
   return LayerConfig{LayerNormConfig::kKind, std::move(device),
@@ -95,6 +136,16 @@ LayerConfig RMSNormLayerConfig(const RMSNormConfig& params,
                                std::string device) {
   return LayerConfig{RMSNormConfig::kKind, std::move(device),
                      std::make_shared<RMSNormConfig>(params)};
+}
+
+LayerConfig GroupNormLayerConfig(const GroupNormConfig& params,
+                                 std::string device) {
+  return LayerConfig{GroupNormConfig::kKind, std::move(device),
+                     std::make_shared<GroupNormConfig>(params)};
+}
+
+const char* RowNormParams::name() const {
+  return group() ? "GroupNorm" : kernels::RowNormName(norm);
 }
 
 int64_t RowNormParams::cols() const {
@@ -125,6 +176,17 @@ RowNormParams RowNormParamsOf(const RMSNormConfig& config) {
   return p;
 }
 
+RowNormParams RowNormParamsOf(const GroupNormConfig& config) {
+  RowNormParams p;
+  p.num_groups = config.num_groups;
+  p.normalized_shape = {config.num_channels};
+  p.eps = config.eps;
+  p.weight = config.affine;
+  p.bias = config.affine;
+  p.dtype = config.dtype;
+  return p;
+}
+
 StateSpec RowNormStateSpec(const RowNormParams& params) {
   const int64_t n = params.cols();
   const std::vector<int64_t>& dims = params.normalized_shape;
@@ -148,8 +210,12 @@ StateSpec RowNormStateSpec(const RowNormParams& params) {
 namespace {
 
 RowNormParams ParamsOf(const LayerConfig& config) {
-  if (const auto* ln = config.As<LayerNormConfig>())
+  if (const auto* ln = config.As<LayerNormConfig>()) {
     return RowNormParamsOf(*ln);
+  }
+  if (const auto* gn = config.As<GroupNormConfig>()) {
+    return RowNormParamsOf(*gn);
+  }
   return RowNormParamsOf(*config.As<RMSNormConfig>());
 }
 
@@ -201,14 +267,14 @@ absl::StatusOr<const float*> RowNormLayer::BiasOrNull() {
 
 absl::StatusOr<RowNormLayer::ResolvedTensor> RowNormLayer::Resolve(
     const TensorRef& tensor, const char* what) const {
-  const char* kind = kernels::RowNormName(params_.norm);
   if (tensor.layout.value_or(kernels::Layout::kNCHW) !=
       kernels::Layout::kNCHW) {
     return absl::InvalidArgumentError(absl::StrCat(
-        what, " is NHWC; ", kind,
+        what, " is NHWC; ", params_.name(),
         " takes tensors in the order their shape gives (layout NCHW or "
         "unset)"));
   }
+  if (params_.group()) return ResolveGroups(tensor, what);
   const DType dtype = tensor.dtype.value_or(params_.dtype);
   const std::vector<int64_t>& normalized = params_.normalized_shape;
   const std::vector<int64_t>& dims = tensor.dims;
@@ -241,18 +307,59 @@ absl::StatusOr<RowNormLayer::ResolvedTensor> RowNormLayer::Resolve(
     }
     rows *= dims[i];
   }
-  const size_t bytes = static_cast<size_t>(rows * cols) * elem;
-  if (env().max_tensor_bytes != 0 && bytes > env().max_tensor_bytes) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat(what, " is ", bytes, " bytes; the server's limit is ",
-                     env().max_tensor_bytes, " bytes (--max_message_mb)"));
+  RETURN_IF_ERROR(CheckTensorBytes(tensor, what, dtype, rows * cols,
+                                   env().max_tensor_bytes));
+  return ResolvedTensor{kernels::RowNormShape{rows, cols}, {}, dtype};
+}
+
+absl::StatusOr<RowNormLayer::ResolvedTensor> RowNormLayer::ResolveGroups(
+    const TensorRef& tensor, const char* what) const {
+  const DType dtype = tensor.dtype.value_or(params_.dtype);
+  const std::vector<int64_t>& dims = tensor.dims;
+  if (dims.size() < 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what,
+                     ": Expected at least 2 dimensions for input tensor "
+                     "but received ",
+                     dims.size()));
   }
-  if (tensor.bytes != bytes) {
+  const int64_t limit = std::numeric_limits<int64_t>::max() /
+                        static_cast<int64_t>(kernels::DTypeSize(dtype));
+  int64_t numel = 1;
+  for (int64_t d : dims) {
+    if (d < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " has shape ", ShapeToString(dims),
+                       "; expected every dim > 0"));
+    }
+    if (d > limit / numel) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " shape ", ShapeToString(dims), " is too large to address"));
+    }
+    numel *= d;
+  }
+  const int64_t c = dims[1];
+  const int64_t groups = params_.num_groups;
+  // torch's wording for both.
+  if (params_.weight && c != params_.cols()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        what, " data has ", tensor.bytes, " bytes; shape ", ShapeToString(dims),
-        " in ", kernels::DTypeName(dtype), " needs ", bytes));
+        what,
+        ": Expected weight to be a vector of size equal to the number of "
+        "channels in input, but got weight of shape [",
+        params_.cols(), "] and input of shape ", ShapeToString(dims)));
   }
-  return ResolvedTensor{kernels::RowNormShape{rows, cols}, dtype};
+  if (c % groups != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what,
+        ": Expected number of channels in input to be divisible by "
+        "num_groups, but got input of shape ",
+        ShapeToString(dims), " and num_groups=", groups));
+  }
+  RETURN_IF_ERROR(
+      CheckTensorBytes(tensor, what, dtype, numel, env().max_tensor_bytes));
+  kernels::GroupNormShape g{dims[0], c, numel / (dims[0] * c), groups};
+  return ResolvedTensor{kernels::RowNormShape{g.n * groups, g.group_size()}, g,
+                        dtype};
 }
 
 absl::StatusOr<ForwardResult> RowNormLayer::Forward(const ForwardArgs& args) {
@@ -273,6 +380,7 @@ absl::StatusOr<ForwardResult> RowNormLayer::Forward(const ForwardArgs& args) {
     context->layer_uid = uid();
     context->dims = args.input.dims;
     context->shape = in.shape;
+    context->group_shape = in.group_shape;
     context->dtype = in.dtype;
     context->pool = env().pool;
     RETURN_IF_ERROR(env().contexts->CheckFits(bytes));
@@ -287,22 +395,36 @@ absl::StatusOr<ForwardResult> RowNormLayer::Forward(const ForwardArgs& args) {
     ASSIGN_OR_RETURN(x, staging.Input(args.input.data, bytes));
   }
   const size_t rows = static_cast<size_t>(in.shape.rows);
-  const bool layer_norm = params_.norm == RowNorm::kLayerNorm;
-  std::vector<float> mean(layer_norm ? rows : 0), rstd(rows);
-  kernels::RowNormForwardArgs k;
-  k.norm = params_.norm;
-  k.shape = in.shape;
-  k.dtype = in.dtype;
-  k.x = x;
-  ASSIGN_OR_RETURN(k.y, staging.Output(y, bytes));
-  ASSIGN_OR_RETURN(k.weight, WeightOrNull());
-  ASSIGN_OR_RETURN(k.bias, BiasOrNull());
-  k.eps = params_.eps;
-  if (layer_norm) {
+  const bool with_mean = params_.group() || params_.norm == RowNorm::kLayerNorm;
+  std::vector<float> mean(with_mean ? rows : 0), rstd(rows);
+  if (params_.group()) {
+    kernels::GroupNormForwardArgs k;
+    k.shape = in.group_shape;
+    k.dtype = in.dtype;
+    k.x = x;
+    ASSIGN_OR_RETURN(k.y, staging.Output(y, bytes));
+    ASSIGN_OR_RETURN(k.weight, WeightOrNull());
+    ASSIGN_OR_RETURN(k.bias, BiasOrNull());
+    k.eps = params_.eps;
     ASSIGN_OR_RETURN(k.mean, staging.Output(mean));
+    ASSIGN_OR_RETURN(k.rstd, staging.Output(rstd));
+    RETURN_IF_ERROR(backend.group_norm().Forward(k, nullptr));
+  } else {
+    kernels::RowNormForwardArgs k;
+    k.norm = params_.norm;
+    k.shape = in.shape;
+    k.dtype = in.dtype;
+    k.x = x;
+    ASSIGN_OR_RETURN(k.y, staging.Output(y, bytes));
+    ASSIGN_OR_RETURN(k.weight, WeightOrNull());
+    ASSIGN_OR_RETURN(k.bias, BiasOrNull());
+    k.eps = params_.eps;
+    if (with_mean) {
+      ASSIGN_OR_RETURN(k.mean, staging.Output(mean));
+    }
+    ASSIGN_OR_RETURN(k.rstd, staging.Output(rstd));
+    RETURN_IF_ERROR(backend.row_norm().Forward(k, nullptr));
   }
-  ASSIGN_OR_RETURN(k.rstd, staging.Output(rstd));
-  RETURN_IF_ERROR(backend.row_norm().Forward(k, nullptr));
   RETURN_IF_ERROR(staging.Finish());
 
   ForwardResult result;
@@ -359,28 +481,47 @@ absl::StatusOr<BackwardResult> RowNormLayer::Backward(
 
   kernels::Backend& backend = *env().backend;
   Staging staging(backend, *env().pool);
-  kernels::RowNormBackwardArgs k;
-  k.norm = params_.norm;
-  k.shape = context->shape;
-  k.dtype = context->dtype;
-  k.x = context->x->data();  // Backend memory.
-  ASSIGN_OR_RETURN(
-      k.dy, staging.Input(args.grad_output.data, args.grad_output.bytes));
+  // The arguments both op tables take alike.
+  const void* x = context->x->data();  // Backend memory.
+  ASSIGN_OR_RETURN(const void* dy_in, staging.Input(args.grad_output.data,
+                                                    args.grad_output.bytes));
+  void* dx_out = nullptr;
   if (dx != nullptr) {
-    ASSIGN_OR_RETURN(k.dx, staging.Output(dx, args.grad_output.bytes));
+    ASSIGN_OR_RETURN(dx_out, staging.Output(dx, args.grad_output.bytes));
   }
+  const float* mean = nullptr;
   if (!context->mean.empty()) {
-    ASSIGN_OR_RETURN(k.mean, staging.Input(context->mean));
+    ASSIGN_OR_RETURN(mean, staging.Input(context->mean));
   }
-  ASSIGN_OR_RETURN(k.rstd, staging.Input(context->rstd));
-  ASSIGN_OR_RETURN(k.weight, WeightOrNull());
+  ASSIGN_OR_RETURN(const float* rstd, staging.Input(context->rstd));
+  ASSIGN_OR_RETURN(const float* weight, WeightOrNull());
+  float* grad_weight = nullptr;
+  float* grad_bias = nullptr;
   if (params_.weight) {
-    ASSIGN_OR_RETURN(k.grad_weight, staging.Output(result.grad_weight));
+    ASSIGN_OR_RETURN(grad_weight, staging.Output(result.grad_weight));
   }
   if (params_.bias) {
-    ASSIGN_OR_RETURN(k.grad_bias, staging.Output(result.grad_bias));
+    ASSIGN_OR_RETURN(grad_bias, staging.Output(result.grad_bias));
   }
-  RETURN_IF_ERROR(backend.row_norm().Backward(k, nullptr));
+  if (params_.group()) {
+    kernels::GroupNormBackwardArgs k{context->group_shape,
+                                     context->dtype,
+                                     x,
+                                     dy_in,
+                                     mean,
+                                     rstd,
+                                     weight,
+                                     dx_out,
+                                     grad_weight,
+                                     grad_bias};
+    RETURN_IF_ERROR(backend.group_norm().Backward(k, nullptr));
+  } else {
+    kernels::RowNormBackwardArgs k{
+        params_.norm, context->shape, context->dtype, x,
+        dy_in,        mean,           rstd,           weight,
+        dx_out,       grad_weight,    grad_bias};
+    RETURN_IF_ERROR(backend.row_norm().Backward(k, nullptr));
+  }
   RETURN_IF_ERROR(staging.Finish());
 
   if (!args.retain_context) {
@@ -491,9 +632,9 @@ LayerState RowNormLayer::ExportState() const {
 }
 
 absl::Status RowNormLayer::RestoreState(const LayerState& state) {
-  const std::string what = absl::StrCat(
-      "state of ", name(), " (", kernels::RowNormName(params_.norm), " over ",
-      ShapeToString(params_.normalized_shape), ")");
+  const std::string what =
+      absl::StrCat("state of ", name(), " (", params_.name(), " over ",
+                   ShapeToString(params_.normalized_shape), ")");
   RETURN_IF_ERROR(CheckStateFits(spec_, state.arrays, what));
   if (params_.bias &&
       state.arrays.at("weight_momentum_buffer").values.size() !=
@@ -519,9 +660,9 @@ absl::Status RowNormLayer::RestoreState(const LayerState& state) {
 
 namespace {
 
-// Params format 1 of both kinds: normalized_shape (u32 count, i64 dims),
-// eps (u8 set, f64), u8 elementwise_affine, u8 bias (LayerNorm only),
-// u8 dtype.
+// Params format 1 of LayerNorm and RMSNorm: normalized_shape (u32 count, i64
+// dims), eps (u8 set, f64), u8 elementwise_affine, u8 bias (LayerNorm only), u8
+// dtype.
 void PutShape(const std::vector<int64_t>& shape, ByteWriter& w) {
   w.Put(static_cast<uint32_t>(shape.size()));
   for (int64_t d : shape) w.Put(d);
@@ -551,7 +692,7 @@ bool GetDType(ByteReader& r, DType* dtype) {
   return true;
 }
 
-// The parts both kinds' LayerKinds share; T is the config type.
+// The parts the kinds' LayerKinds share; T is the config type.
 template <typename T>
 class RowNormKindBase : public LayerKind {
  public:
@@ -660,7 +801,41 @@ class RMSNormKind final : public RowNormKindBase<RMSNormConfig> {
   }
 };
 
+// Params format 1: i64 num_groups, i64 num_channels, f64 eps, u8 affine,
+// u8 dtype.
+class GroupNormKind final : public RowNormKindBase<GroupNormConfig> {
+ public:
+  absl::string_view id_prefix() const override { return "gn"; }
+  bool SameParams(const KindParams& requested,
+                  const KindParams& existing) const override {
+    const GroupNormConfig& a = Of(requested);
+    const GroupNormConfig& b = Of(existing);
+    return a.num_groups == b.num_groups && a.num_channels == b.num_channels &&
+           a.eps == b.eps && a.affine == b.affine && a.dtype == b.dtype;
+  }
+  std::string EncodeParams(const KindParams& params) const override {
+    const GroupNormConfig& c = Of(params);
+    ByteWriter w;
+    w.Put(int64_t{c.num_groups});
+    w.Put(int64_t{c.num_channels});
+    w.Put(double{c.eps});
+    w.Put(uint8_t{c.affine});
+    w.Put(static_cast<uint8_t>(c.dtype));
+    return std::move(w.out());
+  }
+
+ private:
+  bool Get(ByteReader& r, GroupNormConfig* c) const override {
+    return r.Get(&c->num_groups) && r.Get(&c->num_channels) && r.Get(&c->eps) &&
+           GetBool(r, &c->affine) && GetDType(r, &c->dtype);
+  }
+};
+
 }  // namespace
+
+std::unique_ptr<LayerKind> NewGroupNormKind() {
+  return std::make_unique<GroupNormKind>();
+}
 
 std::unique_ptr<LayerKind> NewLayerNormKind() {
   return std::make_unique<LayerNormKind>();

@@ -1,13 +1,19 @@
-// The row normalizations: LayerNorm and RMSNorm layers, torch.nn.LayerNorm
-// and torch.nn.RMSNorm as a service. Both normalize each input over its
-// trailing dims (normalized_shape) with per-element weight (and, for
-// LayerNorm, bias) of that shape; neither has running statistics, so
-// training and eval forwards compute the same thing and change no state.
-// The kernels are the backend's RowNormOps (kernels/row_norm.h).
+// The normalizations without running statistics: LayerNorm, RMSNorm and
+// GroupNorm layers, torch.nn.LayerNorm, torch.nn.RMSNorm and
+// torch.nn.GroupNorm as a service. LayerNorm and RMSNorm normalize each
+// input over its trailing dims (normalized_shape) with per-element weight
+// (and, for LayerNorm, bias) of that shape, on the backend's RowNormOps
+// (kernels/row_norm.h); GroupNorm normalizes each (sample, group of C/G
+// channels) with per-channel weight and bias of shape (C,), on its
+// GroupNormOps (kernels/group_norm.h). None has running statistics, so
+// training and eval forwards compute the same thing and change no state;
+// the parameter state (weight, bias, their gradients and SGD buffers) is
+// the same code for all three.
 //
 // Inputs are dense in the order their shape says (layout unset or NCHW;
 // NHWC is INVALID_ARGUMENT): a shape (*, normalized_shape) is rows =
-// prod(*) by cols = prod(normalized_shape).
+// prod(*) by cols = prod(normalized_shape); a GroupNorm shape (N, C, *) is
+// N samples of C channels of prod(*) values.
 #pragma once
 
 #include <cstdint>
@@ -19,6 +25,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "kernels/group_norm.h"
 #include "kernels/row_norm.h"
 #include "server/core/layer.h"
 #include "server/core/layer_kind.h"
@@ -56,18 +63,36 @@ struct RMSNormConfig final : KindParams {
   kernels::DType dtype = kernels::DType::kFloat32;
 };
 
+// torch.nn.GroupNorm(num_groups, num_channels, eps, affine).
+struct GroupNormConfig final : KindParams {
+  static constexpr char kKind[] = "group_norm";
+
+  int64_t num_groups = 1;
+  int64_t num_channels = 1;
+  double eps = 1e-5;
+  // Per-channel weight and bias of shape (num_channels,).
+  bool affine = true;
+  kernels::DType dtype = kernels::DType::kFloat32;
+};
+
 // INVALID_ARGUMENT naming the bad field and what was expected.
 absl::Status ValidateConfig(const LayerNormConfig& config);
 absl::Status ValidateConfig(const RMSNormConfig& config);
+absl::Status ValidateConfig(const GroupNormConfig& config);
 
 LayerConfig LayerNormLayerConfig(const LayerNormConfig& params,
                                  std::string device = "");
 LayerConfig RMSNormLayerConfig(const RMSNormConfig& params,
                                std::string device = "");
+LayerConfig GroupNormLayerConfig(const GroupNormConfig& params,
+                                 std::string device = "");
 
-// What the two kinds differ in, as the layer uses it.
+// What the kinds differ in, as the layer uses it.
 struct RowNormParams {
   kernels::RowNorm norm = kernels::RowNorm::kLayerNorm;
+  // > 0: GroupNorm with this many groups (`norm` unused); 0: `norm`.
+  int64_t num_groups = 0;
+  // The parameters' shape: GroupNorm's is (num_channels,).
   std::vector<int64_t> normalized_shape;
   double eps = 1e-5;
   bool weight = true;
@@ -75,9 +100,13 @@ struct RowNormParams {
   kernels::DType dtype = kernels::DType::kFloat32;
 
   int64_t cols() const;
+  bool group() const { return num_groups > 0; }
+  // "LayerNorm", "RMSNorm" or "GroupNorm".
+  const char* name() const;
 };
 RowNormParams RowNormParamsOf(const LayerNormConfig& config);
 RowNormParams RowNormParamsOf(const RMSNormConfig& config);
+RowNormParams RowNormParamsOf(const GroupNormConfig& config);
 
 // weight (and bias) of shape normalized_shape with their SGD momentum
 // buffers in the state_dict; grad_weight, grad_bias and
@@ -86,15 +115,16 @@ StateSpec RowNormStateSpec(const RowNormParams& params);
 
 class RowNormLayer final : public Layer {
  public:
-  // `config` is a valid LayerNormConfig or RMSNormConfig; the layer lives
-  // on env.backend's device.
+  // `config` is a valid LayerNormConfig, RMSNormConfig or GroupNormConfig;
+  // the layer lives on env.backend's device.
   RowNormLayer(std::string name, uint64_t uid, const LayerConfig& config,
                const LayerEnv& env);
 
   const RowNormParams& params() const { return params_; }
 
-  // Training and eval alike; saves x and the per-row statistics for
-  // Backward. return_stats returns the per-row mean (LayerNorm) and rstd.
+  // Training and eval alike; saves x and the per-row (per (sample, group))
+  // statistics for Backward. return_stats returns the mean (LayerNorm,
+  // GroupNorm) and rstd.
   absl::StatusOr<ForwardResult> Forward(const ForwardArgs& args) override;
   // grad_input, and grad_weight/grad_bias (summed over rows) with the
   // layer's weight as it is now.
@@ -111,9 +141,12 @@ class RowNormLayer final : public Layer {
 
  private:
   struct ResolvedTensor {
-    kernels::RowNormShape shape;
+    kernels::RowNormShape shape;          // GroupNorm: n * groups rows.
+    kernels::GroupNormShape group_shape;  // GroupNorm only.
     kernels::DType dtype;
   };
+  absl::StatusOr<ResolvedTensor> ResolveGroups(const TensorRef& tensor,
+                                               const char* what) const;
   absl::StatusOr<ResolvedTensor> Resolve(const TensorRef& tensor,
                                          const char* what) const;
   void BindArrays() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -143,5 +176,6 @@ class RowNormLayer final : public Layer {
 // The kinds for the registry.
 std::unique_ptr<LayerKind> NewLayerNormKind();
 std::unique_ptr<LayerKind> NewRMSNormKind();
+std::unique_ptr<LayerKind> NewGroupNormKind();
 
 }  // namespace normserve::server
