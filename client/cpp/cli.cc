@@ -126,6 +126,17 @@ std::string LayerSummary(const v1::Layer& layer) {
           c.track_running_stats() ? "true" : "false", DTypeName(c.dtype()),
           v1::Layout_Name(c.layout()), c.device(), layer.version());
     }
+    case v1::Layer::kSyncBatchNorm: {
+      const v1::SyncBatchNormConfig& c = layer.sync_batch_norm();
+      return absl::StrFormat(
+          "%s  sync_batch_norm num_features=%d world_size=%d "
+          "barrier_timeout_ms=%d dtype=%s device=%s version=%d "
+          "num_batches_tracked=%d",
+          layer.name(), c.batch_norm().num_features(), c.world_size(),
+          c.barrier_timeout_ms(), DTypeName(c.batch_norm().dtype()),
+          c.batch_norm().device(), layer.version(),
+          layer.num_batches_tracked());
+    }
     default:
       break;
   }

@@ -45,6 +45,8 @@ const std::vector<CommandSpec>& Commands() {
         {"num_features", false},
         {"num_groups", false},
         {"num_channels", false},
+        {"world_size", false},
+        {"barrier_timeout_ms", false},
         {"normalized_shape", false},
         {"elementwise_affine", true},
         {"bias", true},
@@ -127,8 +129,8 @@ const char* UsageText() {
 
 Commands:
   create    Create a layer; prints it.
-              --kind=batch_norm|layer_norm|rms_norm|group_norm|instance_norm
-              (default batch_norm)
+              --kind=batch_norm|layer_norm|rms_norm|group_norm|instance_norm|
+                     sync_batch_norm (default batch_norm)
               --id=ID  --dtype=float32|float16|bfloat16  --device=cpu|cuda:N
               --request_id=KEY  --retries=N  (see below)
             batch_norm: --num_features=C (required)  --eps=1e-5
@@ -143,6 +145,8 @@ Commands:
               --eps=1e-5  --affine[=true|false]
             instance_norm: as batch_norm (momentum a number), torch's
               defaults: --affine=false --track_running_stats=false
+            sync_batch_norm: as batch_norm, plus --world_size=K (required)
+              --barrier_timeout_ms=30000
   list      List all layers.
   get ID    Print one layer.
   delete ID Delete a layer.
@@ -366,6 +370,9 @@ KindFlags() {
           {"instance_norm",
            {"num_features", "eps", "momentum", "affine", "track_running_stats",
             "layout", "spatial_dims"}},
+          {"sync_batch_norm",
+           {"num_features", "eps", "momentum", "affine", "track_running_stats",
+            "layout", "spatial_dims", "world_size", "barrier_timeout_ms"}},
       };
   return *kKinds;
 }
@@ -493,7 +500,19 @@ absl::StatusOr<v1::CreateLayerRequest> CreateRequestFromFlags(
       config.set_momentum(value);
     }
   } else {
-    v1::BatchNormConfig& config = *request.mutable_batch_norm();
+    v1::BatchNormConfig& config =
+        kind == "sync_batch_norm"
+            ? *request.mutable_sync_batch_norm()->mutable_batch_norm()
+            : *request.mutable_batch_norm();
+    if (kind == "sync_batch_norm") {
+      v1::SyncBatchNormConfig& sync = *request.mutable_sync_batch_norm();
+      ASSIGN_OR_RETURN(int64_t k, RequiredInt(line, "world_size", kind));
+      sync.set_world_size(static_cast<int32_t>(k));
+      if (const std::string* ms = GetFlag(line, "barrier_timeout_ms")) {
+        ASSIGN_OR_RETURN(int64_t value, ParseInt("barrier_timeout_ms", *ms));
+        sync.set_barrier_timeout_ms(value);
+      }
+    }
     RETURN_IF_ERROR(ChannelNormFromFlags(line, kind, config));
     if (const std::string* momentum = GetFlag(line, "momentum")) {
       if (absl::AsciiStrToLower(*momentum) == "none") {

@@ -152,6 +152,17 @@ absl::StatusOr<LayerInfo> Engine::CreateLayer(absl::string_view id,
   entry->layer =
       kind->Create(absl::StrCat(kNamePrefix, layer_id), uid, config, env);
   entry->strand = std::make_shared<Strand>(executor_.get());
+  std::weak_ptr<Entry> weak = entry;
+  entry->layer->set_scheduler(
+      [this, weak](absl::Time deadline, std::function<void(Layer&)> job) {
+        timer_.At(deadline, [weak, job = std::move(job)] {
+          std::shared_ptr<Entry> e = weak.lock();
+          if (e == nullptr) return;
+          e->strand->Post([e, job] {
+            if (!e->deleted.load()) job(*e->layer);
+          });
+        });
+      });
   entry->tenant = std::string(tenant);
   entry->state_bytes = state_bytes;
   LayerInfo info = entry->layer->Info();

@@ -32,6 +32,7 @@
 #include "server/core/journal.h"
 #include "server/core/layer.h"
 #include "server/core/layer_kind.h"
+#include "server/core/timer.h"
 
 namespace normserve::server {
 
@@ -110,6 +111,16 @@ class Engine {
                   std::function<void(absl::StatusOr<T>)> done,
                   absl::string_view tenant = "");
 
+  // As RunOnLayer for an operation that answers later (a sync group's
+  // step): `op` runs on the strand and calls `done` once, then or from a
+  // later job; it never blocks the strand waiting.
+  template <typename T>
+  void RunOnLayerAsync(
+      absl::string_view name,
+      std::function<void(Layer&, std::function<void(absl::StatusOr<T>)>)> op,
+      std::function<void(absl::StatusOr<T>)> done,
+      absl::string_view tenant = "");
+
   const KindRegistry& kinds() const { return *kinds_; }
   // Bytes of layer state held now by all layers.
   size_t state_bytes() const { return state_bytes_.load(); }
@@ -160,9 +171,12 @@ class Engine {
   std::atomic<size_t> state_bytes_{0};
   Journal* journal_ = nullptr;
 
-  // Declared last: destroyed first, so queued jobs finish while the layers
-  // and shared resources still exist.
+  // Declared after the members above: destroyed before them, so queued
+  // jobs finish while the layers and shared resources still exist.
   std::unique_ptr<Executor> executor_;
+  // Layers' deadlines (LayerScheduler); destroyed first: no job is posted
+  // to the executor after it is gone.
+  Timer timer_;
 };
 
 // Returns the id in "layers/{id}" or "{id}", or INVALID_ARGUMENT.
@@ -192,6 +206,29 @@ void Engine::RunOnLayer(absl::string_view name,
           return;
         }
         done(op(*e->layer));
+      });
+}
+
+template <typename T>
+void Engine::RunOnLayerAsync(
+    absl::string_view name,
+    std::function<void(Layer&, std::function<void(absl::StatusOr<T>)>)> op,
+    std::function<void(absl::StatusOr<T>)> done, absl::string_view tenant) {
+  absl::StatusOr<std::shared_ptr<Entry>> entry = Find(name, tenant);
+  if (!entry.ok()) {
+    done(entry.status());
+    return;
+  }
+  std::shared_ptr<Entry> e = *std::move(entry);
+  std::shared_ptr<Strand> strand = e->strand;
+  strand->Post(
+      [e = std::move(e), op = std::move(op), done = std::move(done)]() mutable {
+        if (e->deleted.load()) {
+          done(absl::NotFoundError(
+              absl::StrCat(e->layer->Info().name, " was deleted")));
+          return;
+        }
+        op(*e->layer, std::move(done));
       });
 }
 

@@ -36,6 +36,20 @@ absl::StatusOr<int64_t> Layer::UpdateRunningStats(const RunningStatsArgs&) {
       name_, " is a ", config_.kind, " layer: it has no running statistics"));
 }
 
+void Layer::SyncStats(SyncStatsArgs, SyncCommit,
+                      SyncDone<SyncStatsResult> done) {
+  done(absl::UnimplementedError(
+      absl::StrCat(name_, " is a ", config_.kind,
+                   " layer, not a sync group (sync_batch_norm)")));
+}
+
+void Layer::SyncGrads(SyncGradsArgs, SyncCommit,
+                      SyncDone<SyncGradsResult> done) {
+  done(absl::UnimplementedError(
+      absl::StrCat(name_, " is a ", config_.kind,
+                   " layer, not a sync group (sync_batch_norm)")));
+}
+
 absl::StatusOr<int64_t> Layer::OptimizerStep(const SgdArgs&) {
   return absl::UnimplementedError(absl::StrCat(
       name_, " is a ", config_.kind, " layer: it has no parameters to step"));

@@ -25,12 +25,14 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "kernels/backend.h"
 #include "server/core/buffer_pool.h"
 #include "server/core/context_store.h"
@@ -112,6 +114,57 @@ struct RunningStatsArgs {
   std::vector<float> var;  // Biased.
   int64_t count = 0;
 };
+
+// One rank's part of a sync group's step (stats mode). mean and m2 have
+// one value per channel.
+struct SyncStatsArgs {
+  int64_t step = 0;
+  int rank = 0;
+  bool training = true;
+  int64_t count = 0;
+  std::vector<double> mean;
+  std::vector<double> m2;  // Σ(x - mean)².
+  std::string request_id;
+};
+
+// The union's statistics.
+struct SyncStatsResult {
+  int64_t count = 0;
+  std::vector<float> mean;
+  std::vector<float> invstd;
+  int64_t step = 0;
+  int64_t version = 0;
+};
+
+struct SyncGradsArgs {
+  int64_t step = 0;
+  int rank = 0;
+  std::vector<double> sum_dy;
+  std::vector<double> sum_dy_xhat;
+  bool accumulate_grad = false;
+  std::string request_id;
+};
+
+// The union's backward sums.
+struct SyncGradsResult {
+  int64_t count = 0;
+  std::vector<float> sum_dy;
+  std::vector<float> sum_dy_xhat;
+  int64_t version = 0;
+};
+
+class Layer;
+
+template <typename T>
+using SyncDone = std::function<void(absl::StatusOr<T>)>;
+// Makes the mutation a completed step applied durable (the journal), on
+// the layer's strand: OK, or why not (the layer then undoes the step and
+// every waiter gets this status).
+using SyncCommit = std::function<absl::Status(Layer&)>;
+// Runs a job on the layer's strand at a deadline (nothing if the layer is
+// gone by then).
+using LayerScheduler =
+    std::function<void(absl::Time, std::function<void(Layer&)>)>;
 
 // torch.optim.SGD's options.
 struct SgdArgs {
@@ -196,6 +249,18 @@ class Layer {
   // Sets weight and/or bias (an empty vector leaves that parameter).
   virtual absl::StatusOr<int64_t> SetParameters(
       const std::vector<float>& weight, const std::vector<float>& bias);
+  // Sync groups: adds one rank's part to its step. `done` runs once, when
+  // the step completes for every rank, fails, or times out: possibly long
+  // after this returns, from another job on the layer's strand. `commit`
+  // runs once per completed step that changed the layer.
+  virtual void SyncStats(SyncStatsArgs args, SyncCommit commit,
+                         SyncDone<SyncStatsResult> done);
+  virtual void SyncGrads(SyncGradsArgs args, SyncCommit commit,
+                         SyncDone<SyncGradsResult> done);
+  // Set once by the engine, before the layer serves calls.
+  void set_scheduler(LayerScheduler scheduler) {
+    scheduler_ = std::move(scheduler);
+  }
 
   // The state_dict part of the state, with PyTorch's keys.
   virtual absl::StatusOr<StateDict> GetState(int64_t* version) const = 0;
@@ -212,6 +277,7 @@ class Layer {
 
  protected:
   const LayerEnv& env() const { return env_; }
+  const LayerScheduler& scheduler() const { return scheduler_; }
   // Publishes a new Info snapshot.
   void PublishInfo(int64_t version, int64_t num_batches_tracked,
                    bool has_accumulated_grad);
@@ -221,6 +287,7 @@ class Layer {
   const uint64_t uid_;
   const LayerConfig config_;
   const LayerEnv env_;
+  LayerScheduler scheduler_;
 
   mutable absl::Mutex info_mu_;
   LayerInfo info_ ABSL_GUARDED_BY(info_mu_);

@@ -1,5 +1,6 @@
 #include "server/core/session.h"
 
+#include <optional>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -247,6 +248,43 @@ void Session::UpdateRunningStats(const std::string& name,
             info.num_batches_tracked = prior.num_batches_tracked;
             return info;
           }),
+      std::move(done));
+}
+
+SyncCommit Session::SyncLog(OpKind kind) const {
+  Journal* const journal = engine_->journal();
+  if (journal == nullptr) return nullptr;
+  return [journal, tenant = tenant_, kind](Layer& layer) -> absl::Status {
+    const LayerInfo info = layer.Info();
+    std::optional<LayerState> state;
+    if (journal->durable()) state = layer.ExportState();
+    absl::Status logged = journal->LogMutation(
+        tenant, info, state ? &*state : nullptr, "",
+        RequestResult{kind, info.version, info.num_batches_tracked});
+    if (logged.ok()) return logged;
+    return NotDurable(logged, "the step was not applied");
+  };
+}
+
+void Session::SyncForward(const std::string& name, SyncStatsArgs args,
+                          Done<SyncStatsResult> done) {
+  RunOnLayerAsync<SyncStatsResult>(
+      name,
+      [args = std::move(args), commit = SyncLog(OpKind::kUpdateRunningStats)](
+          Layer& layer, Done<SyncStatsResult> done) mutable {
+        layer.SyncStats(std::move(args), commit, std::move(done));
+      },
+      std::move(done));
+}
+
+void Session::SyncBackward(const std::string& name, SyncGradsArgs args,
+                           Done<SyncGradsResult> done) {
+  RunOnLayerAsync<SyncGradsResult>(
+      name,
+      [args = std::move(args), commit = SyncLog(OpKind::kBackward)](
+          Layer& layer, Done<SyncGradsResult> done) mutable {
+        layer.SyncGrads(std::move(args), commit, std::move(done));
+      },
       std::move(done));
 }
 

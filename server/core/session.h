@@ -78,12 +78,26 @@ class Session {
   void LoadState(const std::string& name, const Mutation& mutation,
                  StateDict state, bool allow_missing, Done<int64_t> done);
 
+  // Sync groups (stats mode): `done` runs when the step completes for
+  // every rank, fails, or times out; no thread waits meanwhile. A completed
+  // step that changed the layer is journaled before anyone is answered.
+  void SyncForward(const std::string& name, SyncStatsArgs args,
+                   Done<SyncStatsResult> done);
+  void SyncBackward(const std::string& name, SyncGradsArgs args,
+                    Done<SyncGradsResult> done);
+
  private:
   // Engine::RunOnLayer for the caller's tenant; `op` is skipped when the
   // call is no longer admitted by the time it would start.
   template <typename T>
   void RunOnLayer(const std::string& name,
                   std::function<absl::StatusOr<T>(Layer&)> op, Done<T> done);
+  // Engine::RunOnLayerAsync, with the admission check as RunOnLayer.
+  template <typename T>
+  void RunOnLayerAsync(const std::string& name,
+                       std::function<void(Layer&, Done<T>)> op, Done<T> done);
+  // Logs a completed sync step's mutation (kind: its OpKind).
+  SyncCommit SyncLog(OpKind kind) const;
   // Journaled() for the caller's tenant.
   template <typename T>
   std::function<absl::StatusOr<T>(Layer&)> Pipeline(
@@ -118,6 +132,21 @@ void Session::RunOnLayer(const std::string& name,
     };
   }
   engine_->RunOnLayer<T>(name, std::move(op), std::move(done), tenant_);
+}
+
+template <typename T>
+void Session::RunOnLayerAsync(const std::string& name,
+                              std::function<void(Layer&, Done<T>)> op,
+                              Done<T> done) {
+  if (admission_ != nullptr) {
+    op = [admission = admission_, op = std::move(op)](Layer& layer,
+                                                      Done<T> done) {
+      absl::Status admitted = admission();
+      if (!admitted.ok()) return done(admitted);
+      op(layer, std::move(done));
+    };
+  }
+  engine_->RunOnLayerAsync<T>(name, std::move(op), std::move(done), tenant_);
 }
 
 template <typename T>

@@ -76,12 +76,14 @@ absl::StatusOr<LayerConfig> LayerConfigFromProto(
       return ConfigFromProto(request.group_norm());
     case pb::CreateLayerRequest::kInstanceNorm:
       return ConfigFromProto(request.instance_norm());
+    case pb::CreateLayerRequest::kSyncBatchNorm:
+      return ConfigFromProto(request.sync_batch_norm());
     case pb::CreateLayerRequest::CONFIG_NOT_SET:
       break;
   }
   return absl::InvalidArgumentError(
       "CreateLayer needs a config; expected batch_norm, layer_norm, "
-      "rms_norm, group_norm or instance_norm");
+      "rms_norm, group_norm, instance_norm or sync_batch_norm");
 }
 
 void LayerInfoToProto(const LayerInfo& in, pb::Layer* out) {
@@ -99,6 +101,10 @@ void LayerInfoToProto(const LayerInfo& in, pb::Layer* out) {
     ConfigToProto(*gn, in.config.device, out->mutable_group_norm());
   } else if (const auto* inst = in.config.As<InstanceNormConfig>()) {
     ConfigToProto(*inst, in.config.device, out->mutable_instance_norm());
+    out->mutable_batch_norm_status()->set_num_batches_tracked(
+        in.num_batches_tracked);
+  } else if (const auto* sync = in.config.As<SyncBatchNormConfig>()) {
+    ConfigToProto(*sync, in.config.device, out->mutable_sync_batch_norm());
     out->mutable_batch_norm_status()->set_num_batches_tracked(
         in.num_batches_tracked);
   }
@@ -251,6 +257,24 @@ void ConfigToProto(const InstanceNormConfig& in, const std::string& device,
                    pb::InstanceNormConfig* out) {
   ChannelFieldsToProto(in, device, out);
   out->set_momentum(in.momentum);
+}
+
+absl::StatusOr<LayerConfig> ConfigFromProto(const pb::SyncBatchNormConfig& in) {
+  ASSIGN_OR_RETURN(LayerConfig batch_norm, ConfigFromProto(in.batch_norm()));
+  SyncBatchNormConfig config;
+  config.batch_norm = *batch_norm.As<BatchNormConfig>();
+  config.world_size = in.world_size();
+  if (in.has_barrier_timeout_ms()) {
+    config.barrier_timeout_ms = in.barrier_timeout_ms();
+  }
+  return SyncBatchNormLayerConfig(config, batch_norm.device);
+}
+
+void ConfigToProto(const SyncBatchNormConfig& in, const std::string& device,
+                   pb::SyncBatchNormConfig* out) {
+  ConfigToProto(in.batch_norm, device, out->mutable_batch_norm());
+  out->set_world_size(in.world_size);
+  out->set_barrier_timeout_ms(in.barrier_timeout_ms);
 }
 
 absl::StatusOr<TensorRef> TensorRefFromProto(const pb::Tensor& in,

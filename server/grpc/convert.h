@@ -48,6 +48,12 @@ absl::StatusOr<LayerConfig> ConfigFromProto(const pb::InstanceNormConfig& in);
 void ConfigToProto(const InstanceNormConfig& in, const std::string& device,
                    pb::InstanceNormConfig* out);
 
+// SyncBatchNorm: its batch_norm's defaults, barrier_timeout_ms 30000; the
+// device is the batch_norm's.
+absl::StatusOr<LayerConfig> ConfigFromProto(const pb::SyncBatchNormConfig& in);
+void ConfigToProto(const SyncBatchNormConfig& in, const std::string& device,
+                   pb::SyncBatchNormConfig* out);
+
 // Points into `in`, which must outlive the result.
 absl::StatusOr<TensorRef> TensorRefFromProto(const pb::Tensor& in,
                                              const char* what);

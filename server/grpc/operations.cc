@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "server/core/mutations.h"
 #include "server/grpc/convert.h"
 
 namespace normserve::server {
@@ -146,6 +147,55 @@ void Operations::UpdateRunningStats(
         response->set_version(info.version);
         response->set_num_batches_tracked(info.num_batches_tracked);
       }));
+}
+
+void Operations::SyncForward(const pb::SyncForwardRequest& request,
+                             pb::SyncForwardResponse* response, Done done) {
+  SyncStatsArgs args;
+  args.step = request.step();
+  args.rank = request.rank();
+  args.training = request.training();
+  args.count = request.count();
+  args.mean.assign(request.mean().begin(), request.mean().end());
+  args.m2.assign(request.m2().begin(), request.m2().end());
+  args.request_id = request.request_id();
+  if (absl::Status valid = ValidateRequestId(args.request_id); !valid.ok()) {
+    return done(valid);
+  }
+  session_.SyncForward(
+      request.name(), std::move(args),
+      Reply<SyncStatsResult>(
+          std::move(done), [response](const SyncStatsResult& result) {
+            response->set_count(result.count);
+            SetFloats(result.mean, response->mutable_mean());
+            SetFloats(result.invstd, response->mutable_invstd());
+            response->set_step(result.step);
+            response->set_version(result.version);
+          }));
+}
+
+void Operations::SyncBackward(const pb::SyncBackwardRequest& request,
+                              pb::SyncBackwardResponse* response, Done done) {
+  SyncGradsArgs args;
+  args.step = request.step();
+  args.rank = request.rank();
+  args.sum_dy.assign(request.sum_dy().begin(), request.sum_dy().end());
+  args.sum_dy_xhat.assign(request.sum_dy_xhat().begin(),
+                          request.sum_dy_xhat().end());
+  args.accumulate_grad = request.accumulate_grad();
+  args.request_id = request.request_id();
+  if (absl::Status valid = ValidateRequestId(args.request_id); !valid.ok()) {
+    return done(valid);
+  }
+  session_.SyncBackward(
+      request.name(), std::move(args),
+      Reply<SyncGradsResult>(
+          std::move(done), [response](const SyncGradsResult& result) {
+            response->set_count(result.count);
+            SetFloats(result.sum_dy, response->mutable_sum_dy());
+            SetFloats(result.sum_dy_xhat, response->mutable_sum_dy_xhat());
+            response->set_version(result.version);
+          }));
 }
 
 void Operations::OptimizerStep(const pb::OptimizerStepRequest& request,

@@ -58,6 +58,12 @@ class Operations {
   void LoadState(const pb::LoadStateRequest& request,
                  pb::LoadStateResponse* response, Done done);
 
+  // Sync groups: `done` runs when the step completes for every rank.
+  void SyncForward(const pb::SyncForwardRequest& request,
+                   pb::SyncForwardResponse* response, Done done);
+  void SyncBackward(const pb::SyncBackwardRequest& request,
+                    pb::SyncBackwardResponse* response, Done done);
+
   // Runs one operation of a Train stream; fills `response`'s result.
   void Dispatch(const pb::TrainRequest& request, pb::TrainResponse* response,
                 Done done);

@@ -280,6 +280,24 @@ ServerUnaryReactor* NormalizationService::GetState(
                     });
 }
 
+ServerUnaryReactor* NormalizationService::SyncForward(
+    CallbackServerContext* context, const pb::SyncForwardRequest* request,
+    pb::SyncForwardResponse* response) {
+  return StartAsync(context, Begin(context),
+                    [&](Operations& ops, Operations::Done done) {
+                      ops.SyncForward(*request, response, std::move(done));
+                    });
+}
+
+ServerUnaryReactor* NormalizationService::SyncBackward(
+    CallbackServerContext* context, const pb::SyncBackwardRequest* request,
+    pb::SyncBackwardResponse* response) {
+  return StartAsync(context, Begin(context),
+                    [&](Operations& ops, Operations::Done done) {
+                      ops.SyncBackward(*request, response, std::move(done));
+                    });
+}
+
 ServerUnaryReactor* NormalizationService::LoadState(
     CallbackServerContext* context, const pb::LoadStateRequest* request,
     pb::LoadStateResponse* response) {

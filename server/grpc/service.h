@@ -74,6 +74,14 @@ class NormalizationService final
       grpc::CallbackServerContext* context,
       const ::normserve::v1::LoadStateRequest* request,
       ::normserve::v1::LoadStateResponse* response) override;
+  grpc::ServerUnaryReactor* SyncForward(
+      grpc::CallbackServerContext* context,
+      const ::normserve::v1::SyncForwardRequest* request,
+      ::normserve::v1::SyncForwardResponse* response) override;
+  grpc::ServerUnaryReactor* SyncBackward(
+      grpc::CallbackServerContext* context,
+      const ::normserve::v1::SyncBackwardRequest* request,
+      ::normserve::v1::SyncBackwardResponse* response) override;
 
   grpc::ServerBidiReactor<::normserve::v1::TrainRequest,
                           ::normserve::v1::TrainResponse>*

@@ -185,6 +185,25 @@ TEST(CliArgsTest, CreateGroupNormAndInstanceNorm) {
   EXPECT_EQ(in.spatial_dims(), 2);
 }
 
+TEST(CliArgsTest, CreateSyncBatchNorm) {
+  absl::StatusOr<CommandLine> line = Parse(
+      {"create", "--kind=sync_batch_norm", "--num_features=8", "--world_size=4",
+       "--barrier_timeout_ms=500", "--momentum=none", "--id=g1"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  absl::StatusOr<v1::CreateLayerRequest> request =
+      CreateRequestFromFlags(*line);
+  ASSERT_TRUE(request.ok()) << request.status();
+  const v1::SyncBatchNormConfig& sync = request->sync_batch_norm();
+  EXPECT_EQ(sync.world_size(), 4);
+  EXPECT_EQ(sync.barrier_timeout_ms(), 500);
+  EXPECT_EQ(sync.batch_norm().num_features(), 8);
+  EXPECT_TRUE(sync.batch_norm().has_cumulative_average());
+  line = Parse({"create", "--kind=sync_batch_norm", "--num_features=8"});
+  ASSERT_FALSE(line.ok());
+  EXPECT_THAT(line.status().message(),
+              ::testing::HasSubstr("needs --world_size"));
+}
+
 TEST(CliArgsTest, CreateRejectsFlagsOfAnotherKind) {
   for (const auto& [args, message] :
        std::vector<std::pair<std::vector<std::string>, std::string>>{
@@ -198,7 +217,7 @@ TEST(CliArgsTest, CreateRejectsFlagsOfAnotherKind) {
            {{"create", "--kind=layer_norm"}, "needs --normalized_shape"},
            {{"create", "--kind=batch_renorm"},
             "--kind=batch_renorm is unknown; expected batch_norm, layer_norm, "
-            "rms_norm, group_norm, instance_norm"},
+            "rms_norm, group_norm, instance_norm, sync_batch_norm"},
            {{"create", "--kind=group_norm", "--num_groups=2"},
             "create --kind=group_norm needs --num_channels"},
            {{"create", "--kind=group_norm", "--num_groups=2",

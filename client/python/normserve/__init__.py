@@ -22,12 +22,13 @@ from normserve.errors import *  # noqa: E402,F401,F403
 from normserve.errors import __all__ as _errors_all  # noqa: E402
 from normserve.client import (  # noqa: E402
     BackwardResult, Client, ForwardResult, LayerInfo, LayerPage, LayerState,
-    RunningStatsResult, TrainStream, new_request_id)
+    RunningStatsResult, SyncGradsResult, SyncStatsResult, TrainStream,
+    new_request_id)
 from normserve.tensor import WireTensor  # noqa: E402
 
 __all__ = ["Client", "TrainStream", "LayerInfo", "LayerPage", "LayerState",
            "ForwardResult", "BackwardResult", "RunningStatsResult",
-           "WireTensor", "new_request_id", "torch"] + list(_errors_all)
+           "SyncStatsResult", "SyncGradsResult", "WireTensor", "new_request_id", "torch"] + list(_errors_all)
 
 
 def __getattr__(name):

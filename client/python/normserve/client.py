@@ -133,6 +133,8 @@ class LayerInfo:
     normalized_shape: Tuple[int, ...] = ()  # LayerNorm, RMSNorm.
     bias: bool = False  # LayerNorm: a bias beside the weight.
     num_groups: int = 0  # GroupNorm.
+    world_size: int = 0  # SyncBatchNorm: the ranks of the group.
+    barrier_timeout_ms: int = 0  # SyncBatchNorm.
 
     @property
     def id(self):
@@ -165,9 +167,17 @@ class LayerInfo:
                 dtype=_tensor.dtype_name(config.dtype), spatial_dims=0,
                 device=config.device, kind="group_norm", bias=config.affine,
                 num_groups=config.num_groups, **common)
+        sync = {}
         if which == "instance_norm":
             config = layer.instance_norm
             momentum = config.momentum
+        elif which == "sync_batch_norm":
+            sync = dict(world_size=layer.sync_batch_norm.world_size,
+                        barrier_timeout_ms=(
+                            layer.sync_batch_norm.barrier_timeout_ms))
+            config = layer.sync_batch_norm.batch_norm
+            momentum = (None if config.WhichOneof("momentum_policy")
+                        == "cumulative_average" else config.momentum)
         else:
             config = layer.batch_norm
             momentum = (None if config.WhichOneof("momentum_policy")
@@ -182,7 +192,7 @@ class LayerInfo:
             dtype=_tensor.dtype_name(config.dtype),
             spatial_dims=config.spatial_dims,
             device=config.device,
-            kind=layer.kind or which or "batch_norm", **common)
+            kind=layer.kind or which or "batch_norm", **sync, **common)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +217,26 @@ class BackwardResult:
     grad_input: object  # Like ForwardResult.output; None when skipped.
     grad_weight: Optional[np.ndarray]  # float32 [C]; None when not affine.
     grad_bias: Optional[np.ndarray]
+    version: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncStatsResult:
+    """A sync group step's statistics (SyncForward): the union's count and
+    per-channel mean and invstd (float32 [C])."""
+    count: int
+    mean: np.ndarray
+    invstd: np.ndarray
+    step: int
+    version: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncGradsResult:
+    """A sync group step's backward sums (SyncBackward) over the union."""
+    count: int
+    sum_dy: np.ndarray
+    sum_dy_xhat: np.ndarray
     version: int
 
 
@@ -483,6 +513,10 @@ class Client:
                                 pb.GetStateResponse)
         self._load_state = unary("LoadState", pb.LoadStateRequest,
                                  pb.LoadStateResponse)
+        self._sync_forward = unary("SyncForward", pb.SyncForwardRequest,
+                                   pb.SyncForwardResponse)
+        self._sync_backward = unary("SyncBackward", pb.SyncBackwardRequest,
+                                    pb.SyncBackwardResponse)
         # Forward, Backward and Train carry tensors: requests arrive
         # serialized (see _wire), responses are split around their data.
         self._forward = self._channel.unary_unary(
@@ -572,6 +606,7 @@ class Client:
                      layout=None, dtype=None, spatial_dims=0,
                      normalized_shape=None, elementwise_affine=True,
                      bias=True, num_groups=None, num_channels=None,
+                     world_size=None, barrier_timeout_ms=None,
                      device=None, request_id=None, retries=0,
                      timeout=_MISSING) -> LayerInfo:
         """Creates a layer of `kind` with torch.nn's arguments for it.
@@ -590,6 +625,9 @@ class Client:
         eps (1e-5), momentum (0.1; not None), affine (False),
         track_running_stats (False), layout, dtype, spatial_dims (1, 2, 3
         for InstanceNorm1d/2d/3d batched ranks 3, 4, 5; 0 for any).
+        kind="sync_batch_norm" (a sync group: one BatchNorm over the union
+        of world_size ranks' batches): BatchNorm's arguments plus
+        world_size and barrier_timeout_ms (30000); see sync_forward.
         layer_id: "" or None lets the server choose; a taken id raises
         AlreadyExistsError.
         request_id: a create that already succeeded with this id returns the
@@ -599,20 +637,30 @@ class Client:
         """
         if eps is _MISSING and kind != "rms_norm":
             eps = 1e-5
-        if kind in ("batch_norm", "instance_norm"):
+        if kind in ("batch_norm", "instance_norm", "sync_batch_norm"):
             if num_features is None:
                 raise TypeError(f"create_layer(kind={kind!r}) needs "
                                 "num_features")
             # torch's defaults: BatchNorm True, True; InstanceNorm False.
-            default = kind == "batch_norm"
-            make = (_create_request if kind == "batch_norm"
-                    else _instance_norm_request)
+            default = kind != "instance_norm"
+            make = (_instance_norm_request if kind == "instance_norm"
+                    else _create_request)
             request = make(
                 num_features, layer_id, eps, momentum,
                 default if affine is _MISSING else affine,
                 default if track_running_stats is _MISSING
                 else track_running_stats, layout, dtype, spatial_dims,
                 device)
+            if kind == "sync_batch_norm":
+                if world_size is None:
+                    raise TypeError("create_layer(kind='sync_batch_norm') "
+                                    "needs world_size")
+                sync = pb.SyncBatchNormConfig(
+                    batch_norm=request.batch_norm, world_size=int(world_size))
+                if barrier_timeout_ms is not None:
+                    sync.barrier_timeout_ms = int(barrier_timeout_ms)
+                request = pb.CreateLayerRequest(layer_id=request.layer_id,
+                                                sync_batch_norm=sync)
         elif kind == "group_norm":
             if num_groups is None or num_channels is None:
                 raise TypeError("create_layer(kind='group_norm') needs "
@@ -631,8 +679,8 @@ class Client:
                                         device)
         else:
             raise ValueError(f"unknown kind {kind!r}; expected 'batch_norm', "
-                             "'layer_norm', 'rms_norm', 'group_norm' or "
-                             "'instance_norm'")
+                             "'layer_norm', 'rms_norm', 'group_norm', "
+                             "'instance_norm' or 'sync_batch_norm'")
         request = _with_ids(request, self._retry_id(request_id, retries))
         return LayerInfo.from_proto(
             self._mutate(self._create, request, "CreateLayer", timeout,
@@ -732,6 +780,45 @@ class Client:
                                 retries)
         return RunningStatsResult(response.version,
                                   response.num_batches_tracked)
+
+    def sync_forward(self, name, step, rank, count, mean, m2, *,
+                     training=True, request_id=None, retries=0,
+                     timeout=_MISSING) -> SyncStatsResult:
+        """One rank's part of a sync group's step: its slice's per-channel
+        count (values per channel, 0 allowed), mean and M2 = sum((x -
+        mean)^2), sent as float64. Returns, once every rank of `step` has
+        sent its own, the union's count, mean and invstd (eval with
+        track_running_stats: the running statistics at once). AbortedError
+        when the barrier times out (naming the missing ranks)."""
+        request = pb.SyncForwardRequest(
+            name=name, step=int(step), rank=int(rank),
+            training=bool(training), count=int(count),
+            mean=np.asarray(mean, np.float64).reshape(-1),
+            m2=np.asarray(m2, np.float64).reshape(-1),
+            request_id=self._retry_id(request_id, retries) or "")
+        r = self._mutate(self._sync_forward, request,
+                         f"SyncForward({name}, step {step}, rank {rank})",
+                         timeout, retries)
+        return SyncStatsResult(r.count, _floats(r.mean), _floats(r.invstd),
+                               r.step, r.version)
+
+    def sync_backward(self, name, step, rank, sum_dy, sum_dy_xhat, *,
+                      accumulate_grad=False, request_id=None, retries=0,
+                      timeout=_MISSING) -> SyncGradsResult:
+        """One rank's backward sums (per channel, over its slice: sum(dy)
+        and sum(dy * xhat)) for the step its sync_forward completed; returns
+        the union's once every rank sent its own."""
+        request = pb.SyncBackwardRequest(
+            name=name, step=int(step), rank=int(rank),
+            sum_dy=np.asarray(sum_dy, np.float64).reshape(-1),
+            sum_dy_xhat=np.asarray(sum_dy_xhat, np.float64).reshape(-1),
+            accumulate_grad=bool(accumulate_grad),
+            request_id=self._retry_id(request_id, retries) or "")
+        r = self._mutate(self._sync_backward, request,
+                         f"SyncBackward({name}, step {step}, rank {rank})",
+                         timeout, retries)
+        return SyncGradsResult(r.count, _floats(r.sum_dy),
+                               _floats(r.sum_dy_xhat), r.version)
 
     def optimizer_step(self, name, *, lr, momentum=0.0, dampening=0.0,
                        weight_decay=0.0, nesterov=False, keep_grad=False,

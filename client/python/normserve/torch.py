@@ -62,7 +62,8 @@ from normserve.v1 import normserve_pb2 as pb
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm",
-           "RMSNorm", "ServerSGD", "default_client", "to_wire", "from_wire"]
+           "RMSNorm", "SyncBatchNorm", "ServerSGD", "convert_sync_batchnorm",
+           "default_client", "to_wire", "from_wire"]
 
 
 _WIRE_DTYPE = {torch.float32: pb.DTYPE_FLOAT32,
@@ -961,6 +962,229 @@ class InstanceNorm3d(_InstanceNorm):
     or (C, D, H, W)."""
 
     _spatial_dims = 3
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """y = BatchNorm(x) with the statistics of a sync group's union (stats
+    mode): the slice's count, mean and M2 go to the server, the union's
+    mean and invstd come back, and x is normalized here; backward sends
+    the slice's sums of dy and dy * xhat and gets the union's. Local math
+    in float64, rounded to the input's dtype once."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, module, step):
+        c = x.shape[1]
+        shape = [1, c] + [1] * (x.dim() - 2)
+        dims = [d for d in range(x.dim()) if d != 1]
+        xd = x.detach().to("cpu", torch.float64)
+        count = xd.numel() // c
+        if count > 0:
+            mean = xd.mean(dims)
+            m2 = (xd - mean.view(shape)).pow(2).sum(dims)
+        else:
+            mean = m2 = torch.zeros(c, dtype=torch.float64)
+        remote = module._remote
+        if step is None:  # Eval with running statistics: no barrier.
+            r = remote.client.sync_forward(remote.name, 0, module.rank, 0,
+                                           mean.numpy(), m2.numpy(),
+                                           training=False,
+                                           timeout=module._call_timeout())
+        else:
+            r = remote.client.sync_forward(remote.name, step, module.rank,
+                                           count, mean.numpy(), m2.numpy(),
+                                           training=module.training,
+                                           timeout=module._call_timeout())
+        mean_g = torch.from_numpy(r.mean).double().view(shape)
+        invstd_g = torch.from_numpy(r.invstd).double().view(shape)
+        xhat = (xd - mean_g) * invstd_g
+        y = xhat
+        if weight is not None:
+            y = xhat * weight.detach().cpu().double().view(shape) + (
+                bias.detach().cpu().double().view(shape))
+        ctx.module = module
+        ctx.step = step
+        ctx.count = r.count
+        ctx.save_for_backward(x, weight)
+        ctx.stats = (mean_g, invstd_g)
+        return y.to(device=x.device, dtype=x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        x, weight = ctx.saved_tensors
+        module = ctx.module
+        mean_g, invstd_g = ctx.stats
+        c = x.shape[1]
+        shape = [1, c] + [1] * (x.dim() - 2)
+        dims = [d for d in range(x.dim()) if d != 1]
+        xhat = (x.detach().to("cpu", torch.float64) - mean_g) * invstd_g
+        dy = grad_output.detach().to("cpu", torch.float64)
+        sum_dy = dy.sum(dims) if dy.numel() else torch.zeros(
+            c, dtype=torch.float64)
+        sum_dy_xhat = (dy * xhat).sum(dims) if dy.numel() else torch.zeros(
+            c, dtype=torch.float64)
+        w = (weight.detach().cpu().double().view(shape)
+             if weight is not None else 1.0)
+        if ctx.step is None:  # Eval: the slice's own gradients.
+            dx = dy * invstd_g * w
+            g_dy, g_dy_xhat = sum_dy, sum_dy_xhat
+        else:
+            remote = module._remote
+            r = remote.client.sync_backward(remote.name, ctx.step,
+                                            module.rank, sum_dy.numpy(),
+                                            sum_dy_xhat.numpy(),
+                                            timeout=module._call_timeout())
+            g_dy = torch.from_numpy(r.sum_dy).double()
+            g_dy_xhat = torch.from_numpy(r.sum_dy_xhat).double()
+            n = max(r.count, 1)
+            dx = (dy - g_dy.view(shape) / n
+                  - xhat * g_dy_xhat.view(shape) / n) * invstd_g * w
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_input = (dx.to(device=x.device, dtype=x.dtype)
+                      if needs_input else None)
+        grad_weight = grad_bias = None
+        if weight is not None:
+            if needs_weight:
+                grad_weight = g_dy_xhat.to(weight.device, weight.dtype)
+            if needs_bias:
+                grad_bias = g_dy.to(weight.device, weight.dtype)
+        return grad_input, grad_weight, grad_bias, None, None
+
+
+class SyncBatchNorm(_BatchNorm):
+    """One BatchNorm over the union of the batches of `world_size`
+    participants, any mix of processes, languages and machines, each
+    holding a slice (torch.nn.SyncBatchNorm without torch.distributed).
+
+    Every participant constructs it with the same `group` (the server
+    layer's id) and config, and its own `rank` (0 .. world_size - 1): the
+    first creates the layer, the others attach (another config raises
+    ValueError naming the difference). mode="stats" (the one built so far)
+    keeps the activations here: a training forward sends the slice's
+    per-channel count, mean and M2 and blocks until every rank has sent its
+    own, then normalizes with the union's statistics; backward does the
+    same with the sums of dy and dy * xhat. The module counts its own steps;
+    every rank must run the same number of training forwards. Slices may
+    be empty (they still join the step). Eval with track_running_stats uses
+    the server's running statistics without waiting. weight and bias are
+    local nn.Parameters whose gradients are the union's (the same on every
+    rank, so identical optimizers keep them identical).
+    """
+
+    _kind = "sync_batch_norm"
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None, *,
+                 client=None, group, rank, world_size, mode="stats",
+                 barrier_timeout=30.0, timeout=None):
+        if mode != "stats":
+            raise NotImplementedError(
+                "normserve: SyncBatchNorm mode='tensor' is not built yet; "
+                "use mode='stats'")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0 .. {world_size - 1}")
+        _RemoteModule.__init__(self)
+        if client is None:
+            client = default_client()
+        elif isinstance(client, str):
+            client = Client(client)
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.group = group
+        self.rank = rank
+        self.world_size = world_size
+        self.mode = mode
+        self.barrier_timeout = barrier_timeout
+        self._step = 0
+        create = dict(num_features=num_features, eps=eps, momentum=momentum,
+                      affine=affine, track_running_stats=track_running_stats,
+                      world_size=world_size,
+                      barrier_timeout_ms=max(1, int(barrier_timeout * 1000)))
+        try:
+            self._connect(client, group, None, False, timeout, device, dtype,
+                          create)
+        except errors.AlreadyExistsError:
+            self._connect(client, None, group, False, timeout, device, dtype,
+                          create)
+
+    def extra_repr(self):
+        return (super().extra_repr()
+                + f", group={self.group}, rank={self.rank}, "
+                f"world_size={self.world_size}")
+
+    def _init_args(self):
+        raise TypeError("normserve: a SyncBatchNorm is one rank of a group "
+                        "and cannot be copied; construct another rank")
+
+    def _check_attached(self, info):
+        if info.world_size != self.world_size and info.kind == self._kind:
+            raise ValueError(
+                f"normserve: layer {info.name} has world_size "
+                f"{info.world_size}; this SyncBatchNorm was given "
+                f"world_size={self.world_size}")
+        super()._check_attached(info)
+
+    def _call_timeout(self):
+        """Each call may wait for the slowest rank: the barrier's timeout
+        plus slack, or the module's timeout when it was given one."""
+        if self._remote.timeout is not None:
+            return self._remote.timeout
+        return self.barrier_timeout + 30.0
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(
+                f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        if self._config_tuple() != self._config:
+            raise RuntimeError("normserve: the config changed after the "
+                               "server layer was created")
+        if input.dtype not in _WIRE_DTYPE:
+            raise TypeError(f"normserve: input dtype {input.dtype} is not "
+                            "supported; expected float32, float16 or bfloat16")
+        step = None
+        if self.training or not self.track_running_stats:
+            step = self._step
+            self._step += 1
+        weight = self._parameters.get("weight")
+        bias = self._parameters.get("bias")
+        return _SyncBatchNormFunction.apply(input, weight, bias, self, step)
+
+
+def convert_sync_batchnorm(module, *, client, rank, world_size, prefix,
+                           mode="stats", barrier_timeout=30.0):
+    """torch.nn.SyncBatchNorm.convert_sync_batchnorm for normserve: every
+    torch.nn BatchNorm1d/2d/3d in `module` becomes a SyncBatchNorm of group
+    `prefix` + its module path (e.g. "resnet-layer1.0.bn1"), with its
+    state copied, on every participant alike. Returns the converted module
+    (the module itself when it is not a BatchNorm)."""
+    out = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+            module, _RemoteModule):
+        out = SyncBatchNorm(module.num_features, module.eps, module.momentum,
+                            module.affine, module.track_running_stats,
+                            client=client, group=prefix.rstrip("."),
+                            rank=rank, world_size=world_size, mode=mode,
+                            barrier_timeout=barrier_timeout)
+        if rank == 0:
+            out.load_state_dict(module.state_dict())
+        elif module.affine:
+            with torch.no_grad():
+                out.weight.copy_(module.weight)
+                out.bias.copy_(module.bias)
+        out.train(module.training)
+        return out
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(
+            child, client=client, rank=rank, world_size=world_size,
+            prefix=f"{prefix}{name}.",
+            mode=mode, barrier_timeout=barrier_timeout))
+    return out
 
 
 class ServerSGD:

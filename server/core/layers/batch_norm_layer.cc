@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "server/core/byte_io.h"
+#include "server/core/layers/sync_barrier.h"
 #include "server/core/sgd.h"
 
 namespace normserve::server {
@@ -150,6 +151,28 @@ LayerConfig InstanceNormLayerConfig(const InstanceNormConfig& params,
                      std::make_shared<InstanceNormConfig>(params)};
 }
 
+absl::Status ValidateConfig(const SyncBatchNormConfig& config) {
+  RETURN_IF_ERROR(ValidateConfig(config.batch_norm));
+  if (config.world_size < 1 || config.world_size > kMaxWorldSize) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("world_size is ", config.world_size, "; expected 1 to ",
+                     kMaxWorldSize, " ranks"));
+  }
+  if (config.barrier_timeout_ms < 1 ||
+      config.barrier_timeout_ms > kMaxBarrierTimeoutMs) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("barrier_timeout_ms is ", config.barrier_timeout_ms,
+                     "; expected 1 to ", kMaxBarrierTimeoutMs));
+  }
+  return absl::OkStatus();
+}
+
+LayerConfig SyncBatchNormLayerConfig(const SyncBatchNormConfig& params,
+                                     std::string device) {
+  return LayerConfig{SyncBatchNormConfig::kKind, std::move(device),
+                     std::make_shared<SyncBatchNormConfig>(params)};
+}
+
 StateSpec BatchNormStateSpec(const BatchNormConfig& config) {
   const int64_t c = config.num_features;
   StateSpec spec;
@@ -170,32 +193,56 @@ StateSpec BatchNormStateSpec(const BatchNormConfig& config) {
   return spec;
 }
 
+struct BatchNormLayer::Sync {
+  explicit Sync(int world_size)
+      : stats("SyncForward", world_size), grads("SyncBackward", world_size) {}
+
+  SyncBarrier<StatsPart, SyncStatsResult> stats;
+  SyncBarrier<GradsPart, SyncGradsResult> grads;
+  // The last forward step that completed with statistics, and its count.
+  int64_t forward_step = -1;
+  int64_t forward_count = 0;
+};
+
 BatchNormLayer::BatchNormLayer(std::string name, uint64_t uid,
                                LayerConfig config,
                                const BatchNormConfig& params, bool instance,
+                               int world_size, int64_t barrier_timeout_ms,
                                const LayerEnv& env)
     : Layer(std::move(name), uid, std::move(config), env),
       params_(params),
       instance_(instance),
+      world_size_(world_size),
+      barrier_timeout_ms_(barrier_timeout_ms),
       spec_(BatchNormStateSpec(params)),
       resident_(*env.backend, params.num_features) {
+  if (world_size > 0) sync_ = std::make_unique<Sync>(world_size);
   absl::MutexLock lock(&mu_);
   state_ = InitialState(spec_);
   BindArrays();
 }
+
+BatchNormLayer::~BatchNormLayer() = default;
 
 BatchNormLayer::BatchNormLayer(std::string name, uint64_t uid,
                                const BatchNormConfig& config,
                                const LayerEnv& env)
     : BatchNormLayer(std::move(name), uid,
                      BatchNormLayerConfig(config, env.backend->device()),
-                     config, /*instance=*/false, env) {}
+                     config, /*instance=*/false, /*world_size=*/0, 0, env) {}
 
 namespace {
 
 BatchNormConfig BatchNormParamsOf(const LayerConfig& config) {
   if (const auto* in = config.As<InstanceNormConfig>()) return AsBatchNorm(*in);
+  if (const auto* sync = config.As<SyncBatchNormConfig>()) {
+    return sync->batch_norm;
+  }
   return *config.As<BatchNormConfig>();
+}
+
+const SyncBatchNormConfig* SyncOf(const LayerConfig& config) {
+  return config.As<SyncBatchNormConfig>();
 }
 
 }  // namespace
@@ -206,7 +253,8 @@ BatchNormLayer::BatchNormLayer(std::string name, uint64_t uid,
           std::move(name), uid,
           LayerConfig{config.kind, env.backend->device(), config.params},
           BatchNormParamsOf(config), config.As<InstanceNormConfig>() != nullptr,
-          env) {}
+          SyncOf(config) ? SyncOf(config)->world_size : 0,
+          SyncOf(config) ? SyncOf(config)->barrier_timeout_ms : 0, env) {}
 
 void BatchNormLayer::BindArrays() {
   auto floats = [&](const char* key) -> std::vector<float>* {
@@ -252,7 +300,16 @@ absl::StatusOr<const float*> BatchNormLayer::BiasOrNull() {
   return resident_.Get(ResidentArrays::kBias, *bias_);
 }
 
+absl::Status TensorModeUnbuilt(const std::string& name) {
+  return absl::UnimplementedError(absl::StrCat(
+      name,
+      " is a sync group: its ranks send statistics (SyncForward, "
+      "SyncBackward); the tensor mode, where the server computes from "
+      "activations, is not built yet"));
+}
+
 absl::StatusOr<ForwardResult> BatchNormLayer::Forward(const ForwardArgs& args) {
+  if (sync()) return TensorModeUnbuilt(name());
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(ResolvedTensor in, Resolve(args.input, "input"));
   const bool batch_stats = args.training || !params_.track_running_stats;
@@ -398,6 +455,7 @@ absl::StatusOr<ForwardResult> BatchNormLayer::Forward(const ForwardArgs& args) {
 
 absl::StatusOr<BackwardResult> BatchNormLayer::Backward(
     const BackwardArgs& args) {
+  if (sync()) return TensorModeUnbuilt(name());
   absl::MutexLock lock(&mu_);
   // Look without consuming, so a rejected request leaves the context usable.
   ASSIGN_OR_RETURN(std::shared_ptr<SavedContext> saved,
@@ -652,10 +710,11 @@ absl::Status BatchNormLayer::InstanceBackward(
 absl::StatusOr<int64_t> BatchNormLayer::UpdateRunningStats(
     const RunningStatsArgs& args) {
   absl::MutexLock lock(&mu_);
-  if (instance_) {
-    return absl::UnimplementedError(
-        "UpdateRunningStats is for batch_norm layers; an instance_norm "
-        "layer's running statistics move only in its training forwards");
+  if (instance_ || sync()) {
+    return absl::UnimplementedError(absl::StrCat(
+        "UpdateRunningStats is for batch_norm layers; an ", config().kind,
+        " layer's running statistics move only in its ",
+        instance_ ? "training forwards" : "completed SyncForward steps"));
   }
   if (!params_.track_running_stats) {
     return absl::FailedPreconditionError(
@@ -700,6 +759,283 @@ absl::StatusOr<int64_t> BatchNormLayer::UpdateRunningStats(
   }
   ++*num_batches_tracked_;
   return Mutated();
+}
+
+absl::Status BatchNormLayer::CheckSyncRank(const char* what, int rank) const {
+  if (rank < 0 || rank >= world_size_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": rank ", rank, " is outside 0 .. ",
+                     world_size_ - 1, " (world_size ", world_size_, ")"));
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+// INVALID_ARGUMENT unless `values` has `c` finite values (at least `min`).
+absl::Status CheckSyncValues(const char* what, const char* field,
+                             const std::vector<double>& values, int64_t c,
+                             double min = -HUGE_VAL) {
+  if (static_cast<int64_t>(values.size()) != c) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": ", field, " has ", values.size(),
+                     " values; the layer has ", c, " channels"));
+  }
+  for (double v : values) {
+    if (!std::isfinite(v) || v < min) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": ", field, " holds ", v,
+                       "; expected finite values", min == 0 ? " >= 0" : ""));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+void BatchNormLayer::SyncStats(SyncStatsArgs args, SyncCommit commit,
+                               SyncDone<SyncStatsResult> done) {
+  if (!sync()) {
+    return Layer::SyncStats(std::move(args), std::move(commit),
+                            std::move(done));
+  }
+  constexpr const char* kWhat = "SyncForward";
+  const int64_t c = params_.num_features;
+  if (!args.training && params_.track_running_stats) {
+    // Eval: the running statistics, no barrier.
+    SyncStatsResult r;
+    absl::MutexLock lock(&mu_);
+    r.mean = *running_mean_;
+    r.invstd.resize(c);
+    for (int64_t i = 0; i < c; ++i) {
+      r.invstd[i] = static_cast<float>(
+          1.0 /
+          std::sqrt(static_cast<double>((*running_var_)[i]) + params_.eps));
+    }
+    r.step = args.step;
+    r.version = version_;
+    return done(std::move(r));
+  }
+  absl::Status valid = CheckSyncRank(kWhat, args.rank);
+  if (valid.ok() && args.step < 0) {
+    valid = absl::InvalidArgumentError(
+        absl::StrCat(kWhat, ": step is ", args.step, "; expected >= 0"));
+  }
+  if (valid.ok() && args.count < 0) {
+    valid = absl::InvalidArgumentError(
+        absl::StrCat(kWhat, ": count is ", args.count, "; expected >= 0"));
+  }
+  if (args.count == 0) {  // An empty slice: its mean and M2 are not read.
+    args.mean.assign(c, 0.0);
+    args.m2.assign(c, 0.0);
+  }
+  if (valid.ok()) valid = CheckSyncValues(kWhat, "mean", args.mean, c);
+  if (valid.ok()) valid = CheckSyncValues(kWhat, "m2", args.m2, c, 0.0);
+  if (valid.ok() && sync_->stats.in_flight() &&
+      sync_->stats.pending_step() == args.step) {
+    for (const auto& slot : sync_->stats.slots()) {
+      if (slot.has_value() && slot->part.training != args.training) {
+        valid = absl::InvalidArgumentError(absl::StrCat(
+            kWhat, ": rank ", args.rank, " sent training=", args.training,
+            " for step ", args.step, ", which its other ranks sent with ",
+            "training=", slot->part.training));
+        break;
+      }
+    }
+  }
+  if (!valid.ok()) return done(valid);
+  const int64_t step = args.step;
+  using Joined = SyncBarrier<StatsPart, SyncStatsResult>::Joined;
+  const Joined joined =
+      sync_->stats.Join(step, args.rank, std::move(args.request_id),
+                        StatsPart{args.training, args.count,
+                                  std::move(args.mean), std::move(args.m2)},
+                        done);
+  if (joined == Joined::kFirst && scheduler()) {
+    const int64_t ms = barrier_timeout_ms_;
+    scheduler()(absl::Now() + absl::Milliseconds(ms), [step, ms](Layer& l) {
+      auto& layer = static_cast<BatchNormLayer&>(l);
+      layer.sync_->stats.Expire(step, ms, layer.name());
+    });
+  }
+  if (joined == Joined::kComplete) {
+    sync_->stats.Complete(CompleteStats(commit));
+  }
+}
+
+absl::StatusOr<SyncStatsResult> BatchNormLayer::CompleteStats(
+    const SyncCommit& commit) {
+  const auto& slots = sync_->stats.slots();
+  const int64_t step = sync_->stats.pending_step();
+  const size_t c = static_cast<size_t>(params_.num_features);
+  // Chan et al.'s parallel merge, in double, in rank order.
+  int64_t n = 0;
+  for (const auto& slot : slots) n += slot->part.count;
+  std::vector<double> mean(c, 0.0), m2(c, 0.0);
+  if (n > 0) {
+    for (const auto& slot : slots) {
+      const double w = static_cast<double>(slot->part.count);
+      for (size_t i = 0; i < c; ++i) mean[i] += w * slot->part.mean[i];
+    }
+    for (size_t i = 0; i < c; ++i) mean[i] /= static_cast<double>(n);
+    for (const auto& slot : slots) {
+      const double w = static_cast<double>(slot->part.count);
+      for (size_t i = 0; i < c; ++i) {
+        const double d = slot->part.mean[i] - mean[i];
+        m2[i] += slot->part.m2[i] + w * d * d;
+      }
+    }
+  }
+  if (n == 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Expected more than 1 value per channel when training, got 1 value "
+        "per channel in step ",
+        step, " over the group's ", world_size_, " ranks"));
+  }
+  SyncStatsResult result;
+  result.count = n;
+  result.step = step;
+  result.mean.assign(c, 0.0f);
+  result.invstd.assign(c, 0.0f);
+  if (n > 0) {
+    for (size_t i = 0; i < c; ++i) {
+      result.mean[i] = static_cast<float>(mean[i]);
+      result.invstd[i] = static_cast<float>(
+          1.0 / std::sqrt(m2[i] / static_cast<double>(n) + params_.eps));
+    }
+  }
+  // PyTorch: no running-stat update for an empty batch (pytorch#36530).
+  const bool update =
+      slots[0]->part.training && params_.track_running_stats && n > 0;
+  if (update) {
+    const LayerState undo = ExportState();
+    {
+      absl::MutexLock lock(&mu_);
+      const double momentum = NextMomentum();
+      for (size_t i = 0; i < c; ++i) {
+        float& rm = (*running_mean_)[i];
+        float& rv = (*running_var_)[i];
+        rm = static_cast<float>((1 - momentum) * rm + momentum * mean[i]);
+        rv = static_cast<float>((1 - momentum) * rv +
+                                momentum * m2[i] / static_cast<double>(n - 1));
+      }
+      ++*num_batches_tracked_;
+      resident_.Invalidate(ResidentArrays::kRunningMean);
+      resident_.Invalidate(ResidentArrays::kRunningVar);
+      Mutated();
+    }
+    if (commit) {
+      absl::Status logged = commit(*this);
+      if (!logged.ok()) {
+        RestoreState(undo).IgnoreError();  // It came from this layer.
+        return logged;
+      }
+    }
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    result.version = version_;
+  }
+  sync_->forward_step = step;
+  sync_->forward_count = n;
+  return result;
+}
+
+void BatchNormLayer::SyncGrads(SyncGradsArgs args, SyncCommit commit,
+                               SyncDone<SyncGradsResult> done) {
+  if (!sync()) {
+    return Layer::SyncGrads(std::move(args), std::move(commit),
+                            std::move(done));
+  }
+  constexpr const char* kWhat = "SyncBackward";
+  const int64_t c = params_.num_features;
+  absl::Status valid = CheckSyncRank(kWhat, args.rank);
+  if (valid.ok()) {
+    valid = CheckSyncValues(kWhat, "sum_dy", args.sum_dy, c);
+  }
+  if (valid.ok()) {
+    valid = CheckSyncValues(kWhat, "sum_dy_xhat", args.sum_dy_xhat, c);
+  }
+  const bool retry_of_last = args.step == sync_->grads.last_step();
+  if (valid.ok() && !retry_of_last && args.step != sync_->forward_step &&
+      !(sync_->grads.in_flight() && sync_->grads.pending_step() == args.step)) {
+    valid = absl::FailedPreconditionError(absl::StrCat(
+        kWhat, ": step ", args.step,
+        " has no completed SyncForward; the group's last completed forward "
+        "step is ",
+        sync_->forward_step));
+  }
+  if (valid.ok() && sync_->grads.in_flight() &&
+      sync_->grads.pending_step() == args.step) {
+    for (const auto& slot : sync_->grads.slots()) {
+      if (slot.has_value() &&
+          slot->part.accumulate_grad != args.accumulate_grad) {
+        valid = absl::InvalidArgumentError(absl::StrCat(
+            kWhat, ": rank ", args.rank,
+            " sent accumulate_grad=", args.accumulate_grad, " for step ",
+            args.step, ", which its other ranks sent with accumulate_grad=",
+            slot->part.accumulate_grad));
+        break;
+      }
+    }
+  }
+  if (!valid.ok()) return done(valid);
+  const int64_t step = args.step;
+  using Joined = SyncBarrier<GradsPart, SyncGradsResult>::Joined;
+  const Joined joined =
+      sync_->grads.Join(step, args.rank, std::move(args.request_id),
+                        GradsPart{args.accumulate_grad, std::move(args.sum_dy),
+                                  std::move(args.sum_dy_xhat)},
+                        done);
+  if (joined == Joined::kFirst && scheduler()) {
+    const int64_t ms = barrier_timeout_ms_;
+    scheduler()(absl::Now() + absl::Milliseconds(ms), [step, ms](Layer& l) {
+      auto& layer = static_cast<BatchNormLayer&>(l);
+      layer.sync_->grads.Expire(step, ms, layer.name());
+    });
+  }
+  if (joined == Joined::kComplete) {
+    sync_->grads.Complete(CompleteGrads(commit));
+  }
+}
+
+absl::StatusOr<SyncGradsResult> BatchNormLayer::CompleteGrads(
+    const SyncCommit& commit) {
+  const auto& slots = sync_->grads.slots();
+  const size_t c = static_cast<size_t>(params_.num_features);
+  std::vector<double> sum_dy(c, 0.0), sum_dy_xhat(c, 0.0);
+  for (const auto& slot : slots) {  // Rank order: the same sums every time.
+    for (size_t i = 0; i < c; ++i) {
+      sum_dy[i] += slot->part.sum_dy[i];
+      sum_dy_xhat[i] += slot->part.sum_dy_xhat[i];
+    }
+  }
+  SyncGradsResult result;
+  result.count = sync_->forward_count;
+  result.sum_dy.assign(sum_dy.begin(), sum_dy.end());
+  result.sum_dy_xhat.assign(sum_dy_xhat.begin(), sum_dy_xhat.end());
+  if (slots[0]->part.accumulate_grad && params_.affine) {
+    const LayerState undo = ExportState();
+    {
+      absl::MutexLock lock(&mu_);
+      for (size_t i = 0; i < c; ++i) {
+        (*grad_weight_)[i] += result.sum_dy_xhat[i];
+        (*grad_bias_)[i] += result.sum_dy[i];
+      }
+      *has_grad_ = 1;
+      Mutated();
+    }
+    if (commit) {
+      absl::Status logged = commit(*this);
+      if (!logged.ok()) {
+        RestoreState(undo).IgnoreError();
+        return logged;
+      }
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  result.version = version_;
+  return result;
 }
 
 absl::StatusOr<int64_t> BatchNormLayer::OptimizerStep(const SgdArgs& args) {
@@ -950,7 +1286,68 @@ class ChannelNormKind final : public LayerKind {
   const absl::string_view id_prefix_;
 };
 
+// sync_batch_norm: batch_norm's params format 1, then i32 world_size and i64
+// barrier_timeout_ms.
+class SyncBatchNormKind final : public LayerKind {
+ public:
+  absl::string_view name() const override { return SyncBatchNormConfig::kKind; }
+  absl::string_view id_prefix() const override { return "sbn"; }
+  absl::Status Validate(const KindParams& params) const override {
+    return ValidateConfig(Of(params));
+  }
+  size_t StateBytes(const KindParams& params) const override {
+    return batch_norm_.StateBytes(Of(params).batch_norm);
+  }
+  bool SameParams(const KindParams& requested,
+                  const KindParams& existing) const override {
+    const SyncBatchNormConfig& a = Of(requested);
+    const SyncBatchNormConfig& b = Of(existing);
+    return batch_norm_.SameParams(a.batch_norm, b.batch_norm) &&
+           a.world_size == b.world_size &&
+           a.barrier_timeout_ms == b.barrier_timeout_ms;
+  }
+  std::unique_ptr<Layer> Create(std::string name, uint64_t uid,
+                                const LayerConfig& config,
+                                const LayerEnv& env) const override {
+    return std::make_unique<BatchNormLayer>(std::move(name), uid, config, env);
+  }
+  uint32_t params_version() const override { return 1; }
+  std::string EncodeParams(const KindParams& params) const override {
+    const SyncBatchNormConfig& c = Of(params);
+    ByteWriter w;
+    PutParams(c.batch_norm, w);
+    w.Put(int32_t{c.world_size});
+    w.Put(int64_t{c.barrier_timeout_ms});
+    return std::move(w.out());
+  }
+  absl::StatusOr<std::shared_ptr<const KindParams>> DecodeParams(
+      absl::string_view bytes, uint32_t version) const override {
+    auto c = std::make_shared<SyncBatchNormConfig>();
+    ByteReader r(bytes);
+    int32_t world_size = 0;
+    if (version != 1 || !GetParams(r, &c->batch_norm) || !r.Get(&world_size) ||
+        !r.Get(&c->barrier_timeout_ms) || !r.done()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sync_batch_norm config (format ", version, ") does not decode"));
+    }
+    c->world_size = world_size;
+    RETURN_IF_ERROR(ValidateConfig(*c));
+    return std::shared_ptr<const KindParams>(std::move(c));
+  }
+
+ private:
+  static const SyncBatchNormConfig& Of(const KindParams& params) {
+    return static_cast<const SyncBatchNormConfig&>(params);
+  }
+
+  const ChannelNormKind<BatchNormConfig> batch_norm_{"bn"};
+};
+
 }  // namespace
+
+std::unique_ptr<LayerKind> NewSyncBatchNormKind() {
+  return std::make_unique<SyncBatchNormKind>();
+}
 
 std::unique_ptr<LayerKind> NewBatchNormKind() {
   return std::make_unique<ChannelNormKind<BatchNormConfig>>("bn");

@@ -2,6 +2,14 @@
 // (docs/design.md): config, parameters, running statistics, accumulated
 // gradients and SGD state, as one map of named arrays (layer.h).
 //
+// A sync group (sync_batch_norm) is the same layer shared by world_size
+// ranks, each with a slice of the batch (stats mode: the activations stay
+// with the clients): SyncStats and SyncGrads wait for a step's every rank,
+// then merge their statistics (Chan's parallel formula, in double) or add
+// their backward sums, move the running statistics once per step with the
+// union's count, and answer every rank. Its tensor Forward and Backward
+// are UNIMPLEMENTED (tensor mode is not built yet).
+//
 // InstanceNorm1d/2d/3d is the same layer with per-instance statistics, as
 // torch computes it: a training forward (or any forward without
 // track_running_stats) is a BatchNorm over each sample alone, run as one
@@ -77,18 +85,35 @@ struct InstanceNormConfig final : KindParams {
   int spatial_dims = 0;
 };
 
+// torch.nn.SyncBatchNorm's model for any clients: a BatchNorm over the
+// union of world_size ranks' batches.
+struct SyncBatchNormConfig final : KindParams {
+  static constexpr char kKind[] = "sync_batch_norm";
+
+  BatchNormConfig batch_norm;
+  int world_size = 1;  // 1 .. kMaxWorldSize.
+  // A step's waiters get ABORTED this long after its first rank joined
+  // unless every rank did. 1 .. kMaxBarrierTimeoutMs.
+  int64_t barrier_timeout_ms = 30000;
+};
+constexpr int kMaxWorldSize = 1024;
+constexpr int64_t kMaxBarrierTimeoutMs = 3600 * 1000;
+
 // Channels of one layer (4 GiB of float32 state); more is a malformed config.
 constexpr int64_t kMaxNumFeatures = int64_t{1} << 27;
 
 // INVALID_ARGUMENT naming the bad field and what was expected.
 absl::Status ValidateConfig(const BatchNormConfig& config);
 absl::Status ValidateConfig(const InstanceNormConfig& config);
+absl::Status ValidateConfig(const SyncBatchNormConfig& config);
 
 // The config of a BatchNorm layer on `device` ("": the server's device).
 LayerConfig BatchNormLayerConfig(const BatchNormConfig& params,
                                  std::string device = "");
 LayerConfig InstanceNormLayerConfig(const InstanceNormConfig& params,
                                     std::string device = "");
+LayerConfig SyncBatchNormLayerConfig(const SyncBatchNormConfig& params,
+                                     std::string device = "");
 
 // The named arrays of a BatchNorm layer's state with `config`: weight,
 // bias, weight_momentum_buffer, bias_momentum_buffer (affine), running_mean,
@@ -102,13 +127,16 @@ class BatchNormLayer final : public Layer {
   // env.backend's device. `uid` is unique per server.
   BatchNormLayer(std::string name, uint64_t uid, const BatchNormConfig& config,
                  const LayerEnv& env);
-  // `config` is a valid BatchNormConfig or InstanceNormConfig.
+  // `config` is a valid BatchNormConfig, InstanceNormConfig or
+  // SyncBatchNormConfig.
   BatchNormLayer(std::string name, uint64_t uid, const LayerConfig& config,
                  const LayerEnv& env);
+  ~BatchNormLayer() override;
 
   // The config as BatchNorm's fields (an InstanceNorm's too).
   const BatchNormConfig& params() const { return params_; }
   bool instance() const { return instance_; }
+  bool sync() const { return world_size_ > 0; }
 
   // Training: batch statistics, running-stat update; eval: running
   // statistics (batch statistics without track_running_stats).
@@ -121,6 +149,11 @@ class BatchNormLayer final : public Layer {
   // training forwards).
   absl::StatusOr<int64_t> UpdateRunningStats(
       const RunningStatsArgs& args) override;
+  // A sync group's steps (stats mode). Run on the layer's strand only.
+  void SyncStats(SyncStatsArgs args, SyncCommit commit,
+                 SyncDone<SyncStatsResult> done) override;
+  void SyncGrads(SyncGradsArgs args, SyncCommit commit,
+                 SyncDone<SyncGradsResult> done) override;
   absl::StatusOr<int64_t> OptimizerStep(const SgdArgs& args) override;
   absl::StatusOr<int64_t> SetParameters(
       const std::vector<float>& weight,
@@ -133,8 +166,26 @@ class BatchNormLayer final : public Layer {
 
  private:
   BatchNormLayer(std::string name, uint64_t uid, LayerConfig config,
-                 const BatchNormConfig& params, bool instance,
-                 const LayerEnv& env);
+                 const BatchNormConfig& params, bool instance, int world_size,
+                 int64_t barrier_timeout_ms, const LayerEnv& env);
+
+  // A rank's forward part, and what a completed forward step leaves for
+  // its backward.
+  struct StatsPart {
+    bool training = true;
+    int64_t count = 0;
+    std::vector<double> mean, m2;
+  };
+  struct GradsPart {
+    bool accumulate_grad = false;
+    std::vector<double> sum_dy, sum_dy_xhat;
+  };
+  // Checks one rank's part (rank, lengths, finite values).
+  absl::Status CheckSyncRank(const char* what, int rank) const;
+  // Merges the step's parts and, training with tracked statistics, moves
+  // the running statistics; then `commit` (undone if it fails).
+  absl::StatusOr<SyncStatsResult> CompleteStats(const SyncCommit& commit);
+  absl::StatusOr<SyncGradsResult> CompleteGrads(const SyncCommit& commit);
 
   struct ResolvedTensor {
     kernels::BatchNormShape shape;
@@ -167,6 +218,9 @@ class BatchNormLayer final : public Layer {
 
   const BatchNormConfig params_;
   const bool instance_;
+  // sync_batch_norm: K and the barrier timeout; 0 for the other kinds.
+  const int world_size_;
+  const int64_t barrier_timeout_ms_;
   const StateSpec spec_;
 
   mutable absl::Mutex mu_;
@@ -187,11 +241,17 @@ class BatchNormLayer final : public Layer {
   std::vector<float>* bias_momentum_ ABSL_GUARDED_BY(mu_) = nullptr;
   // Device copies of weight, bias, running_mean, running_var.
   ResidentArrays resident_ ABSL_GUARDED_BY(mu_);
+
+  // A sync group's barriers, touched only on the layer's strand (not under
+  // mu_: their waiters are answered outside it). Null for other kinds.
+  struct Sync;
+  std::unique_ptr<Sync> sync_;
 };
 
-// The BatchNorm and InstanceNorm kinds for the registry.
+// The BatchNorm, InstanceNorm and SyncBatchNorm kinds for the registry.
 std::unique_ptr<LayerKind> NewBatchNormKind();
 std::unique_ptr<LayerKind> NewInstanceNormKind();
+std::unique_ptr<LayerKind> NewSyncBatchNormKind();
 
 // A layer state as the release before kinds (journal format 1) encoded it:
 // config and arrays in fixed order. Returns the config and the state as

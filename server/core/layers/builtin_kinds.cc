@@ -16,6 +16,7 @@ const KindRegistry& BuiltinKinds() {
     r->Register(NewRMSNormKind()).IgnoreError();
     r->Register(NewGroupNormKind()).IgnoreError();
     r->Register(NewInstanceNormKind()).IgnoreError();
+    r->Register(NewSyncBatchNormKind()).IgnoreError();
     return r;
   }();
   return *registry;
