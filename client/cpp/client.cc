@@ -10,11 +10,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "common/status_macros.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/support/channel_arguments.h"
-#include "common/status_macros.h"
 
 namespace normserve::client {
 namespace {
@@ -324,6 +324,18 @@ absl::StatusOr<v1::GetStateResponse> Client::GetState(absl::string_view name) {
   RETURN_IF_ERROR(
       FromGrpcStatus(stub_->GetState(&context, request, &response)));
   return response;
+}
+
+absl::StatusOr<v1::SyncForwardResponse> Client::SyncForward(
+    const v1::SyncForwardRequest& request) {
+  return Mutate<v1::SyncForwardRequest, v1::SyncForwardResponse>(
+      &v1::Normalization::Stub::SyncForward, request, MutationOptions());
+}
+
+absl::StatusOr<v1::SyncBackwardResponse> Client::SyncBackward(
+    const v1::SyncBackwardRequest& request) {
+  return Mutate<v1::SyncBackwardRequest, v1::SyncBackwardResponse>(
+      &v1::Normalization::Stub::SyncBackward, request, MutationOptions());
 }
 
 absl::StatusOr<v1::LoadStateResponse> Client::LoadState(

@@ -178,6 +178,14 @@ class Client {
       const v1::LoadStateRequest& request,
       const MutationOptions& options = MutationOptions());
 
+  // A sync group's step (stats mode): returns once every rank of the step
+  // has sent its own (the deadline should cover the barrier timeout).
+  // The request's request_id makes retries safe.
+  absl::StatusOr<v1::SyncForwardResponse> SyncForward(
+      const v1::SyncForwardRequest& request);
+  absl::StatusOr<v1::SyncBackwardResponse> SyncBackward(
+      const v1::SyncBackwardRequest& request);
+
   // Calls grpc.health.v1.Health/Check for `service` ("" is the whole
   // server). A server without health checking answers UNIMPLEMENTED.
   absl::StatusOr<HealthStatus> CheckHealth(absl::string_view service = "");

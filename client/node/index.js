@@ -171,9 +171,16 @@ function layerFromProto(layer) {
       device: g.device,
     };
   }
-  // BatchNorm and InstanceNorm (whose momentum is always a number).
-  const c = layer.config === 'instance_norm' ? layer.instance_norm
-                                             : layer.batch_norm;
+  // BatchNorm, InstanceNorm (whose momentum is always a number) and
+  // SyncBatchNorm (a BatchNorm with worldSize and barrierTimeoutMs).
+  let c = layer.config === 'instance_norm' ? layer.instance_norm
+                                           : layer.batch_norm;
+  if (layer.config === 'sync_batch_norm') {
+    const sync = layer.sync_batch_norm;
+    c = sync.batch_norm;
+    common.worldSize = sync.world_size;
+    common.barrierTimeoutMs = Number(sync.barrier_timeout_ms);
+  }
   return {
     ...common,
     numFeatures: Number(c.num_features),
@@ -558,6 +565,53 @@ class Client {
                       name);
   }
 
+  // Creates a sync group (sync_batch_norm): BatchNorm's options plus
+  // { barrierTimeoutMs }; see SyncBatchNorm for joining it.
+  async createSyncBatchNorm(numFeatures, worldSize, options = {}) {
+    return this._create((o) => {
+      const bn = createRequest(numFeatures, o);
+      const sync = { batch_norm: bn.batch_norm, world_size: worldSize };
+      if (o.barrierTimeoutMs !== undefined) {
+        sync.barrier_timeout_ms = o.barrierTimeoutMs;
+      }
+      return { layer_id: bn.layer_id, sync_batch_norm: sync };
+    }, options);
+  }
+
+  // One rank's part of a sync group's step (stats mode): { count, mean, m2
+  // (per channel, arrays of numbers), training (true), requestId, timeoutMs
+  // }. Resolves, once every rank of the step sent its own, to { count,
+  // mean, invstd (Float32Array), step, version }.
+  async syncForward(name, step, rank, options = {}) {
+    const r = await this._unary('SyncForward', {
+      name, step, rank,
+      training: options.training === undefined ? true : !!options.training,
+      count: options.count || 0,
+      mean: Array.from(options.mean || []),
+      m2: Array.from(options.m2 || []),
+      request_id: options.requestId || '',
+    }, options, name);
+    return { count: Number(r.count), mean: Float32Array.from(r.mean),
+             invstd: Float32Array.from(r.invstd), step: Number(r.step),
+             version: Number(r.version) };
+  }
+
+  // One rank's backward sums for a completed step: { sumDy, sumDyXhat,
+  // accumulateGrad, requestId, timeoutMs }. Resolves to the union's
+  // { count, sumDy, sumDyXhat, version }.
+  async syncBackward(name, step, rank, options = {}) {
+    const r = await this._unary('SyncBackward', {
+      name, step, rank,
+      sum_dy: Array.from(options.sumDy || []),
+      sum_dy_xhat: Array.from(options.sumDyXhat || []),
+      accumulate_grad: !!options.accumulateGrad,
+      request_id: options.requestId || '',
+    }, options, name);
+    return { count: Number(r.count), sumDy: Float32Array.from(r.sum_dy),
+             sumDyXhat: Float32Array.from(r.sum_dy_xhat),
+             version: Number(r.version) };
+  }
+
   // Opens a Train stream: the same operations as methods, answered in order.
   train({ timeoutMs } = {}) {
     return new TrainStream(this, timeoutMs);
@@ -565,6 +619,112 @@ class Client {
 
   close() {
     this._stub.close();
+  }
+}
+
+// One rank of a sync group in stats mode (torch.nn.SyncBatchNorm for any
+// clients): join(), then forward(x, shape) and backward(dy) on float32 NCHW
+// data (Float32Array, shape [N, C, ...]); the statistics go to the server,
+// the activations stay here. weight and bias are local Float32Arrays whose
+// gradients are the union's.
+class SyncBatchNorm {
+  constructor(client, { group, rank, worldSize, numFeatures,
+                        barrierTimeoutMs, timeoutMs } = {}) {
+    Object.assign(this, { client, group, rank, worldSize, numFeatures,
+                          barrierTimeoutMs, timeoutMs });
+    this.step = 0;
+    this.training = true;
+  }
+
+  // Creates the layer, or attaches to it when another rank did.
+  async join() {
+    try {
+      this.layer = await this.client.createSyncBatchNorm(
+        this.numFeatures, this.worldSize,
+        { layerId: this.group, barrierTimeoutMs: this.barrierTimeoutMs });
+    } catch (err) {
+      if (err.code !== grpc.status.ALREADY_EXISTS) throw err;
+      this.layer = await this.client.getLayer(this.group);
+    }
+    const { tensors } = await this.client.getState(this.layer.name);
+    this.weight = Float32Array.from(tensors.weight);
+    this.bias = Float32Array.from(tensors.bias);
+    return this;
+  }
+
+  _extents(shape) {
+    const c = shape[1];
+    const s = shape.slice(2).reduce((a, b) => a * b, 1);
+    return { n: shape[0], c, s };
+  }
+
+  async forward(x, shape) {
+    const { n, c, s } = this._extents(shape);
+    const mean = new Float64Array(c);
+    const m2 = new Float64Array(c);
+    const count = n * s;
+    for (let i = 0; i < n; ++i) {
+      for (let ch = 0; ch < c; ++ch) {
+        for (let j = 0; j < s; ++j) mean[ch] += x[(i * c + ch) * s + j];
+      }
+    }
+    if (count > 0) for (let ch = 0; ch < c; ++ch) mean[ch] /= count;
+    for (let i = 0; i < n; ++i) {
+      for (let ch = 0; ch < c; ++ch) {
+        for (let j = 0; j < s; ++j) {
+          const d = x[(i * c + ch) * s + j] - mean[ch];
+          m2[ch] += d * d;
+        }
+      }
+    }
+    const step = this.step++;
+    const r = await this.client.syncForward(this.layer.name, step, this.rank, {
+      count, mean, m2, training: this.training, timeoutMs: this.timeoutMs });
+    this._saved = { x, shape, step, mean: r.mean, invstd: r.invstd };
+    const y = new Float32Array(x.length);
+    for (let i = 0; i < n; ++i) {
+      for (let ch = 0; ch < c; ++ch) {
+        for (let j = 0; j < s; ++j) {
+          const k = (i * c + ch) * s + j;
+          y[k] = (x[k] - r.mean[ch]) * r.invstd[ch] * this.weight[ch] +
+                 this.bias[ch];
+        }
+      }
+    }
+    return y;
+  }
+
+  // Resolves to { gradInput, gradWeight, gradBias } (the union's sums).
+  async backward(dy) {
+    const { x, shape, step, mean, invstd } = this._saved;
+    const { n, c, s } = this._extents(shape);
+    const xhat = (k, ch) => (x[k] - mean[ch]) * invstd[ch];
+    const sumDy = new Float64Array(c);
+    const sumDyXhat = new Float64Array(c);
+    for (let i = 0; i < n; ++i) {
+      for (let ch = 0; ch < c; ++ch) {
+        for (let j = 0; j < s; ++j) {
+          const k = (i * c + ch) * s + j;
+          sumDy[ch] += dy[k];
+          sumDyXhat[ch] += dy[k] * xhat(k, ch);
+        }
+      }
+    }
+    const r = await this.client.syncBackward(this.layer.name, step, this.rank, {
+      sumDy, sumDyXhat, timeoutMs: this.timeoutMs });
+    const count = Math.max(r.count, 1);
+    const gradInput = new Float32Array(dy.length);
+    for (let i = 0; i < n; ++i) {
+      for (let ch = 0; ch < c; ++ch) {
+        for (let j = 0; j < s; ++j) {
+          const k = (i * c + ch) * s + j;
+          gradInput[k] = (dy[k] - r.sumDy[ch] / count -
+                          xhat(k, ch) * r.sumDyXhat[ch] / count) *
+                         invstd[ch] * this.weight[ch];
+        }
+      }
+    }
+    return { gradInput, gradWeight: r.sumDyXhat, gradBias: r.sumDy };
   }
 }
 
@@ -648,5 +808,6 @@ class TrainStream {
   }
 }
 
-module.exports = { Client, TrainStream, NormserveError, tensor, loadApi,
+module.exports = { Client, TrainStream, SyncBatchNorm, NormserveError,
+                   tensor, loadApi,
                    newRequestId, status: grpc.status };

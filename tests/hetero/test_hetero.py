@@ -391,3 +391,123 @@ const {{ Client, tensor }} = require({json.dumps(node_dir)});
     finally:
         for name in ("node-gn", "node-in"):
             client.delete_layer(name)
+
+
+def test_one_sync_group_of_cpp_python_and_node_ranks(server, client, node,
+                                                     tmp_path):
+    """A C++ rank (RemoteSyncBatchNorm in normserve-sync-rank), a Python rank
+    (normserve.torch.SyncBatchNorm) and a Node rank (SyncBatchNorm of the
+    Node client), as processes with slices of 2, 3 and 1 samples, train one
+    sync group for 3 steps: every rank's output, grad_input and grad_weight
+    equal one torch.nn.BatchNorm2d's over the concatenated batch."""
+    import torch
+    import normserve.torch as nst
+    sync_rank = tool("NORMSERVE_SYNC_RANK",
+                     os.path.join(REPO, "build", "bin", "normserve-sync-rank"))
+    node_binary, node_dir = node
+    c, s, steps, group = 3, 20, 3, "hetero-sync"
+    sizes = {"cpp": 2, "python": 3, "node": 1}
+    rng = np.random.default_rng(5)
+    data = {who: [(rng.standard_normal((n, c, s)).astype(np.float32) * 2 + 1,
+                   rng.standard_normal((n, c, s)).astype(np.float32))
+                  for _ in range(steps)] for who, n in sizes.items()}
+    for who in ("cpp", "node"):
+        with open(tmp_path / f"{who}.in", "wb") as f:
+            for x, dy in data[who]:
+                f.write(x.tobytes() + dy.tobytes())
+    script = tmp_path / "sync_rank.js"
+    script.write_text(f"""
+const fs = require('fs');
+const {{ Client, SyncBatchNorm }} = require({json.dumps(node_dir)});
+(async () => {{
+  const c = new Client({json.dumps(server.address)}, {{ timeoutMs: 60000 }});
+  const bn = await new SyncBatchNorm(c, {{ group: '{group}', rank: 2,
+                                           worldSize: 3, numFeatures: {c} }})
+    .join();
+  const input = fs.readFileSync({json.dumps(str(tmp_path / "node.in"))});
+  const all = new Float32Array(input.buffer, input.byteOffset,
+                               input.length / 4);
+  const numel = {sizes["node"] * c * s};
+  const out = [];
+  for (let step = 0; step < {steps}; ++step) {{
+    const x = all.slice(2 * step * numel, (2 * step + 1) * numel);
+    const dy = all.slice((2 * step + 1) * numel, (2 * step + 2) * numel);
+    const y = await bn.forward(x, [{sizes["node"]}, {c}, {s}]);
+    const g = await bn.backward(dy);
+    out.push(Array.from(y), Array.from(g.gradInput),
+             Array.from(g.gradWeight));
+  }}
+  console.log(JSON.stringify(out));
+  c.close();
+}})().catch((e) => {{ console.error(e); process.exit(1); }});
+""")
+    procs = {
+        "cpp": subprocess.Popen(
+            [sync_rank, server.address, group, "0", "3", str(c),
+             str(sizes["cpp"]), str(s), str(steps),
+             str(tmp_path / "cpp.in"), str(tmp_path / "cpp.out")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        "node": subprocess.Popen([node_binary, str(script)],
+                                 stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True),
+    }
+    try:
+        bn = nst.SyncBatchNorm(c, client=client, group=group, rank=1,
+                               world_size=3, barrier_timeout=30)
+        ours = {"python": []}
+        for x, dy in data["python"]:
+            xt = torch.from_numpy(x).reshape(-1, c, 4, 5).requires_grad_(True)
+            y = bn(xt)
+            y.backward(torch.from_numpy(dy).reshape(xt.shape))
+            ours["python"] += [y.detach().reshape(-1).numpy(),
+                               xt.grad.reshape(-1).numpy(),
+                               bn.weight.grad.numpy().copy()]
+            bn.weight.grad = None
+        for who, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=120)
+            assert proc.returncode == 0, f"{who}: {stderr}"
+            if who == "node":
+                ours["node"] = [np.asarray(v, np.float32)
+                                for v in json.loads(stdout)]
+        raw = np.fromfile(tmp_path / "cpp.out", dtype=np.float32)
+        numel = sizes["cpp"] * c * s
+        per_step = 2 * numel + c
+        ours["cpp"] = []
+        for step in range(steps):
+            chunk = raw[step * per_step:(step + 1) * per_step]
+            ours["cpp"] += [chunk[:numel], chunk[numel:2 * numel],
+                            chunk[2 * numel:]]
+        ref = torch.nn.BatchNorm1d(c).double()
+        order = ["cpp", "python", "node"]  # Ranks 0, 1, 2.
+        for step in range(steps):
+            x = torch.cat([torch.from_numpy(data[w][step][0]).double()
+                           for w in order]).requires_grad_(True)
+            dy = torch.cat([torch.from_numpy(data[w][step][1]).double()
+                            for w in order])
+            y = ref(x)
+            y.backward(dy)
+            start = 0
+            for who in order:
+                n = sizes[who]
+                got_y, got_dx, got_gw = ours[who][3 * step:3 * step + 3]
+                np.testing.assert_allclose(
+                    got_y, y[start:start + n].detach().reshape(-1),
+                    atol=2e-5, err_msg=f"{who} y step {step}")
+                np.testing.assert_allclose(
+                    got_dx, x.grad[start:start + n].reshape(-1), atol=2e-5,
+                    err_msg=f"{who} grad_input step {step}")
+                np.testing.assert_allclose(got_gw, ref.weight.grad,
+                                           rtol=1e-5, atol=1e-4,
+                                           err_msg=f"{who} grad_weight")
+                start += n
+            ref.weight.grad = None
+            x.grad = None
+        state = client.get_state(group)
+        np.testing.assert_allclose(state["running_var"],
+                                   ref.running_var.numpy(), rtol=1e-6)
+        assert int(state["num_batches_tracked"]) == steps
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        client.delete_layer(group)
