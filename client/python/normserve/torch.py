@@ -968,19 +968,22 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """y = BatchNorm(x) with the statistics of a sync group's union (stats
     mode): the slice's count, mean and M2 go to the server, the union's
     mean and invstd come back, and x is normalized here; backward sends
-    the slice's sums of dy and dy * xhat and gets the union's. Local math
-    in float64, rounded to the input's dtype once."""
+    the slice's sums of dy and dy * xhat and gets the union's. The local
+    math runs on torch's own CPU BatchNorm kernels where they fit (the
+    slice's statistics, the backward sums; never on empty slices, which
+    they do not take) and float32 passes elsewhere."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, module, step):
         c = x.shape[1]
         shape = [1, c] + [1] * (x.dim() - 2)
-        dims = [d for d in range(x.dim()) if d != 1]
-        xd = x.detach().to("cpu", torch.float64)
-        count = xd.numel() // c
+        xf = x.detach().to("cpu", torch.float32)
+        count = xf.numel() // c
         if count > 0:
-            mean = xd.mean(dims)
-            m2 = (xd - mean.view(shape)).pow(2).sum(dims)
+            # The slice's mean and biased variance (running stats unused).
+            mean, var = torch.batch_norm_update_stats(xf, None, None, 0.0)
+            mean = mean.double()
+            m2 = var.double() * count
         else:
             mean = m2 = torch.zeros(c, dtype=torch.float64)
         remote = module._remote
@@ -994,16 +997,18 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                                            count, mean.numpy(), m2.numpy(),
                                            training=module.training,
                                            timeout=module._call_timeout())
-        mean_g = torch.from_numpy(r.mean).double().view(shape)
-        invstd_g = torch.from_numpy(r.invstd).double().view(shape)
-        xhat = (xd - mean_g) * invstd_g
-        y = xhat
+        mean_g = torch.from_numpy(r.mean)
+        invstd_g = torch.from_numpy(r.invstd)
+        alpha = invstd_g.double()
+        beta = -mean_g.double() * alpha
         if weight is not None:
-            y = xhat * weight.detach().cpu().double().view(shape) + (
-                bias.detach().cpu().double().view(shape))
+            w = weight.detach().cpu().double()
+            alpha = alpha * w
+            beta = beta * w + bias.detach().cpu().double()
+        y = torch.mul(xf, alpha.float().view(shape))
+        y.add_(beta.float().view(shape))
         ctx.module = module
         ctx.step = step
-        ctx.count = r.count
         ctx.save_for_backward(x, weight)
         ctx.stats = (mean_g, invstd_g)
         return y.to(device=x.device, dtype=x.dtype)
@@ -1016,18 +1021,22 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         mean_g, invstd_g = ctx.stats
         c = x.shape[1]
         shape = [1, c] + [1] * (x.dim() - 2)
-        dims = [d for d in range(x.dim()) if d != 1]
-        xhat = (x.detach().to("cpu", torch.float64) - mean_g) * invstd_g
-        dy = grad_output.detach().to("cpu", torch.float64)
-        sum_dy = dy.sum(dims) if dy.numel() else torch.zeros(
-            c, dtype=torch.float64)
-        sum_dy_xhat = (dy * xhat).sum(dims) if dy.numel() else torch.zeros(
-            c, dtype=torch.float64)
-        w = (weight.detach().cpu().double().view(shape)
-             if weight is not None else 1.0)
+        xf = x.detach().to("cpu", torch.float32)
+        dy = grad_output.detach().to("cpu", torch.float32)
+        if dy.numel():
+            # Σdy·x̂ and Σdy with the union's statistics, by aten's kernel.
+            _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                dy, xf, None, None, None, mean_g, invstd_g, True, module.eps,
+                [False, True, True])
+            sum_dy, sum_dy_xhat = sum_dy.double(), sum_dy_xhat.double()
+        else:
+            sum_dy = sum_dy_xhat = torch.zeros(c, dtype=torch.float64)
+        w = (weight.detach().cpu().double() if weight is not None
+             else torch.ones(c, dtype=torch.float64))
+        invstd = invstd_g.double()
         if ctx.step is None:  # Eval: the slice's own gradients.
-            dx = dy * invstd_g * w
             g_dy, g_dy_xhat = sum_dy, sum_dy_xhat
+            dx = dy * (invstd * w).float().view(shape)
         else:
             remote = module._remote
             r = remote.client.sync_backward(remote.name, ctx.step,
@@ -1037,8 +1046,18 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             g_dy = torch.from_numpy(r.sum_dy).double()
             g_dy_xhat = torch.from_numpy(r.sum_dy_xhat).double()
             n = max(r.count, 1)
-            dx = (dy - g_dy.view(shape) / n
-                  - xhat * g_dy_xhat.view(shape) / n) * invstd_g * w
+            # dx = (dy - Σdy/n - x̂·Σdy·x̂/n)·invstd·w
+            #    = dy·a + (x - mean)·b + c, per channel.
+            a = invstd * w
+            b = -invstd * invstd * w * g_dy_xhat / n
+            c0 = -a * g_dy / n
+            # x - mean goes to a buffer the module keeps (fresh memory
+            # costs a page fault per 4 KiB on first touch).
+            xm = torch.sub(xf, mean_g.view(shape),
+                           out=module._buffer("xm", xf))
+            dx = torch.mul(xm, b.float().view(shape))
+            dx.add_(c0.float().view(shape))
+            dx.addcmul_(dy, a.float().view(shape))
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grad_input = (dx.to(device=x.device, dtype=x.dtype)
                       if needs_input else None)
@@ -1126,6 +1145,14 @@ class SyncBatchNorm(_BatchNorm):
                 f"{info.world_size}; this SyncBatchNorm was given "
                 f"world_size={self.world_size}")
         super()._check_attached(info)
+
+    def _buffer(self, key, like):
+        """A float32 CPU tensor shaped like `like`, kept between steps."""
+        buffers = self.__dict__.setdefault("_buffers_cpu", {})
+        buf = buffers.get(key)
+        if buf is None or buf.shape != like.shape:
+            buf = buffers[key] = torch.empty(like.shape, dtype=torch.float32)
+        return buf
 
     def _call_timeout(self):
         """Each call may wait for the slowest rank: the barrier's timeout
