@@ -17,9 +17,10 @@ import json
 import multiprocessing as mp
 import os
 import statistics
-import subprocess
 import sys
 import time
+
+from bench_server import BenchServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WARMUP = 5
@@ -104,18 +105,9 @@ def main():
     args = parser.parse_args()
     stubs = os.path.join(os.path.dirname(os.path.abspath(args.server)), "..",
                          "python")
-    server = subprocess.Popen(
-        [args.server, "--address=127.0.0.1:0", "--device=cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    address = None
-    for line in server.stdout:
-        if line.startswith("normserve listening on "):
-            address = line.split()[3]
-            break
-    if address is None:
-        raise RuntimeError("the server did not start")
     rows = []
-    try:
+    with BenchServer(args.server) as server:
+        address = server.address
         for batch in [int(b) for b in args.batches.split(",")]:
             row = {"batch": batch}
             for name in ("local", "remote", "stats", "sync2"):
@@ -123,9 +115,6 @@ def main():
                 print(f"batch {batch:4d} {name:7s} {row[name]:8.2f} ms",
                       file=sys.stderr)
             rows.append(row)
-    finally:
-        server.terminate()
-        server.wait(30)
     print("| batch | local ms | remote ms (×) | stats K=1 ms (×) | "
           "SyncBatchNorm K=2 ms (×) |")
     print("|---:|---:|---:|---:|---:|")

@@ -23,9 +23,10 @@ import multiprocessing as mp
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import time
+
+from bench_server import BenchServer
 
 import numpy as np
 
@@ -128,18 +129,9 @@ def main():
     # BUILD/python), unless the environment names them.
     os.environ.setdefault("NORMSERVE_PYTHON_STUBS", os.path.join(
         os.path.dirname(os.path.abspath(args.server)), "..", "python"))
-    server = subprocess.Popen(
-        [args.server, "--address=127.0.0.1:0", "--device=cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    address = None
-    for line in server.stdout:
-        if line.startswith("normserve listening on "):
-            address = line.split()[3]
-            break
-    if address is None:
-        raise RuntimeError("the server did not start")
     cases = []
-    try:
+    with BenchServer(args.server) as server:
+        address = server.address
         for k in ks:
             ours = run_ranks(normserve_rank,
                              lambda r: (address, k, r, channels, args.steps),
@@ -154,9 +146,6 @@ def main():
                 print(f"K={k:3d} C={c:5d} normserve {ours[c]:8.3f} ms  "
                       f"gloo {gloo[c]:8.3f} ms  x{ours[c] / gloo[c]:.2f}",
                       file=sys.stderr)
-    finally:
-        server.terminate()
-        server.wait(30)
     print("| K | C | normserve ms | Gloo ms | × Gloo time |")
     print("|---:|---:|---:|---:|---:|")
     for case in cases:

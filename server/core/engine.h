@@ -191,22 +191,13 @@ void Engine::RunOnLayer(absl::string_view name,
                         std::function<absl::StatusOr<T>(Layer&)> op,
                         std::function<void(absl::StatusOr<T>)> done,
                         absl::string_view tenant) {
-  absl::StatusOr<std::shared_ptr<Entry>> entry = Find(name, tenant);
-  if (!entry.ok()) {
-    done(entry.status());
-    return;
-  }
-  std::shared_ptr<Entry> e = *std::move(entry);
-  std::shared_ptr<Strand> strand = e->strand;
-  strand->Post(
-      [e = std::move(e), op = std::move(op), done = std::move(done)]() mutable {
-        if (e->deleted.load()) {
-          done(absl::NotFoundError(
-              absl::StrCat(e->layer->Info().name, " was deleted")));
-          return;
-        }
-        done(op(*e->layer));
-      });
+  RunOnLayerAsync<T>(
+      name,
+      [op = std::move(op)](Layer& layer,
+                           std::function<void(absl::StatusOr<T>)> done) {
+        done(op(layer));
+      },
+      std::move(done), tenant);
 }
 
 template <typename T>

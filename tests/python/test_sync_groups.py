@@ -403,3 +403,72 @@ def test_running_stats_survive_a_restart():
         assert process.stop() == 0
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def test_a_rank_that_dies_mid_step_is_replaced(server):
+    """Rank 1 dies after its forward of step 0 (its process would be gone);
+    rank 0's backward of step 0 times out naming it; a replacement rank 1
+    joins at step 1 and the group trains on."""
+    group = group_name("replace")
+    c = 2
+    clients = [normserve.Client(server.address, timeout=30) for _ in range(3)]
+    torch.manual_seed(9)
+    x0, x1 = torch.randn(4, c), torch.randn(3, c)
+    mods = [nst.SyncBatchNorm(c, client=clients[r], group=group, rank=r,
+                              world_size=2, barrier_timeout=0.3)
+            for r in range(2)]
+    xs = [x0.clone().requires_grad_(True), x1.clone().requires_grad_(True)]
+    ys = run_ranks(lambda r: mods[r](xs[r]), 2)
+    with pytest.raises(normserve.AbortedError,
+                       match=r"SyncBackward on layers/.*: step 0 timed out "
+                             r"after 300 ms waiting for ranks \[1\] of 2"):
+        ys[0].sum().backward()  # Rank 1 never sends its backward.
+    replacement = nst.SyncBatchNorm(c, client=clients[2], group=group,
+                                    rank=1, world_size=2, barrier_timeout=5,
+                                    step=1)
+    mods[0].barrier_timeout = 5
+    survivors = [mods[0], replacement]
+    outs = run_ranks(lambda r: survivors[r](torch.randn(5, c)), 2)
+    assert all(o.shape == (5, c) for o in outs)
+    state = clients[0].get_state(group)
+    assert int(state["num_batches_tracked"]) == 2
+    for m in mods + [replacement]:
+        m.close()
+
+
+def test_server_killed_mid_step_restarts_with_nothing_half_applied():
+    state_dir = tempfile.mkdtemp(prefix="normserve-sync-kill-")
+    args = ["--device=cpu", "--cpu_threads=1", f"--state_dir={state_dir}"]
+    try:
+        process = ServerProcess(args=args).start()
+        client = normserve.Client(process.address, timeout=20)
+        client.create_layer(2, kind="sync_batch_norm", world_size=2,
+                            layer_id="sk", barrier_timeout_ms=60000)
+        part = dict(count=4, mean=[1.0, -1.0], m2=[4.0, 2.0])
+        run_ranks(lambda r: client.sync_forward("sk", 0, r, **part), 2)
+        before = client.get_state("sk")
+        # Step 1: one rank in, then SIGKILL while it waits.
+        waiter = threading.Thread(
+            target=lambda: pytest.raises(normserve.NormserveError,
+                                         client.sync_forward, "sk", 1, 0,
+                                         **part))
+        waiter.start()
+        import time
+        time.sleep(0.3)
+        process.process.kill()
+        process.process.wait(10)
+        waiter.join(30)
+        process = ServerProcess(args=args).start()
+        client = normserve.Client(process.address, timeout=20)
+        after = client.get_state("sk")
+        for key in before:
+            np.testing.assert_array_equal(after[key], before[key])
+        # Training goes on (a restarted group accepts any next step).
+        results = run_ranks(lambda r: client.sync_forward("sk", 1, r, **part),
+                            2)
+        assert results[0].count == 8
+        assert int(client.get_state("sk")["num_batches_tracked"]) == 2
+        client.close()
+        assert process.stop() == 0
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)

@@ -1082,8 +1082,10 @@ class SyncBatchNorm(_BatchNorm):
     keeps the activations here: a training forward sends the slice's
     per-channel count, mean and M2 and blocks until every rank has sent its
     own, then normalizes with the union's statistics; backward does the
-    same with the sums of dy and dy * xhat. The module counts its own steps;
-    every rank must run the same number of training forwards. Slices may
+    same with the sums of dy and dy * xhat. The module counts its own steps
+    (from `step`, default 0: a rank replacing one that left starts at the
+    group's next step); every rank must run the same number of training
+    forwards. Slices may
     be empty (they still join the step). Eval with track_running_stats uses
     the server's running statistics without waiting. weight and bias are
     local nn.Parameters whose gradients are the union's (the same on every
@@ -1095,7 +1097,7 @@ class SyncBatchNorm(_BatchNorm):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, *,
                  client=None, group, rank, world_size, mode="stats",
-                 barrier_timeout=30.0, timeout=None):
+                 barrier_timeout=30.0, timeout=None, step=0):
         if mode != "stats":
             raise NotImplementedError(
                 "normserve: SyncBatchNorm mode='tensor' is not built yet; "
@@ -1117,7 +1119,9 @@ class SyncBatchNorm(_BatchNorm):
         self.world_size = world_size
         self.mode = mode
         self.barrier_timeout = barrier_timeout
-        self._step = 0
+        # The next training step; a rank that replaces one which left starts
+        # at the group's next step (step=).
+        self._step = int(step)
         create = dict(num_features=num_features, eps=eps, momentum=momentum,
                       affine=affine, track_running_stats=track_running_stats,
                       world_size=world_size,

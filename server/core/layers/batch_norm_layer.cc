@@ -791,6 +791,27 @@ absl::Status CheckSyncValues(const char* what, const char* field,
   return absl::OkStatus();
 }
 
+// Adds a rank's part to `barrier`'s step: schedules the step's timeout when
+// it starts (`get` finds the barrier again in the layer the timeout job
+// runs on) and completes it, with complete()'s answer, when it is full.
+template <typename Part, typename Result, typename GetBarrier,
+          typename Complete>
+void JoinStep(SyncBarrier<Part, Result>& barrier, GetBarrier get,
+              const LayerScheduler& scheduler, int64_t timeout_ms, int64_t step,
+              int rank, std::string request_id, Part part,
+              SyncDone<Result>& done, Complete complete) {
+  using Joined = typename SyncBarrier<Part, Result>::Joined;
+  const Joined joined =
+      barrier.Join(step, rank, std::move(request_id), std::move(part), done);
+  if (joined == Joined::kFirst && scheduler) {
+    scheduler(absl::Now() + absl::Milliseconds(timeout_ms),
+              [get, step, timeout_ms](Layer& layer) {
+                get(layer).Expire(step, timeout_ms, layer.name());
+              });
+  }
+  if (joined == Joined::kComplete) barrier.Complete(complete());
+}
+
 }  // namespace
 
 void BatchNormLayer::SyncStats(SyncStatsArgs args, SyncCommit commit,
@@ -844,23 +865,15 @@ void BatchNormLayer::SyncStats(SyncStatsArgs args, SyncCommit commit,
     }
   }
   if (!valid.ok()) return done(valid);
-  const int64_t step = args.step;
-  using Joined = SyncBarrier<StatsPart, SyncStatsResult>::Joined;
-  const Joined joined =
-      sync_->stats.Join(step, args.rank, std::move(args.request_id),
-                        StatsPart{args.training, args.count,
-                                  std::move(args.mean), std::move(args.m2)},
-                        done);
-  if (joined == Joined::kFirst && scheduler()) {
-    const int64_t ms = barrier_timeout_ms_;
-    scheduler()(absl::Now() + absl::Milliseconds(ms), [step, ms](Layer& l) {
-      auto& layer = static_cast<BatchNormLayer&>(l);
-      layer.sync_->stats.Expire(step, ms, layer.name());
-    });
-  }
-  if (joined == Joined::kComplete) {
-    sync_->stats.Complete(CompleteStats(commit));
-  }
+  JoinStep(
+      sync_->stats, [](Layer & l) -> auto& {
+        return static_cast<BatchNormLayer&>(l).sync_->stats;
+      },
+      scheduler(), barrier_timeout_ms_, args.step, args.rank,
+      std::move(args.request_id),
+      StatsPart{args.training, args.count, std::move(args.mean),
+                std::move(args.m2)},
+      done, [&] { return CompleteStats(commit); });
 }
 
 absl::StatusOr<SyncStatsResult> BatchNormLayer::CompleteStats(
@@ -980,23 +993,15 @@ void BatchNormLayer::SyncGrads(SyncGradsArgs args, SyncCommit commit,
     }
   }
   if (!valid.ok()) return done(valid);
-  const int64_t step = args.step;
-  using Joined = SyncBarrier<GradsPart, SyncGradsResult>::Joined;
-  const Joined joined =
-      sync_->grads.Join(step, args.rank, std::move(args.request_id),
-                        GradsPart{args.accumulate_grad, std::move(args.sum_dy),
-                                  std::move(args.sum_dy_xhat)},
-                        done);
-  if (joined == Joined::kFirst && scheduler()) {
-    const int64_t ms = barrier_timeout_ms_;
-    scheduler()(absl::Now() + absl::Milliseconds(ms), [step, ms](Layer& l) {
-      auto& layer = static_cast<BatchNormLayer&>(l);
-      layer.sync_->grads.Expire(step, ms, layer.name());
-    });
-  }
-  if (joined == Joined::kComplete) {
-    sync_->grads.Complete(CompleteGrads(commit));
-  }
+  JoinStep(
+      sync_->grads, [](Layer & l) -> auto& {
+        return static_cast<BatchNormLayer&>(l).sync_->grads;
+      },
+      scheduler(), barrier_timeout_ms_, args.step, args.rank,
+      std::move(args.request_id),
+      GradsPart{args.accumulate_grad, std::move(args.sum_dy),
+                std::move(args.sum_dy_xhat)},
+      done, [&] { return CompleteGrads(commit); });
 }
 
 absl::StatusOr<SyncGradsResult> BatchNormLayer::CompleteGrads(
