@@ -53,6 +53,79 @@ ServerUnaryReactor* StartAsync(CallbackServerContext* context,
   return reactor;
 }
 
+// A unary call whose operation may wait long (a sync group's step, until
+// its other ranks arrive): it finishes on the first of the operation's
+// answer and the call's cancellation (the client gone, its deadline past,
+// or the server's shutdown past its grace), so no drain waits for a
+// barrier. The operation fills a response of its own, copied into the
+// call's only if the call is still open; an answer after the cancellation
+// is dropped. (The rank's part stays in its step: cancelling does not
+// withdraw it.)
+template <typename Response>
+class WaitingCall final : public ServerUnaryReactor {
+ public:
+  explicit WaitingCall(Response* response)
+      : state_(std::make_shared<State>()), response_(response) {
+    state_->call = this;
+  }
+
+  // The operation's response and completion.
+  Response* scratch() { return &state_->response; }
+  Operations::Done done() {
+    return [state = state_](absl::Status status) {
+      WaitingCall* call = nullptr;
+      {
+        absl::MutexLock lock(&state->mu);
+        if (state->call == nullptr || state->finished) return;
+        state->finished = true;
+        call = state->call;
+        if (status.ok()) *call->response_ = state->response;
+      }
+      // Outside the lock: OnDone, which takes it, may run inside Finish.
+      call->Finish(ToGrpcStatus(status));
+    };
+  }
+
+  void OnCancel() override {
+    {
+      absl::MutexLock lock(&state_->mu);
+      if (state_->finished) return;
+      state_->finished = true;
+    }
+    Finish(grpc::Status(grpc::StatusCode::CANCELLED,
+                        "the call was cancelled while it waited"));
+  }
+
+  void OnDone() override {
+    {
+      absl::MutexLock lock(&state_->mu);
+      state_->call = nullptr;
+    }
+    delete this;
+  }
+
+ private:
+  struct State {
+    absl::Mutex mu;
+    WaitingCall* call ABSL_GUARDED_BY(mu) = nullptr;
+    bool finished ABSL_GUARDED_BY(mu) = false;
+    Response response;
+  };
+
+  const std::shared_ptr<State> state_;
+  Response* const response_;
+};
+
+template <typename Response, typename Start>
+ServerUnaryReactor* StartWaiting(CallbackServerContext* context,
+                                 absl::StatusOr<Operations> ops,
+                                 Response* response, Start start) {
+  if (!ops.ok()) return FinishNow(context, ops.status());
+  auto* call = new WaitingCall<Response>(response);
+  start(*ops, call->scratch(), call->done());
+  return call;
+}
+
 // One Train stream. Operations are started in arrival order and may finish
 // out of order (different layers run in parallel); responses are written in
 // arrival order, one write at a time. At most kMaxInFlight operations are
@@ -283,19 +356,21 @@ ServerUnaryReactor* NormalizationService::GetState(
 ServerUnaryReactor* NormalizationService::SyncForward(
     CallbackServerContext* context, const pb::SyncForwardRequest* request,
     pb::SyncForwardResponse* response) {
-  return StartAsync(context, Begin(context),
-                    [&](Operations& ops, Operations::Done done) {
-                      ops.SyncForward(*request, response, std::move(done));
-                    });
+  return StartWaiting(context, Begin(context), response,
+                      [&](Operations& ops, pb::SyncForwardResponse* scratch,
+                          Operations::Done done) {
+                        ops.SyncForward(*request, scratch, std::move(done));
+                      });
 }
 
 ServerUnaryReactor* NormalizationService::SyncBackward(
     CallbackServerContext* context, const pb::SyncBackwardRequest* request,
     pb::SyncBackwardResponse* response) {
-  return StartAsync(context, Begin(context),
-                    [&](Operations& ops, Operations::Done done) {
-                      ops.SyncBackward(*request, response, std::move(done));
-                    });
+  return StartWaiting(context, Begin(context), response,
+                      [&](Operations& ops, pb::SyncBackwardResponse* scratch,
+                          Operations::Done done) {
+                        ops.SyncBackward(*request, scratch, std::move(done));
+                      });
 }
 
 ServerUnaryReactor* NormalizationService::LoadState(

@@ -246,6 +246,28 @@ def test_duplicate_ranks_retries_and_steps_out_of_order(client):
     client.delete_layer(info.name)
 
 
+def test_deleting_a_group_answers_its_waiters(client):
+    info = client.create_layer(1, kind="sync_batch_norm", world_size=2,
+                               layer_id=group_name("delete"))
+    answer = {}
+
+    def wait():
+        try:
+            client.sync_forward(info.name, 0, 0, 2, [0.0], [1.0])
+        except normserve.NormserveError as err:
+            answer["err"] = err
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    import time
+    time.sleep(0.3)
+    client.delete_layer(info.name)
+    waiter.join(20)
+    assert not waiter.is_alive()
+    assert isinstance(answer["err"], (normserve.AbortedError,
+                                      normserve.NotFoundError))
+
+
 def test_pytorch_rules_for_counts_one_and_zero(client):
     info = client.create_layer(2, kind="sync_batch_norm", world_size=2,
                                layer_id=group_name("counts"))
@@ -472,3 +494,30 @@ def test_server_killed_mid_step_restarts_with_nothing_half_applied():
         assert process.stop() == 0
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def test_shutdown_does_not_wait_for_a_barrier():
+    """SIGTERM while a step waits (barrier timeout 10 minutes): the drain
+    cancels the waiting call after its grace and the server exits 0."""
+    process = ServerProcess(args=["--device=cpu",
+                                  "--shutdown_grace_s=1"]).start()
+    client = normserve.Client(process.address, timeout=60)
+    client.create_layer(1, kind="sync_batch_norm", world_size=2,
+                        layer_id="drain", barrier_timeout_ms=600000)
+    answer = {}
+
+    def wait():
+        try:
+            client.sync_forward("drain", 0, 0, 2, [0.0], [1.0])
+        except normserve.NormserveError as err:
+            answer["err"] = err
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    import time
+    time.sleep(0.3)
+    start = time.monotonic()
+    assert process.stop(timeout=20) == 0
+    assert time.monotonic() - start < 10
+    waiter.join(20)
+    assert isinstance(answer.get("err"), normserve.NormserveError)

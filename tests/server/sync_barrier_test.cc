@@ -109,6 +109,19 @@ TEST(SyncBarrierTest, ExpireAbortsOnlyTheStepInFlight) {
   EXPECT_EQ(late.value.status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
+TEST(SyncBarrierTest, ABarrierDestroyedMidStepAnswersItsWaiters) {
+  Answer a;
+  {
+    Barrier b("SyncForward", 2);
+    SyncDone<int> d = a.done();
+    ASSERT_EQ(b.Join(3, 1, "", 1, d), Joined::kFirst);
+  }
+  ASSERT_TRUE(a.called);
+  EXPECT_EQ(a.value.status().code(), absl::StatusCode::kAborted);
+  EXPECT_THAT(a.value.status().message(),
+              HasSubstr("step 3 was abandoned: its layer was deleted"));
+}
+
 TEST(SyncBarrierTest, OneRankCompletesAtOnce) {
   Barrier b("SyncForward", 1);
   Answer a;

@@ -48,6 +48,16 @@ class SyncBarrier {
   // `what` names the phase in messages ("SyncForward").
   SyncBarrier(const char* what, int world_size)
       : what_(what), world_size_(world_size) {}
+  // A step still in flight (its layer deleted, or the server stopping)
+  // answers its waiters ABORTED: no call waits for a barrier that is gone.
+  ~SyncBarrier() {
+    if (!pending_) return;
+    Complete(absl::AbortedError(absl::StrCat(
+        what_, ": step ", pending_->step,
+        " was abandoned: its layer was deleted or the server is stopping")));
+  }
+  SyncBarrier(const SyncBarrier&) = delete;
+  SyncBarrier& operator=(const SyncBarrier&) = delete;
 
   int64_t last_step() const { return last_step_; }
   bool in_flight() const { return pending_.has_value(); }
