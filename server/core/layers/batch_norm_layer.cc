@@ -876,6 +876,22 @@ void BatchNormLayer::SyncStats(SyncStatsArgs args, SyncCommit commit,
       done, [&] { return CompleteStats(commit); });
 }
 
+absl::Status BatchNormLayer::MutateAndCommit(const SyncCommit& commit,
+                                             absl::FunctionRef<void()> mutate) {
+  // What to go back to if the commit fails (nothing to keep without one).
+  std::optional<LayerState> undo;
+  if (commit) undo = ExportState();
+  {
+    absl::MutexLock lock(&mu_);
+    mutate();
+    Mutated();
+  }
+  if (!commit) return absl::OkStatus();
+  absl::Status logged = commit(*this);
+  if (!logged.ok()) RestoreState(*undo).IgnoreError();  // From this layer.
+  return logged;
+}
+
 absl::StatusOr<SyncStatsResult> BatchNormLayer::CompleteStats(
     const SyncCommit& commit) {
   const auto& slots = sync_->stats.slots();
@@ -921,9 +937,7 @@ absl::StatusOr<SyncStatsResult> BatchNormLayer::CompleteStats(
   const bool update =
       slots[0]->part.training && params_.track_running_stats && n > 0;
   if (update) {
-    const LayerState undo = ExportState();
-    {
-      absl::MutexLock lock(&mu_);
+    auto move_running_stats = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       const double momentum = NextMomentum();
       for (size_t i = 0; i < c; ++i) {
         float& rm = (*running_mean_)[i];
@@ -935,15 +949,8 @@ absl::StatusOr<SyncStatsResult> BatchNormLayer::CompleteStats(
       ++*num_batches_tracked_;
       resident_.Invalidate(ResidentArrays::kRunningMean);
       resident_.Invalidate(ResidentArrays::kRunningVar);
-      Mutated();
-    }
-    if (commit) {
-      absl::Status logged = commit(*this);
-      if (!logged.ok()) {
-        RestoreState(undo).IgnoreError();  // It came from this layer.
-        return logged;
-      }
-    }
+    };
+    RETURN_IF_ERROR(MutateAndCommit(commit, move_running_stats));
   }
   {
     absl::MutexLock lock(&mu_);
@@ -1020,23 +1027,14 @@ absl::StatusOr<SyncGradsResult> BatchNormLayer::CompleteGrads(
   result.sum_dy.assign(sum_dy.begin(), sum_dy.end());
   result.sum_dy_xhat.assign(sum_dy_xhat.begin(), sum_dy_xhat.end());
   if (slots[0]->part.accumulate_grad && params_.affine) {
-    const LayerState undo = ExportState();
-    {
-      absl::MutexLock lock(&mu_);
+    auto add_grads = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       for (size_t i = 0; i < c; ++i) {
         (*grad_weight_)[i] += result.sum_dy_xhat[i];
         (*grad_bias_)[i] += result.sum_dy[i];
       }
       *has_grad_ = 1;
-      Mutated();
-    }
-    if (commit) {
-      absl::Status logged = commit(*this);
-      if (!logged.ok()) {
-        RestoreState(undo).IgnoreError();
-        return logged;
-      }
-    }
+    };
+    RETURN_IF_ERROR(MutateAndCommit(commit, add_grads));
   }
   absl::MutexLock lock(&mu_);
   result.version = version_;

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
@@ -185,6 +186,10 @@ class BatchNormLayer final : public Layer {
   // Merges the step's parts and, training with tracked statistics, moves
   // the running statistics; then `commit` (undone if it fails).
   absl::StatusOr<SyncStatsResult> CompleteStats(const SyncCommit& commit);
+  // Runs `mutate` under mu_ and bumps the version, then `commit`; restores
+  // the state from before when the commit fails, and returns its status.
+  absl::Status MutateAndCommit(const SyncCommit& commit,
+                               absl::FunctionRef<void()> mutate);
   absl::StatusOr<SyncGradsResult> CompleteGrads(const SyncCommit& commit);
 
   struct ResolvedTensor {
