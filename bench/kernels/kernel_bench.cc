@@ -84,6 +84,29 @@ constexpr StandardShape kShapes[] = {
     {"4096x1024", 4096, 1024, 1, false},
 };
 
+// x (about 0.5 + 2 * a sum of three uniforms), dy and zeroed y and dx of
+// `numel` values each, from xorshift64 seeded with `seed`: fast, and enough
+// for timing data. Every page is touched here, before any timing.
+void FillActivations(int64_t numel, uint64_t seed, std::vector<float>* x,
+                     std::vector<float>* dy, std::vector<float>* y,
+                     std::vector<float>* dx) {
+  uint64_t state = seed;
+  auto next = [&state] {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return static_cast<float>(state >> 40) / 16777216.0f - 0.5f;
+  };
+  x->resize(numel);
+  dy->resize(numel);
+  for (int64_t i = 0; i < numel; ++i) {
+    (*x)[i] = 2.0f * (next() + next() + next()) + 0.5f;
+    (*dy)[i] = next() + next();
+  }
+  y->assign(numel, 0.0f);
+  dx->assign(numel, 0.0f);
+}
+
 // Buffers large enough for every shape, filled once.
 struct Buffers {
   std::vector<float> x, y, dy, dx;
@@ -91,20 +114,7 @@ struct Buffers {
       grad_weight, grad_bias;
 
   explicit Buffers(int64_t numel, int64_t channels) {
-    for (auto* v : {&x, &y, &dy, &dx}) v->resize(numel);
-    uint64_t state = 88172645463325252ull;
-    auto next = [&state] {  // xorshift64: fast, and enough for timing data.
-      state ^= state << 13;
-      state ^= state >> 7;
-      state ^= state << 17;
-      return static_cast<float>(state >> 40) / 16777216.0f - 0.5f;
-    };
-    for (int64_t i = 0; i < numel; ++i) {
-      x[i] = 2.0f * (next() + next() + next()) + 0.5f;
-      dy[i] = next() + next();
-      y[i] = 0;
-      dx[i] = 0;
-    }
+    FillActivations(numel, 88172645463325252ull, &x, &dy, &y, &dx);
     weight.assign(channels, 1.25f);
     bias.assign(channels, -0.5f);
     mean.assign(channels, 0.5f);
@@ -292,21 +302,7 @@ struct RowBuffers {
       rows = std::max(rows, s.rows);
       cols = std::max(cols, s.cols);
     }
-    uint64_t state = 2463534242ull;
-    auto next = [&state] {
-      state ^= state << 13;
-      state ^= state >> 7;
-      state ^= state << 17;
-      return static_cast<float>(state >> 40) / 16777216.0f - 0.5f;
-    };
-    x.resize(numel);
-    dy.resize(numel);
-    for (int64_t i = 0; i < numel; ++i) {
-      x[i] = 2.0f * (next() + next() + next()) + 0.5f;
-      dy[i] = next() + next();
-    }
-    y.assign(numel, 0.0f);
-    dx.assign(numel, 0.0f);
+    FillActivations(numel, 2463534242ull, &x, &dy, &y, &dx);
     weight.assign(cols, 1.25f);
     bias.assign(cols, -0.5f);
     mean.assign(rows, 0.0f);
@@ -388,21 +384,7 @@ struct ChannelBuffers {
       numel = std::max(numel, s.n * s.c * s.s);
       planes = std::max(planes, s.n * s.c);
     }
-    uint64_t state = 977666321ull;
-    auto next = [&state] {
-      state ^= state << 13;
-      state ^= state >> 7;
-      state ^= state << 17;
-      return static_cast<float>(state >> 40) / 16777216.0f - 0.5f;
-    };
-    x.resize(numel);
-    dy.resize(numel);
-    for (int64_t i = 0; i < numel; ++i) {
-      x[i] = 2.0f * (next() + next() + next()) + 0.5f;
-      dy[i] = next() + next();
-    }
-    y.assign(numel, 0.0f);
-    dx.assign(numel, 0.0f);
+    FillActivations(numel, 977666321ull, &x, &dy, &y, &dx);
     // Per (sample, channel): InstanceNorm's repeated parameters and
     // statistics; GroupNorm uses the first c or n * groups.
     weight.assign(planes, 1.25f);

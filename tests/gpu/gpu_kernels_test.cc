@@ -1097,14 +1097,7 @@ std::vector<GroupCase> AllGroupCases() {
 class CudaGroupNormTest : public testing::TestWithParam<GroupCase> {
  protected:
   void SetUp() override { NORMSERVE_SKIP_WITHOUT_GPU(); }
-  GroupInputs Inputs() const {
-    const GroupCase& c = GetParam();
-    const uint64_t seed =
-        static_cast<uint64_t>(c.dtype) * 1000003 +
-        static_cast<uint64_t>(c.shape.n * 7919 + c.shape.c * 31 + c.shape.hw) +
-        (c.offset != 0 ? 17 : 0);
-    return MakeGroupInputs(c.shape, c.dtype, seed, c.offset);
-  }
+  GroupInputs Inputs() const { return test_util::GroupCaseInputs(GetParam()); }
 };
 
 TEST_P(CudaGroupNormTest, Forward) {

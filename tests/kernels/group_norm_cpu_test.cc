@@ -53,11 +53,6 @@ using test_util::GroupCase;
 using test_util::GroupInputs;
 using test_util::GroupOut;
 
-GroupInputs MakeInputs(const GroupNormShape& shape, DType dtype, uint64_t seed,
-                       double offset) {
-  return test_util::MakeGroupInputs(shape, dtype, seed, offset);
-}
-
 std::vector<GroupCase> AllCases() {
   const std::vector<GroupNormShape> shapes = {
       {0, 4, 3, 2},    {1, 1, 1, 1},    {1, 6, 1, 6},    {2, 6, 35, 3},
@@ -76,13 +71,7 @@ std::vector<GroupCase> AllCases() {
 
 class GroupNormMatrixTest : public testing::TestWithParam<GroupCase> {
  protected:
-  GroupInputs Inputs() const {
-    const GroupCase& c = GetParam();
-    const uint64_t seed =
-        static_cast<uint64_t>(c.dtype) * 1000003 +
-        static_cast<uint64_t>(c.shape.n * 7919 + c.shape.c * 31 + c.shape.hw);
-    return MakeInputs(c.shape, c.dtype, seed, c.offset);
-  }
+  GroupInputs Inputs() const { return test_util::GroupCaseInputs(GetParam()); }
 };
 
 TEST_P(GroupNormMatrixTest, ForwardMatchesReference) {
@@ -150,8 +139,8 @@ INSTANTIATE_TEST_SUITE_P(Matrix, GroupNormMatrixTest,
 
 // G = C with one sample is InstanceNorm's statistics: per channel.
 TEST(GroupNormCpuTest, GroupsOfOneChannelArePerChannel) {
-  const GroupInputs in =
-      MakeInputs({2, 5, 33, 5}, DType::kFloat32, 17, /*offset=*/0);
+  const GroupInputs in = test_util::MakeGroupInputs(
+      {2, 5, 33, 5}, DType::kFloat32, 17, /*offset=*/0);
   const GroupOut got =
       test_util::RunGroupForward(*Backends()[0].backend, in, false, false);
   for (int64_t p = 0; p < 10; ++p) {
@@ -162,7 +151,8 @@ TEST(GroupNormCpuTest, GroupsOfOneChannelArePerChannel) {
 }
 
 TEST(GroupNormCpuTest, ZeroSamplesWriteZeroGrads) {
-  GroupInputs in = MakeInputs({0, 6, 4, 3}, DType::kFloat32, 3, 0);
+  GroupInputs in =
+      test_util::MakeGroupInputs({0, 6, 4, 3}, DType::kFloat32, 3, 0);
   const GroupOut got = test_util::RunGroupBackward(
       *Backends()[0].backend, in, {}, {}, true, false, true, true);
   EXPECT_EQ(got.grad_weight, std::vector<double>(6, 0.0));

@@ -182,6 +182,15 @@ inline GroupOut RunGroupBackward(Backend& backend, const GroupInputs& in,
   return out;
 }
 
+// A case's inputs, seeded by its dtype, shape and offset.
+inline GroupInputs GroupCaseInputs(const GroupCase& c) {
+  const uint64_t seed =
+      static_cast<uint64_t>(c.dtype) * 1000003 +
+      static_cast<uint64_t>(c.shape.n * 7919 + c.shape.c * 31 + c.shape.hw) +
+      (c.offset != 0 ? 17 : 0);
+  return MakeGroupInputs(c.shape, c.dtype, seed, c.offset);
+}
+
 // Σ|dy·x̂| and Σ|dy| per channel, with the statistics a backend stored.
 struct GroupAbsSums {
   std::vector<double> dy_xhat, dy;
