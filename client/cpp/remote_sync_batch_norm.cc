@@ -39,18 +39,19 @@ absl::StatusOr<Extents> ExtentsOf(absl::Span<const int64_t> shape,
 }  // namespace
 
 RemoteSyncBatchNorm::RemoteSyncBatchNorm(Client& client, std::string name,
-                                         int rank,
+                                         int rank, Mode mode,
                                          const v1::BatchNormConfig& config)
     : client_(client),
       name_(std::move(name)),
       rank_(rank),
+      mode_(mode),
       channels_(config.num_features()),
       affine_(config.affine()),
       track_running_stats_(config.track_running_stats()) {}
 
 absl::StatusOr<std::unique_ptr<RemoteSyncBatchNorm>> RemoteSyncBatchNorm::Join(
     Client& client, const v1::SyncBatchNormConfig& config,
-    absl::string_view group, int rank) {
+    absl::string_view group, int rank, Mode mode) {
   v1::CreateLayerRequest create;
   create.set_layer_id(std::string(group));
   *create.mutable_sync_batch_norm() = config;
@@ -77,7 +78,7 @@ absl::StatusOr<std::unique_ptr<RemoteSyncBatchNorm>> RemoteSyncBatchNorm::Join(
         "rank ", rank, " is outside 0 .. ", echoed.world_size() - 1));
   }
   std::unique_ptr<RemoteSyncBatchNorm> bn(new RemoteSyncBatchNorm(
-      client, layer->name(), rank, echoed.batch_norm()));
+      client, layer->name(), rank, mode, echoed.batch_norm()));
   if (bn->affine_) {
     ASSIGN_OR_RETURN(v1::GetStateResponse state, client.GetState(bn->name_));
     for (const char* key : {"weight", "bias"}) {
@@ -89,13 +90,91 @@ absl::StatusOr<std::unique_ptr<RemoteSyncBatchNorm>> RemoteSyncBatchNorm::Join(
       (std::string(key) == "weight" ? bn->weight_ : bn->bias_) =
           std::move(values);
     }
+    bn->pushed_weight_ = bn->weight_;
+    bn->pushed_bias_ = bn->bias_;
   }
   return bn;
+}
+
+absl::Status RemoteSyncBatchNorm::PushParameters() {
+  if (!affine_ || (weight_ == pushed_weight_ && bias_ == pushed_bias_)) {
+    return absl::OkStatus();
+  }
+  v1::SetParametersRequest request;
+  request.set_name(name_);
+  request.mutable_weight()->Assign(weight_.begin(), weight_.end());
+  request.mutable_bias()->Assign(bias_.begin(), bias_.end());
+  RETURN_IF_ERROR(client_.SetParameters(request).status());
+  pushed_weight_ = weight_;
+  pushed_bias_ = bias_;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<float>> RemoteSyncBatchNorm::TensorForward(
+    absl::Span<const float> x, absl::Span<const int64_t> shape,
+    bool batch_stats) {
+  RETURN_IF_ERROR(PushParameters());
+  v1::SyncForwardRequest request;
+  request.set_name(name_);
+  request.set_rank(rank_);
+  request.set_training(training_);
+  ASSIGN_OR_RETURN(*request.mutable_input(), MakeTensor(x, shape));
+  const int64_t step = step_;
+  if (batch_stats) {
+    request.set_step(step_);
+    ++step_;  // Also when the step fails: the group moved on.
+  }
+  ASSIGN_OR_RETURN(v1::SyncForwardResponse response,
+                   client_.SyncForward(request));
+  saved_.shape.assign(shape.begin(), shape.end());
+  saved_.values = x.size();
+  saved_.synced = batch_stats;
+  saved_.step = step;
+  saved_.handle = response.handle();
+  has_saved_ = true;
+  return TensorToFloats(response.output());
+}
+
+absl::StatusOr<RemoteSyncBatchNorm::Grads> RemoteSyncBatchNorm::TensorBackward(
+    absl::Span<const float> grad_output) {
+  if (grad_output.size() != saved_.values) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("grad_output has ", grad_output.size(),
+                     " values; the forward input had ", saved_.values));
+  }
+  Grads grads;
+  if (saved_.handle == 0) {  // An empty slice's eval forward saved nothing.
+    if (affine_) {
+      grads.grad_weight.assign(channels_, 0.0f);
+      grads.grad_bias.assign(channels_, 0.0f);
+    }
+    return grads;
+  }
+  v1::SyncBackwardRequest request;
+  request.set_name(name_);
+  request.set_step(saved_.synced ? saved_.step : 0);
+  request.set_rank(rank_);
+  request.set_handle(saved_.handle);
+  ASSIGN_OR_RETURN(*request.mutable_grad_output(),
+                   MakeTensor(grad_output, saved_.shape));
+  ASSIGN_OR_RETURN(v1::SyncBackwardResponse response,
+                   client_.SyncBackward(request));
+  has_saved_ = false;  // The server freed the forward's context.
+  ASSIGN_OR_RETURN(grads.grad_input, TensorToFloats(response.grad_input()));
+  if (affine_) {
+    grads.grad_weight.assign(response.sum_dy_xhat().begin(),
+                             response.sum_dy_xhat().end());
+    grads.grad_bias.assign(response.sum_dy().begin(), response.sum_dy().end());
+  }
+  return grads;
 }
 
 absl::StatusOr<std::vector<float>> RemoteSyncBatchNorm::Forward(
     absl::Span<const float> x, absl::Span<const int64_t> shape) {
   ASSIGN_OR_RETURN(Extents e, ExtentsOf(shape, channels_, x.size()));
+  if (mode_ == Mode::kTensor) {
+    return TensorForward(x, shape, training_ || !track_running_stats_);
+  }
   const int64_t c = channels_;
   // The slice's statistics, in double.
   std::vector<double> mean(c, 0.0), m2(c, 0.0);
@@ -162,6 +241,7 @@ absl::StatusOr<RemoteSyncBatchNorm::Grads> RemoteSyncBatchNorm::Backward(
   if (!has_saved_) {
     return absl::FailedPreconditionError("Backward needs a Forward first");
   }
+  if (mode_ == Mode::kTensor) return TensorBackward(grad_output);
   if (grad_output.size() != saved_.x.size()) {
     return absl::InvalidArgumentError(
         absl::StrCat("grad_output has ", grad_output.size(),

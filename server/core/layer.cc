@@ -50,6 +50,8 @@ void Layer::SyncGrads(SyncGradsArgs, SyncCommit,
                    " layer, not a sync group (sync_batch_norm)")));
 }
 
+void Layer::SyncWithdraw(bool, int64_t, int, const std::string&) {}
+
 absl::StatusOr<int64_t> Layer::OptimizerStep(const SgdArgs&) {
   return absl::UnimplementedError(absl::StrCat(
       name_, " is a ", config_.kind, " layer: it has no parameters to step"));

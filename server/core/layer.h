@@ -115,8 +115,27 @@ struct RunningStatsArgs {
   int64_t count = 0;
 };
 
-// One rank's part of a sync group's step (stats mode). mean and m2 have
-// one value per channel.
+// torch.optim.SGD's options.
+struct SgdArgs {
+  double lr = 0;
+  double momentum = 0;
+  double dampening = 0;
+  double weight_decay = 0;
+  bool nesterov = false;
+  bool keep_grad = false;
+
+  friend bool operator==(const SgdArgs& a, const SgdArgs& b) {
+    return a.lr == b.lr && a.momentum == b.momentum &&
+           a.dampening == b.dampening && a.weight_decay == b.weight_decay &&
+           a.nesterov == b.nesterov && a.keep_grad == b.keep_grad;
+  }
+};
+
+// One rank's part of a sync group's step. Stats mode: count, mean and m2
+// (one value per channel). Tensor mode (input set): the layer computes
+// them from the input and writes the rank's output through `output` once
+// the step completes; the input's bytes need to live only until SyncStats
+// returns.
 struct SyncStatsArgs {
   int64_t step = 0;
   int rank = 0;
@@ -125,32 +144,54 @@ struct SyncStatsArgs {
   std::vector<double> mean;
   std::vector<double> m2;  // Σ(x - mean)².
   std::string request_id;
+  std::optional<TensorRef> input;
+  bool save_for_backward = true;
+  OutputAllocator output;
 };
 
-// The union's statistics.
+// The union's statistics and the layer's weight and bias as the step
+// uses them (empty without affine); in tensor mode also the rank's output.
 struct SyncStatsResult {
   int64_t count = 0;
   std::vector<float> mean;
   std::vector<float> invstd;
+  std::vector<float> weight;
+  std::vector<float> bias;
   int64_t step = 0;
   int64_t version = 0;
+  bool has_output = false;
+  kernels::DType dtype = kernels::DType::kFloat32;
+  kernels::Layout layout = kernels::Layout::kNCHW;
+  uint64_t handle = 0;
 };
 
+// Stats mode: the rank's sums. Tensor mode (grad_output set): the handle
+// of its SyncForward and the gradient of that output; grad_input is
+// written through `grad_input` once the step completes.
 struct SyncGradsArgs {
   int64_t step = 0;
   int rank = 0;
   std::vector<double> sum_dy;
   std::vector<double> sum_dy_xhat;
   bool accumulate_grad = false;
+  // Server-held parameters: one SGD step when the step completes.
+  std::optional<SgdArgs> sgd;
   std::string request_id;
+  uint64_t handle = 0;
+  std::optional<TensorRef> grad_output;
+  bool skip_grad_input = false;
+  OutputAllocator grad_input;
 };
 
-// The union's backward sums.
+// The union's backward sums; in tensor mode also the rank's grad_input.
 struct SyncGradsResult {
   int64_t count = 0;
   std::vector<float> sum_dy;
   std::vector<float> sum_dy_xhat;
   int64_t version = 0;
+  bool has_grad_input = false;
+  kernels::DType dtype = kernels::DType::kFloat32;
+  kernels::Layout layout = kernels::Layout::kNCHW;
 };
 
 class Layer;
@@ -165,16 +206,6 @@ using SyncCommit = std::function<absl::Status(Layer&)>;
 // gone by then).
 using LayerScheduler =
     std::function<void(absl::Time, std::function<void(Layer&)>)>;
-
-// torch.optim.SGD's options.
-struct SgdArgs {
-  double lr = 0;
-  double momentum = 0;
-  double dampening = 0;
-  double weight_decay = 0;
-  bool nesterov = false;
-  bool keep_grad = false;
-};
 
 // One named array of a layer's state: a float32 tensor, or an int64 scalar.
 struct StateEntry {
@@ -257,6 +288,11 @@ class Layer {
                          SyncDone<SyncStatsResult> done);
   virtual void SyncGrads(SyncGradsArgs args, SyncCommit commit,
                          SyncDone<SyncGradsResult> done);
+  // A cancelled call's part leaves the step in flight (`backward`: the
+  // SyncGrads phase), matched by step, rank and request_id; its waiters
+  // get CANCELLED. Nothing when the step is not in flight.
+  virtual void SyncWithdraw(bool backward, int64_t step, int rank,
+                            const std::string& request_id);
   // Set once by the engine, before the layer serves calls.
   void set_scheduler(LayerScheduler scheduler) {
     scheduler_ = std::move(scheduler);

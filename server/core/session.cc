@@ -288,6 +288,19 @@ void Session::SyncBackward(const std::string& name, SyncGradsArgs args,
       std::move(done));
 }
 
+void Session::SyncWithdraw(const std::string& name, bool backward, int64_t step,
+                           int rank, std::string request_id) {
+  // No admission check: taking a part out is cleanup, owed to the others.
+  engine_->RunOnLayerAsync<bool>(
+      name,
+      [backward, step, rank, request_id = std::move(request_id)](
+          Layer& layer, Done<bool> done) {
+        layer.SyncWithdraw(backward, step, rank, request_id);
+        done(true);
+      },
+      [](absl::StatusOr<bool>) {}, tenant_);
+}
+
 void Session::OptimizerStep(const std::string& name, const Mutation& mutation,
                             SgdArgs args, Done<int64_t> done) {
   RunOnLayer<int64_t>(

@@ -78,13 +78,17 @@ class Session {
   void LoadState(const std::string& name, const Mutation& mutation,
                  StateDict state, bool allow_missing, Done<int64_t> done);
 
-  // Sync groups (stats mode): `done` runs when the step completes for
+  // Sync groups (stats or tensor mode): `done` runs when the step completes for
   // every rank, fails, or times out; no thread waits meanwhile. A completed
   // step that changed the layer is journaled before anyone is answered.
   void SyncForward(const std::string& name, SyncStatsArgs args,
                    Done<SyncStatsResult> done);
   void SyncBackward(const std::string& name, SyncGradsArgs args,
                     Done<SyncGradsResult> done);
+  // A cancelled call's part leaves its step (Layer::SyncWithdraw), on the
+  // layer's strand; nothing when the layer or the step is gone.
+  void SyncWithdraw(const std::string& name, bool backward, int64_t step,
+                    int rank, std::string request_id);
 
  private:
   // Engine::RunOnLayer for the caller's tenant; `op` is skipped when the

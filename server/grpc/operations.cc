@@ -20,6 +20,16 @@ void SetFloats(const std::vector<T>& in,
   out->Assign(in.begin(), in.end());
 }
 
+SgdArgs SgdFromProto(const pb::SgdOptions& sgd) {
+  SgdArgs args;
+  args.lr = sgd.lr();
+  args.momentum = sgd.momentum();
+  args.dampening = sgd.dampening();
+  args.weight_decay = sgd.weight_decay();
+  args.nesterov = sgd.nesterov();
+  return args;
+}
+
 template <typename Request>
 Mutation MutationOf(const Request& request) {
   Mutation mutation;
@@ -162,15 +172,41 @@ void Operations::SyncForward(const pb::SyncForwardRequest& request,
   if (absl::Status valid = ValidateRequestId(args.request_id); !valid.ok()) {
     return done(valid);
   }
+  // Copied: the answer may come after the request is gone.
+  std::vector<int64_t> dims;
+  if (request.has_input()) {
+    if (request.count() != 0 || request.mean_size() != 0 ||
+        request.m2_size() != 0) {
+      return done(absl::InvalidArgumentError(
+          "SyncForward: input (tensor mode) and count, mean, m2 (stats mode) "
+          "are exclusive; expected one of them"));
+    }
+    absl::StatusOr<TensorRef> input =
+        TensorRefFromProto(request.input(), "input");
+    if (!input.ok()) return done(input.status());
+    dims = input->dims;
+    args.input = *std::move(input);
+    args.save_for_backward =
+        !request.has_save_for_backward() || request.save_for_backward();
+    args.output = TensorOutput(response->mutable_output());
+  }
   session_.SyncForward(
       request.name(), std::move(args),
       Reply<SyncStatsResult>(
-          std::move(done), [response](const SyncStatsResult& result) {
+          std::move(done),
+          [response, dims = std::move(dims)](const SyncStatsResult& result) {
             response->set_count(result.count);
             SetFloats(result.mean, response->mutable_mean());
             SetFloats(result.invstd, response->mutable_invstd());
+            SetFloats(result.weight, response->mutable_weight());
+            SetFloats(result.bias, response->mutable_bias());
             response->set_step(result.step);
             response->set_version(result.version);
+            if (result.has_output) {
+              SetTensorMeta(dims, result.dtype, result.layout,
+                            response->mutable_output());
+              response->set_handle(result.handle);
+            }
           }));
 }
 
@@ -187,15 +223,53 @@ void Operations::SyncBackward(const pb::SyncBackwardRequest& request,
   if (absl::Status valid = ValidateRequestId(args.request_id); !valid.ok()) {
     return done(valid);
   }
+  if (request.has_sgd()) {
+    SgdArgs sgd = SgdFromProto(request.sgd());
+    sgd.keep_grad = request.keep_grad();
+    args.sgd = sgd;
+  }
+  std::vector<int64_t> dims;
+  if (request.has_grad_output()) {
+    if (request.sum_dy_size() != 0 || request.sum_dy_xhat_size() != 0) {
+      return done(absl::InvalidArgumentError(
+          "SyncBackward: grad_output (tensor mode) and sum_dy, sum_dy_xhat "
+          "(stats mode) are exclusive; expected one of them"));
+    }
+    absl::StatusOr<TensorRef> grad =
+        TensorRefFromProto(request.grad_output(), "grad_output");
+    if (!grad.ok()) return done(grad.status());
+    dims = grad->dims;
+    args.grad_output = *std::move(grad);
+    args.handle = request.handle();
+    args.skip_grad_input = request.skip_grad_input();
+    args.grad_input = TensorOutput(response->mutable_grad_input());
+  }
   session_.SyncBackward(
       request.name(), std::move(args),
       Reply<SyncGradsResult>(
-          std::move(done), [response](const SyncGradsResult& result) {
+          std::move(done),
+          [response, dims = std::move(dims)](const SyncGradsResult& result) {
             response->set_count(result.count);
             SetFloats(result.sum_dy, response->mutable_sum_dy());
             SetFloats(result.sum_dy_xhat, response->mutable_sum_dy_xhat());
             response->set_version(result.version);
+            if (result.has_grad_input) {
+              SetTensorMeta(dims, result.dtype, result.layout,
+                            response->mutable_grad_input());
+            } else {
+              response->clear_grad_input();
+            }
           }));
+}
+
+void Operations::SyncWithdraw(const pb::SyncForwardRequest& request) {
+  session_.SyncWithdraw(request.name(), /*backward=*/false, request.step(),
+                        request.rank(), request.request_id());
+}
+
+void Operations::SyncWithdraw(const pb::SyncBackwardRequest& request) {
+  session_.SyncWithdraw(request.name(), /*backward=*/true, request.step(),
+                        request.rank(), request.request_id());
 }
 
 void Operations::OptimizerStep(const pb::OptimizerStepRequest& request,
@@ -204,12 +278,7 @@ void Operations::OptimizerStep(const pb::OptimizerStepRequest& request,
     return done(absl::InvalidArgumentError(
         "OptimizerStep needs an optimizer; expected sgd"));
   }
-  SgdArgs args;
-  args.lr = request.sgd().lr();
-  args.momentum = request.sgd().momentum();
-  args.dampening = request.sgd().dampening();
-  args.weight_decay = request.sgd().weight_decay();
-  args.nesterov = request.sgd().nesterov();
+  SgdArgs args = SgdFromProto(request.sgd());
   args.keep_grad = request.keep_grad();
   session_.OptimizerStep(
       request.name(), MutationOf(request), args,
@@ -274,6 +343,12 @@ void Operations::Dispatch(const pb::TrainRequest& request,
                        done);
     case pb::TrainRequest::kGetLayer:
       return done(GetLayer(request.get_layer(), response->mutable_get_layer()));
+    case pb::TrainRequest::kSyncForward:
+      return SyncForward(request.sync_forward(),
+                         response->mutable_sync_forward(), done);
+    case pb::TrainRequest::kSyncBackward:
+      return SyncBackward(request.sync_backward(),
+                          response->mutable_sync_backward(), done);
     case pb::TrainRequest::OP_NOT_SET:
       break;
   }
@@ -281,7 +356,7 @@ void Operations::Dispatch(const pb::TrainRequest& request,
       "Train message ", request.request_id(),
       " carries no operation; expected one of forward, backward, "
       "update_running_stats, optimizer_step, set_parameters, get_state, "
-      "load_state, get_layer")));
+      "load_state, get_layer, sync_forward, sync_backward")));
 }
 
 }  // namespace normserve::server

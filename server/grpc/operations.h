@@ -58,11 +58,16 @@ class Operations {
   void LoadState(const pb::LoadStateRequest& request,
                  pb::LoadStateResponse* response, Done done);
 
-  // Sync groups: `done` runs when the step completes for every rank.
+  // Sync groups: `done` runs when the step completes for every rank. In
+  // tensor mode the request needs to live only until these return (the
+  // layer copies the tensor), the response until `done`.
   void SyncForward(const pb::SyncForwardRequest& request,
                    pb::SyncForwardResponse* response, Done done);
   void SyncBackward(const pb::SyncBackwardRequest& request,
                     pb::SyncBackwardResponse* response, Done done);
+  // The request's part leaves its step (its call was cancelled).
+  void SyncWithdraw(const pb::SyncForwardRequest& request);
+  void SyncWithdraw(const pb::SyncBackwardRequest& request);
 
   // Runs one operation of a Train stream; fills `response`'s result.
   void Dispatch(const pb::TrainRequest& request, pb::TrainResponse* response,

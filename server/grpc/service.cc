@@ -57,15 +57,17 @@ ServerUnaryReactor* StartAsync(CallbackServerContext* context,
 // its other ranks arrive): it finishes on the first of the operation's
 // answer and the call's cancellation (the client gone, its deadline past,
 // or the server's shutdown past its grace), so no drain waits for a
-// barrier. The operation fills a response of its own, copied into the
+// barrier. The operation fills a response of its own, moved into the
 // call's only if the call is still open; an answer after the cancellation
-// is dropped. (The rank's part stays in its step: cancelling does not
-// withdraw it.)
+// is dropped. A cancelled call runs `withdraw`, which takes the rank's part
+// out of its step (the other ranks then wait for a replacement).
 template <typename Response>
 class WaitingCall final : public ServerUnaryReactor {
  public:
-  explicit WaitingCall(Response* response)
-      : state_(std::make_shared<State>()), response_(response) {
+  WaitingCall(Response* response, std::function<void()> withdraw)
+      : state_(std::make_shared<State>()),
+        response_(response),
+        withdraw_(std::move(withdraw)) {
     state_->call = this;
   }
 
@@ -79,7 +81,7 @@ class WaitingCall final : public ServerUnaryReactor {
         if (state->call == nullptr || state->finished) return;
         state->finished = true;
         call = state->call;
-        if (status.ok()) *call->response_ = state->response;
+        if (status.ok()) call->response_->Swap(&state->response);
       }
       // Outside the lock: OnDone, which takes it, may run inside Finish.
       call->Finish(ToGrpcStatus(status));
@@ -92,6 +94,7 @@ class WaitingCall final : public ServerUnaryReactor {
       if (state_->finished) return;
       state_->finished = true;
     }
+    if (withdraw_) withdraw_();
     Finish(grpc::Status(grpc::StatusCode::CANCELLED,
                         "the call was cancelled while it waited"));
   }
@@ -114,15 +117,35 @@ class WaitingCall final : public ServerUnaryReactor {
 
   const std::shared_ptr<State> state_;
   Response* const response_;
+  const std::function<void()> withdraw_;
 };
 
-template <typename Response, typename Start>
+void RunSync(Operations& ops, const pb::SyncForwardRequest& request,
+             pb::SyncForwardResponse* response, Operations::Done done) {
+  ops.SyncForward(request, response, std::move(done));
+}
+
+void RunSync(Operations& ops, const pb::SyncBackwardRequest& request,
+             pb::SyncBackwardResponse* response, Operations::Done done) {
+  ops.SyncBackward(request, response, std::move(done));
+}
+
+// A sync call: waits for its step, and withdraws its part when cancelled.
+template <typename Request, typename Response>
 ServerUnaryReactor* StartWaiting(CallbackServerContext* context,
                                  absl::StatusOr<Operations> ops,
-                                 Response* response, Start start) {
+                                 const Request& request, Response* response) {
   if (!ops.ok()) return FinishNow(context, ops.status());
-  auto* call = new WaitingCall<Response>(response);
-  start(*ops, call->scratch(), call->done());
+  // The withdrawal keeps what it needs: the request is gone after OnDone.
+  Request key;
+  key.set_name(request.name());
+  key.set_step(request.step());
+  key.set_rank(request.rank());
+  key.set_request_id(request.request_id());
+  auto* call = new WaitingCall<Response>(
+      response,
+      [ops = *ops, key = std::move(key)]() mutable { ops.SyncWithdraw(key); });
+  RunSync(*ops, request, call->scratch(), call->done());
   return call;
 }
 
@@ -356,21 +379,13 @@ ServerUnaryReactor* NormalizationService::GetState(
 ServerUnaryReactor* NormalizationService::SyncForward(
     CallbackServerContext* context, const pb::SyncForwardRequest* request,
     pb::SyncForwardResponse* response) {
-  return StartWaiting(context, Begin(context), response,
-                      [&](Operations& ops, pb::SyncForwardResponse* scratch,
-                          Operations::Done done) {
-                        ops.SyncForward(*request, scratch, std::move(done));
-                      });
+  return StartWaiting(context, Begin(context), *request, response);
 }
 
 ServerUnaryReactor* NormalizationService::SyncBackward(
     CallbackServerContext* context, const pb::SyncBackwardRequest* request,
     pb::SyncBackwardResponse* response) {
-  return StartWaiting(context, Begin(context), response,
-                      [&](Operations& ops, pb::SyncBackwardResponse* scratch,
-                          Operations::Done done) {
-                        ops.SyncBackward(*request, scratch, std::move(done));
-                      });
+  return StartWaiting(context, Begin(context), *request, response);
 }
 
 ServerUnaryReactor* NormalizationService::LoadState(

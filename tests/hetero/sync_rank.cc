@@ -3,10 +3,10 @@
 // RemoteSyncBatchNorm, then for each of STEPS steps reads x and dy (float32,
 // shape N x C x S each, one after the other) from INPUT, runs a training
 // Forward and Backward, and appends y, grad_input and grad_weight (float32)
-// to OUTPUT.
+// to OUTPUT. MODE is stats (the default) or tensor.
 //
 // usage: normserve-sync-rank ADDRESS GROUP RANK WORLD_SIZE C N S STEPS INPUT
-//                            OUTPUT
+//                            OUTPUT [MODE]
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -20,10 +20,11 @@
 namespace nc = normserve::client;
 
 int main(int argc, char** argv) {
-  if (argc != 11) {
+  const std::string mode = argc == 12 ? argv[11] : "stats";
+  if ((argc != 11 && argc != 12) || (mode != "stats" && mode != "tensor")) {
     std::fprintf(stderr,
                  "usage: %s ADDRESS GROUP RANK WORLD_SIZE C N S STEPS INPUT "
-                 "OUTPUT\n",
+                 "OUTPUT [stats|tensor]\n",
                  argv[0]);
     return 2;
   }
@@ -41,7 +42,10 @@ int main(int argc, char** argv) {
   normserve::v1::SyncBatchNormConfig config;
   config.mutable_batch_norm()->set_num_features(c);
   config.set_world_size(world);
-  auto bn = nc::RemoteSyncBatchNorm::Join(**client, config, argv[2], rank);
+  auto bn = nc::RemoteSyncBatchNorm::Join(
+      **client, config, argv[2], rank,
+      mode == "tensor" ? nc::RemoteSyncBatchNorm::Mode::kTensor
+                       : nc::RemoteSyncBatchNorm::Mode::kStats);
   if (!bn.ok()) {
     std::fprintf(stderr, "%s\n", bn.status().ToString().c_str());
     return 1;

@@ -1,4 +1,5 @@
-"""Sync groups (sync_batch_norm layers, stats mode): K ranks, each a thread
+"""Sync groups (sync_batch_norm layers, stats and tensor modes, mixed):
+K ranks, each a thread
 with its own connection and slice, train one BatchNorm over the union of
 their batches. Oracle: one torch.nn.BatchNorm over the concatenated batch,
 float64, with float32 torch's own error as the yardstick. Also the
@@ -68,9 +69,18 @@ CASES = [
 ]
 
 
+def rank_mode(mode, r):
+    """The mode rank r uses: one for all, or "mixed": odd ranks tensor."""
+    if mode == "mixed":
+        return "tensor" if r % 2 else "stats"
+    return mode
+
+
+@pytest.mark.parametrize("mode", ["stats", "tensor", "mixed"])
 @pytest.mark.parametrize("sizes,dtypes,channels_last,kwargs", CASES)
 def test_twenty_steps_and_eval_match_one_batchnorm(server, sizes, dtypes,
-                                                   channels_last, kwargs):
+                                                   channels_last, kwargs,
+                                                   mode):
     k, c = len(sizes), 3
     dtypes = dtypes or [torch.float32] * k
     channels_last = channels_last or [False] * k
@@ -89,12 +99,13 @@ def test_twenty_steps_and_eval_match_one_batchnorm(server, sizes, dtypes,
                 m.weight.copy_(w0)
                 m.bias.copy_(b0)
     group = group_name("parity")
-    ready = threading.Barrier(k)
+    ready = threading.Barrier(k, timeout=60)  # A failed rank fails all.
 
     def rank(r):
         client = normserve.Client(server.address, timeout=60)
         m = nst.SyncBatchNorm(c, client=client, group=group, rank=r,
-                              world_size=k, barrier_timeout=30, **kwargs)
+                              world_size=k, barrier_timeout=30,
+                              mode=rank_mode(mode, r), **kwargs)
         if m.affine:
             with torch.no_grad():
                 m.weight.copy_(w0)
@@ -338,9 +349,13 @@ def test_attach_checks_the_config_and_eval_needs_no_barrier(client):
     x = torch.randn(4, 3, 2)
     torch.testing.assert_close(first(x), nn.BatchNorm1d(3).eval()(x))
     assert "world_size=2" in repr(second)
-    with pytest.raises(NotImplementedError, match="tensor"):
+    with pytest.raises(ValueError, match="expected 'stats' or 'tensor'"):
         nst.SyncBatchNorm(3, client=client, group=group, rank=0, world_size=2,
-                          mode="tensor")
+                          mode="activations")
+    # Eval in tensor mode: the server normalizes with the running stats.
+    third = nst.SyncBatchNorm(3, client=client, group=group, rank=1,
+                              world_size=2, mode="tensor").eval()
+    torch.testing.assert_close(third(x), nn.BatchNorm1d(3).eval()(x))
     first.close()
 
 
@@ -379,7 +394,8 @@ def test_bad_input_over_the_wire(client):
         args.update(kwargs)
         with pytest.raises(error, match=match):
             client.sync_forward(info.name, **args)
-    with pytest.raises(normserve.UnimplementedError, match="tensor mode"):
+    with pytest.raises(normserve.FailedPreconditionError,
+                       match="its training Forward is SyncForward"):
         client.forward(info.name, np.zeros((2, 2), np.float32), training=True)
     with pytest.raises(normserve.UnimplementedError,
                        match="not a sync group"):

@@ -60,7 +60,15 @@ def test_wire_field_numbers_are_the_descriptors():
             {_number(pb.ForwardResponse, "output"): {data: None}},
         _number(pb.TrainResponse, "backward"):
             {_number(pb.BackwardResponse, "grad_input"): {data: None}},
+        _number(pb.TrainResponse, "sync_forward"):
+            {_number(pb.SyncForwardResponse, "output"): {data: None}},
+        _number(pb.TrainResponse, "sync_backward"):
+            {_number(pb.SyncBackwardResponse, "grad_input"): {data: None}},
     }
+    assert client_module._SYNC_FORWARD_INPUT == _number(
+        pb.SyncForwardRequest, "input")
+    assert client_module._SYNC_BACKWARD_GRAD_OUTPUT == _number(
+        pb.SyncBackwardRequest, "grad_output")
     # Every operation of a Train stream, each at its descriptor's number.
     arms = pb.TrainRequest.DESCRIPTOR.oneofs_by_name["op"].fields
     assert client_module._TRAIN_OPS == {f.name: f.number for f in arms}

@@ -92,9 +92,10 @@ TEST(SyncBarrierTest, ExpireAbortsOnlyTheStepInFlight) {
   ASSERT_EQ(b.Join(7, 0, "", 1, d), Joined::kFirst);
   d = a3.done();
   ASSERT_EQ(b.Join(7, 3, "", 1, d), Joined::kWaiting);
-  b.Expire(6, 100, "layers/g");  // Not the step in flight: nothing.
+  const uint64_t generation = b.pending_generation();
+  b.Expire(generation - 1, 100, "layers/g");  // An earlier start: nothing.
   EXPECT_FALSE(a0.called);
-  b.Expire(7, 100, "layers/g");
+  b.Expire(generation, 100, "layers/g");
   for (Answer* a : {&a0, &a3}) {
     ASSERT_TRUE(a->called);
     EXPECT_EQ(a->value.status().code(), absl::StatusCode::kAborted);
@@ -154,6 +155,52 @@ TEST(TimerTest, RunsJobsInDeadlineOrderAndDropsPendingOnes) {
   }  // The hour-long job is dropped with the timer.
   absl::MutexLock lock(&mu);
   EXPECT_EQ(order, (std::vector<int>{1, 2, 3}));
+}
+
+TEST(SyncBarrierTest, WithdrawTakesACancelledPartOut) {
+  Barrier b("SyncForward", 3);
+  Answer a0, a1, a2, again;
+  SyncDone<int> d = a0.done();
+  ASSERT_EQ(b.Join(4, 0, "r0", 1, d), Joined::kFirst);
+  d = a1.done();
+  ASSERT_EQ(b.Join(4, 1, "r1", 2, d), Joined::kWaiting);
+  b.Withdraw(4, 1, "other");  // Another call's id: nothing.
+  b.Withdraw(5, 1, "r1");     // Another step: nothing.
+  EXPECT_FALSE(a1.called);
+  b.Withdraw(4, 1, "r1");
+  ASSERT_TRUE(a1.called);
+  EXPECT_EQ(a1.value.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_THAT(b.Missing(), HasSubstr("[1, 2]"));
+  // A replacement for rank 1 joins the same step, which then completes.
+  d = again.done();
+  EXPECT_EQ(b.Join(4, 1, "r1b", 3, d), Joined::kWaiting);
+  d = a2.done();
+  EXPECT_EQ(b.Join(4, 2, "r2", 4, d), Joined::kComplete);
+  int sum = 0;
+  for (const auto& slot : b.slots()) sum += slot->part;
+  EXPECT_EQ(sum, 1 + 3 + 4);
+  b.Complete(sum);
+  EXPECT_EQ(*a0.value, 8);
+  EXPECT_EQ(*again.value, 8);
+}
+
+TEST(SyncBarrierTest, AStepEveryoneLeftIsAsIfNeverStarted) {
+  Barrier b("SyncForward", 2);
+  Answer a0, late0, late1;
+  SyncDone<int> d = a0.done();
+  ASSERT_EQ(b.Join(2, 0, "", 1, d), Joined::kFirst);
+  const uint64_t first = b.pending_generation();
+  b.Withdraw(2, 0, "");
+  EXPECT_FALSE(b.in_flight());
+  EXPECT_EQ(b.last_step(), -1);
+  d = late0.done();
+  ASSERT_EQ(b.Join(2, 0, "", 1, d), Joined::kFirst);
+  b.Expire(first, 100, "layers/g");  // The first start's timeout: nothing.
+  EXPECT_FALSE(late0.called);
+  d = late1.done();
+  EXPECT_EQ(b.Join(2, 1, "", 1, d), Joined::kComplete);
+  b.Complete(2);
+  EXPECT_EQ(*late0.value, 2);
 }
 
 }  // namespace

@@ -84,22 +84,36 @@ def _with_ids(request, request_id=None, expected_version=None):
 # descriptors once, at import. Where the tensor sits in each request:
 _FORWARD_INPUT = _wire.length_field(pb.ForwardRequest, "input")
 _BACKWARD_GRAD_OUTPUT = _wire.length_field(pb.BackwardRequest, "grad_output")
+_SYNC_FORWARD_INPUT = _wire.length_field(pb.SyncForwardRequest, "input")
+_SYNC_BACKWARD_GRAD_OUTPUT = _wire.length_field(pb.SyncBackwardRequest,
+                                                "grad_output")
 # Where the tensor bytes sit in each response (see _wire.split_data).
 _FORWARD_DATA = (_wire.length_field(pb.ForwardResponse, "output"),
                  _wire.TENSOR_DATA)  # ForwardResponse.output.data
 _BACKWARD_DATA = (_wire.length_field(pb.BackwardResponse, "grad_input"),
                   _wire.TENSOR_DATA)  # BackwardResponse.grad_input.data
-# TrainResponse.forward.output.data and .backward.grad_input.data.
+_SYNC_FORWARD_DATA = (_wire.length_field(pb.SyncForwardResponse, "output"),
+                      _wire.TENSOR_DATA)
+_SYNC_BACKWARD_DATA = (
+    _wire.length_field(pb.SyncBackwardResponse, "grad_input"),
+    _wire.TENSOR_DATA)
+# TrainResponse.forward.output.data, .backward.grad_input.data and the sync
+# operations' tensors.
 _TRAIN_DATA = {
     _wire.length_field(pb.TrainResponse, "forward"):
         {_FORWARD_DATA[0]: {_wire.TENSOR_DATA: None}},
     _wire.length_field(pb.TrainResponse, "backward"):
         {_BACKWARD_DATA[0]: {_wire.TENSOR_DATA: None}},
+    _wire.length_field(pb.TrainResponse, "sync_forward"):
+        {_SYNC_FORWARD_DATA[0]: {_wire.TENSOR_DATA: None}},
+    _wire.length_field(pb.TrainResponse, "sync_backward"):
+        {_SYNC_BACKWARD_DATA[0]: {_wire.TENSOR_DATA: None}},
 }
 # TrainRequest's operations (oneof arms), by field name.
 _TRAIN_OPS = {name: _wire.length_field(pb.TrainRequest, name) for name in (
     "forward", "backward", "update_running_stats", "optimizer_step",
-    "set_parameters", "get_state", "load_state", "get_layer")}
+    "set_parameters", "get_state", "load_state", "get_layer",
+    "sync_forward", "sync_backward")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,21 +237,30 @@ class BackwardResult:
 @dataclasses.dataclass(frozen=True)
 class SyncStatsResult:
     """A sync group step's statistics (SyncForward): the union's count and
-    per-channel mean and invstd (float32 [C])."""
+    per-channel mean and invstd (float32 [C]), the layer's weight and bias
+    as the step used them (None without affine); in tensor mode also this
+    rank's output (like ForwardResult.output) and its handle for
+    sync_backward."""
     count: int
     mean: np.ndarray
     invstd: np.ndarray
     step: int
     version: int
+    weight: Optional[np.ndarray] = None
+    bias: Optional[np.ndarray] = None
+    output: object = None
+    handle: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class SyncGradsResult:
-    """A sync group step's backward sums (SyncBackward) over the union."""
+    """A sync group step's backward sums (SyncBackward) over the union; in
+    tensor mode also this rank's grad_input (None when skipped)."""
     count: int
     sum_dy: np.ndarray
     sum_dy_xhat: np.ndarray
     version: int
+    grad_input: object = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,6 +367,79 @@ def _backward_parts(name, handle, wire, accumulate_grad, retain_context,
                                      _BACKWARD_GRAD_OUTPUT,
                                      wire.meta().SerializeToString(),
                                      wire.data)
+
+
+def _sync_forward_parts(name, step, rank, training, count, mean, m2, wire,
+                        save_for_backward, request_id):
+    if wire is not None and (count or mean is not None or m2 is not None):
+        raise ValueError("sync_forward: input (tensor mode) and count, mean, "
+                         "m2 (stats mode) are exclusive")
+    request = pb.SyncForwardRequest(
+        name=name, step=int(step), rank=int(rank), training=bool(training),
+        request_id=request_id or "")
+    if wire is None:
+        request.count = int(count or 0)
+        if mean is not None:
+            request.mean.extend(_doubles(mean))
+        if m2 is not None:
+            request.m2.extend(_doubles(m2))
+        return _wire.Parts(request.SerializeToString())
+    if save_for_backward is not None:
+        request.save_for_backward = bool(save_for_backward)
+    return _wire.message_with_tensor(request.SerializeToString(),
+                                     _SYNC_FORWARD_INPUT,
+                                     wire.meta().SerializeToString(),
+                                     wire.data)
+
+
+def _sync_backward_parts(name, step, rank, sum_dy, sum_dy_xhat, handle, wire,
+                         accumulate_grad, skip_grad_input, sgd, keep_grad,
+                         request_id):
+    if wire is not None and (sum_dy is not None or sum_dy_xhat is not None):
+        raise ValueError("sync_backward: grad_output (tensor mode) and "
+                         "sum_dy, sum_dy_xhat (stats mode) are exclusive")
+    request = pb.SyncBackwardRequest(
+        name=name, step=int(step), rank=int(rank),
+        accumulate_grad=bool(accumulate_grad), keep_grad=bool(keep_grad),
+        request_id=request_id or "")
+    if sgd is not None:
+        request.sgd.CopyFrom(_sgd(sgd.get("lr", 0.0), sgd.get("momentum", 0.0),
+                                  sgd.get("dampening", 0.0),
+                                  sgd.get("weight_decay", 0.0),
+                                  sgd.get("nesterov", False)))
+    if wire is None:
+        if sum_dy is not None:
+            request.sum_dy.extend(_doubles(sum_dy))
+        if sum_dy_xhat is not None:
+            request.sum_dy_xhat.extend(_doubles(sum_dy_xhat))
+        return _wire.Parts(request.SerializeToString())
+    request.handle = int(handle or 0)
+    request.skip_grad_input = bool(skip_grad_input)
+    return _wire.message_with_tensor(request.SerializeToString(),
+                                     _SYNC_BACKWARD_GRAD_OUTPUT,
+                                     wire.meta().SerializeToString(),
+                                     wire.data)
+
+
+def _optional_floats(values):
+    return _floats(values) if len(values) else None
+
+
+def _sync_forward_result(r, data, raw):
+    output = None
+    if r.HasField("output"):
+        output = _tensor_out(r.output, data, raw)
+    return SyncStatsResult(r.count, _floats(r.mean), _floats(r.invstd),
+                           r.step, r.version, _optional_floats(r.weight),
+                           _optional_floats(r.bias), output, r.handle)
+
+
+def _sync_backward_result(r, data, raw):
+    grad_input = None
+    if r.HasField("grad_input"):
+        grad_input = _tensor_out(r.grad_input, data, raw)
+    return SyncGradsResult(r.count, _floats(r.sum_dy), _floats(r.sum_dy_xhat),
+                           r.version, grad_input)
 
 
 def _tensor_out(tensor_msg, data, raw):
@@ -522,10 +618,15 @@ class Client:
                                 pb.GetStateResponse)
         self._load_state = unary("LoadState", pb.LoadStateRequest,
                                  pb.LoadStateResponse)
-        self._sync_forward = unary("SyncForward", pb.SyncForwardRequest,
-                                   pb.SyncForwardResponse)
-        self._sync_backward = unary("SyncBackward", pb.SyncBackwardRequest,
-                                    pb.SyncBackwardResponse)
+        # Sync calls may carry tensors (tensor mode): as Forward below.
+        self._sync_forward = self._channel.unary_unary(
+            _SERVICE + "SyncForward",
+            response_deserializer=_decode_with_data(pb.SyncForwardResponse,
+                                                    _SYNC_FORWARD_DATA))
+        self._sync_backward = self._channel.unary_unary(
+            _SERVICE + "SyncBackward",
+            response_deserializer=_decode_with_data(pb.SyncBackwardResponse,
+                                                    _SYNC_BACKWARD_DATA))
         # Forward, Backward and Train carry tensors: requests arrive
         # serialized (see _wire), responses are split around their data.
         self._forward = self._channel.unary_unary(
@@ -790,42 +891,58 @@ class Client:
         return RunningStatsResult(response.version,
                                   response.num_batches_tracked)
 
-    def sync_forward(self, name, step, rank, count, mean, m2, *,
-                     training=True, request_id=None, retries=0,
-                     timeout=_MISSING) -> SyncStatsResult:
-        """One rank's part of a sync group's step: its slice's per-channel
-        count (values per channel, 0 allowed), mean and M2 = sum((x -
-        mean)^2), sent as float64. Returns, once every rank of `step` has
-        sent its own, the union's count, mean and invstd (eval with
-        track_running_stats: the running statistics at once). AbortedError
-        when the barrier times out (naming the missing ranks)."""
-        request = pb.SyncForwardRequest(
-            name=name, step=int(step), rank=int(rank),
-            training=bool(training), count=int(count),
-            mean=_doubles(mean), m2=_doubles(m2),
-            request_id=self._retry_id(request_id, retries) or "")
-        r = self._mutate(self._sync_forward, request,
-                         f"SyncForward({name}, step {step}, rank {rank})",
-                         timeout, retries)
-        return SyncStatsResult(r.count, _floats(r.mean), _floats(r.invstd),
-                               r.step, r.version)
+    def sync_forward(self, name, step, rank, count=0, mean=None, m2=None, *,
+                     input=None, training=True, save_for_backward=None,
+                     dtype=None, layout=None, request_id=None, retries=0,
+                     timeout=_MISSING, raw=False) -> SyncStatsResult:
+        """One rank's part of a sync group's step.
 
-    def sync_backward(self, name, step, rank, sum_dy, sum_dy_xhat, *,
-                      accumulate_grad=False, request_id=None, retries=0,
-                      timeout=_MISSING) -> SyncGradsResult:
-        """One rank's backward sums (per channel, over its slice: sum(dy)
-        and sum(dy * xhat)) for the step its sync_forward completed; returns
-        the union's once every rank sent its own."""
-        request = pb.SyncBackwardRequest(
-            name=name, step=int(step), rank=int(rank),
-            sum_dy=_doubles(sum_dy), sum_dy_xhat=_doubles(sum_dy_xhat),
-            accumulate_grad=bool(accumulate_grad),
-            request_id=self._retry_id(request_id, retries) or "")
-        r = self._mutate(self._sync_backward, request,
-                         f"SyncBackward({name}, step {step}, rank {rank})",
-                         timeout, retries)
-        return SyncGradsResult(r.count, _floats(r.sum_dy),
-                               _floats(r.sum_dy_xhat), r.version)
+        Stats mode: its slice's per-channel count (values per channel, 0
+        allowed), mean and M2 = sum((x - mean)^2), sent as float64. Tensor
+        mode: input= its slice (N, C, *spatial) as for forward(); the server
+        computes the statistics and the result carries this rank's output
+        and a handle for sync_backward. Returns, once every rank of `step`
+        has sent its own, the union's count, mean and invstd (eval with
+        track_running_stats: the running statistics at once, no barrier).
+        AbortedError when the barrier times out (naming the missing ranks).
+        """
+        wire = None if input is None else _as_wire(input, dtype, layout)
+        request = _sync_forward_parts(
+            name, step, rank, training, count, mean, m2, wire,
+            save_for_backward, self._retry_id(request_id, retries)).join()
+        r, data = self._mutate(
+            self._sync_forward, request,
+            f"SyncForward({name}, step {step}, rank {rank})", timeout, retries)
+        return _sync_forward_result(r, data, raw)
+
+    def sync_backward(self, name, step, rank, sum_dy=None, sum_dy_xhat=None,
+                      *, handle=None, grad_output=None, skip_grad_input=False,
+                      accumulate_grad=False, sgd=None, keep_grad=False,
+                      dtype=None, layout=None, request_id=None, retries=0,
+                      timeout=_MISSING, raw=False) -> SyncGradsResult:
+        """One rank's backward part for the step its sync_forward completed.
+
+        Stats mode: its per-channel sums over its slice, sum(dy) and
+        sum(dy * xhat). Tensor mode: handle= of its sync_forward and
+        grad_output= (the forward input's shape, dtype and layout); the
+        result carries grad_input. Returns the union's sums once every rank
+        sent its own. accumulate_grad adds them to the layer's gradients
+        once for the step; sgd=dict(lr=..., momentum=..., ...) (every rank
+        the same) also applies one SGD step to the server-held parameters
+        once the step completes, then zeroes the gradients unless
+        keep_grad.
+        """
+        wire = (None if grad_output is None
+                else _as_wire(grad_output, dtype, layout))
+        request = _sync_backward_parts(
+            name, step, rank, sum_dy, sum_dy_xhat, handle, wire,
+            accumulate_grad, skip_grad_input, sgd, keep_grad,
+            self._retry_id(request_id, retries)).join()
+        r, data = self._mutate(
+            self._sync_backward, request,
+            f"SyncBackward({name}, step {step}, rank {rank})", timeout,
+            retries)
+        return _sync_backward_result(r, data, raw)
 
     def optimizer_step(self, name, *, lr, momentum=0.0, dampening=0.0,
                        weight_decay=0.0, nesterov=False, keep_grad=False,
@@ -1103,6 +1220,51 @@ class TrainStream:
     def get_layer(self, name, *, timeout=_MISSING):
         return self._wait(self.get_layer_async(name), timeout,
                           f"Train.GetLayer({name})")
+
+    def sync_forward_async(self, name, step, rank, count=0, mean=None,
+                           m2=None, *, input=None, training=True,
+                           save_for_backward=None, dtype=None, layout=None,
+                           request_id=None, raw=False):
+        """Client.sync_forward on the stream. The stream's later answers
+        wait behind it (they come in order), so a rank sends its step's
+        sync calls where nothing else must overtake them."""
+        wire = None if input is None else _as_wire(input, dtype, layout)
+        return self._submit(
+            "sync_forward",
+            _sync_forward_parts(name, step, rank, training, count, mean, m2,
+                                wire, save_for_backward, request_id),
+            lambda r, data: _sync_forward_result(r.sync_forward, data, raw),
+            f"Train.SyncForward({name}, step {step}, rank {rank})")
+
+    def sync_forward(self, name, step, rank, count=0, mean=None, m2=None, *,
+                     timeout=_MISSING, **kwargs):
+        return self._wait(
+            self.sync_forward_async(name, step, rank, count, mean, m2,
+                                    **kwargs), timeout,
+            f"Train.SyncForward({name}, step {step}, rank {rank})")
+
+    def sync_backward_async(self, name, step, rank, sum_dy=None,
+                            sum_dy_xhat=None, *, handle=None,
+                            grad_output=None, skip_grad_input=False,
+                            accumulate_grad=False, sgd=None, keep_grad=False,
+                            dtype=None, layout=None, request_id=None,
+                            raw=False):
+        wire = (None if grad_output is None
+                else _as_wire(grad_output, dtype, layout))
+        return self._submit(
+            "sync_backward",
+            _sync_backward_parts(name, step, rank, sum_dy, sum_dy_xhat, handle,
+                                 wire, accumulate_grad, skip_grad_input, sgd,
+                                 keep_grad, request_id),
+            lambda r, data: _sync_backward_result(r.sync_backward, data, raw),
+            f"Train.SyncBackward({name}, step {step}, rank {rank})")
+
+    def sync_backward(self, name, step, rank, sum_dy=None, sum_dy_xhat=None,
+                      *, timeout=_MISSING, **kwargs):
+        return self._wait(
+            self.sync_backward_async(name, step, rank, sum_dy, sum_dy_xhat,
+                                     **kwargs), timeout,
+            f"Train.SyncBackward({name}, step {step}, rank {rank})")
 
     def close(self, timeout=_MISSING):
         """Half-closes the stream and waits for the answers in flight."""

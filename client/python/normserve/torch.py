@@ -974,7 +974,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     they do not take) and float32 passes elsewhere."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, module, step):
+    def forward(ctx, x, weight, bias, anchor, module, step):
+        ctx.module = module
+        ctx.step = step
+        if module.mode == "tensor":
+            return _SyncBatchNormFunction._tensor_forward(ctx, x, module, step)
         c = x.shape[1]
         shape = [1, c] + [1] * (x.dim() - 2)
         xf = x.detach().to("cpu", torch.float32)
@@ -1001,23 +1005,70 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         invstd_g = torch.from_numpy(r.invstd)
         alpha = invstd_g.double()
         beta = -mean_g.double() * alpha
+        if weight is None and r.weight is not None:
+            # Server-held parameters: as the step used them.
+            weight = torch.from_numpy(r.weight)
+            bias = torch.from_numpy(r.bias)
         if weight is not None:
             w = weight.detach().cpu().double()
             alpha = alpha * w
             beta = beta * w + bias.detach().cpu().double()
         y = torch.mul(xf, alpha.float().view(shape))
         y.add_(beta.float().view(shape))
-        ctx.module = module
-        ctx.step = step
         ctx.save_for_backward(x, weight)
         ctx.stats = (mean_g, invstd_g)
         return y.to(device=x.device, dtype=x.dtype)
 
     @staticmethod
+    def _tensor_forward(ctx, x, module, step):
+        """Tensor mode: the slice goes to the server, which normalizes it
+        with the union's statistics once every rank has joined."""
+        remote = module._remote
+        wire = to_wire(x.detach().cpu())
+        r = remote.client.sync_forward(
+            remote.name, 0 if step is None else step, module.rank,
+            input=wire, training=module.training and step is not None,
+            raw=True, timeout=module._call_timeout())
+        ctx.handle = r.handle
+        ctx.dtype = x.dtype
+        ctx.layout = wire.layout
+        ctx.device = x.device
+        return from_wire(r.output, x.device)
+
+    @staticmethod
+    def _tensor_backward(ctx, grad_output):
+        module = ctx.module
+        remote = module._remote
+        needs_input = ctx.needs_input_grad[0]
+        if not ctx.handle and not grad_output.numel():
+            # An empty slice's eval forward saved nothing: nothing to do.
+            zeros = torch.zeros(grad_output.shape[1]).numpy()
+            return torch.zeros_like(grad_output), zeros, zeros
+        grad = grad_output.detach().to(device="cpu", dtype=ctx.dtype)
+        r = remote.client.sync_backward(
+            remote.name, 0 if ctx.step is None else ctx.step, module.rank,
+            handle=ctx.handle, grad_output=to_wire(grad, layout=ctx.layout),
+            skip_grad_input=not needs_input,
+            accumulate_grad=remote.server_parameters, raw=True,
+            timeout=module._call_timeout())
+        if remote.server_parameters:
+            remote.grad_pending = True
+        grad_input = (from_wire(r.grad_input, ctx.device)
+                      if needs_input else None)
+        return grad_input, r.sum_dy_xhat, r.sum_dy
+
+    @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        x, weight = ctx.saved_tensors
         module = ctx.module
+        if module.mode == "tensor":
+            grad_input, g_dy_xhat, g_dy = (
+                _SyncBatchNormFunction._tensor_backward(ctx, grad_output))
+            g_dy_xhat = torch.from_numpy(g_dy_xhat)
+            g_dy = torch.from_numpy(g_dy)
+            return (grad_input,) + module._param_grads(
+                ctx.needs_input_grad, g_dy_xhat, g_dy) + (None, None, None)
+        x, weight = ctx.saved_tensors
         mean_g, invstd_g = ctx.stats
         c = x.shape[1]
         shape = [1, c] + [1] * (x.dim() - 2)
@@ -1039,10 +1090,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             dx = dy * (invstd * w).float().view(shape)
         else:
             remote = module._remote
-            r = remote.client.sync_backward(remote.name, ctx.step,
-                                            module.rank, sum_dy.numpy(),
-                                            sum_dy_xhat.numpy(),
-                                            timeout=module._call_timeout())
+            r = remote.client.sync_backward(
+                remote.name, ctx.step, module.rank, sum_dy.numpy(),
+                sum_dy_xhat.numpy(), accumulate_grad=remote.server_parameters,
+                timeout=module._call_timeout())
+            if remote.server_parameters:
+                remote.grad_pending = True
             g_dy = torch.from_numpy(r.sum_dy).double()
             g_dy_xhat = torch.from_numpy(r.sum_dy_xhat).double()
             n = max(r.count, 1)
@@ -1058,16 +1111,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             dx = torch.mul(xm, b.float().view(shape))
             dx.add_(c0.float().view(shape))
             dx.addcmul_(dy, a.float().view(shape))
-        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grad_input = (dx.to(device=x.device, dtype=x.dtype)
-                      if needs_input else None)
-        grad_weight = grad_bias = None
-        if weight is not None:
-            if needs_weight:
-                grad_weight = g_dy_xhat.to(weight.device, weight.dtype)
-            if needs_bias:
-                grad_bias = g_dy.to(weight.device, weight.dtype)
-        return grad_input, grad_weight, grad_bias, None, None
+                      if ctx.needs_input_grad[0] else None)
+        return (grad_input,) + module._param_grads(
+            ctx.needs_input_grad, g_dy_xhat, g_dy) + (None, None, None)
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -1078,18 +1125,24 @@ class SyncBatchNorm(_BatchNorm):
     Every participant constructs it with the same `group` (the server
     layer's id) and config, and its own `rank` (0 .. world_size - 1): the
     first creates the layer, the others attach (another config raises
-    ValueError naming the difference). mode="stats" (the one built so far)
-    keeps the activations here: a training forward sends the slice's
+    ValueError naming the difference). mode="stats" keeps the activations
+    here: a training forward sends the slice's
     per-channel count, mean and M2 and blocks until every rank has sent its
     own, then normalizes with the union's statistics; backward does the
-    same with the sums of dy and dy * xhat. The module counts its own steps
+    same with the sums of dy and dy * xhat. mode="tensor" sends the slice
+    itself and gets its output (and grad_input) back, for participants
+    that would rather not compute; ranks of one group may use either mode.
+    The module counts its own steps
     (from `step`, default 0: a rank replacing one that left starts at the
     group's next step); every rank must run the same number of training
     forwards. Slices may
     be empty (they still join the step). Eval with track_running_stats uses
     the server's running statistics without waiting. weight and bias are
     local nn.Parameters whose gradients are the union's (the same on every
-    rank, so identical optimizers keep them identical).
+    rank, so identical optimizers keep them identical; tensor mode sends
+    them to the server when they changed), or with server_parameters=True
+    the layer's own: their gradients accumulate there once per step and a
+    ServerSGD steps them once per step (on rank 0).
     """
 
     _kind = "sync_batch_norm"
@@ -1097,11 +1150,12 @@ class SyncBatchNorm(_BatchNorm):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, *,
                  client=None, group, rank, world_size, mode="stats",
-                 barrier_timeout=30.0, timeout=None, step=0):
-        if mode != "stats":
-            raise NotImplementedError(
-                "normserve: SyncBatchNorm mode='tensor' is not built yet; "
-                "use mode='stats'")
+                 barrier_timeout=30.0, timeout=None, step=0,
+                 server_parameters=False):
+        if mode not in ("stats", "tensor"):
+            raise ValueError(
+                f"normserve: SyncBatchNorm mode={mode!r}; expected 'stats' "
+                "or 'tensor'")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0 .. {world_size - 1}")
         _RemoteModule.__init__(self)
@@ -1127,16 +1181,28 @@ class SyncBatchNorm(_BatchNorm):
                       world_size=world_size,
                       barrier_timeout_ms=max(1, int(barrier_timeout * 1000)))
         try:
-            self._connect(client, group, None, False, timeout, device, dtype,
-                          create)
+            self._connect(client, group, None, server_parameters, timeout,
+                          device, dtype, create)
         except errors.AlreadyExistsError:
-            self._connect(client, None, group, False, timeout, device, dtype,
-                          create)
+            self._connect(client, None, group, server_parameters, timeout,
+                          device, dtype, create)
 
     def extra_repr(self):
         return (super().extra_repr()
                 + f", group={self.group}, rank={self.rank}, "
-                f"world_size={self.world_size}")
+                f"world_size={self.world_size}, mode={self.mode}")
+
+    def _param_grads(self, needs_input_grad, g_dy_xhat, g_dy):
+        """grad_weight, grad_bias for local parameters (the union's sums),
+        and None for the server-held ones' anchor."""
+        weight = self._parameters.get("weight")
+        grad_weight = grad_bias = None
+        if weight is not None:
+            if needs_input_grad[1]:
+                grad_weight = g_dy_xhat.to(weight.device, weight.dtype)
+            if needs_input_grad[2]:
+                grad_bias = g_dy.to(weight.device, weight.dtype)
+        return grad_weight, grad_bias
 
     def _init_args(self):
         raise TypeError("normserve: a SyncBatchNorm is one rank of a group "
@@ -1182,9 +1248,13 @@ class SyncBatchNorm(_BatchNorm):
         if self.training or not self.track_running_stats:
             step = self._step
             self._step += 1
+        if self.mode == "tensor":
+            self._push_parameters()  # The server normalizes with them.
         weight = self._parameters.get("weight")
         bias = self._parameters.get("bias")
-        return _SyncBatchNormFunction.apply(input, weight, bias, self, step)
+        anchor = self._anchor if torch.is_grad_enabled() else None
+        return _SyncBatchNormFunction.apply(input, weight, bias, anchor, self,
+                                            step)
 
 
 def convert_sync_batchnorm(module, *, client, rank, world_size, prefix,
@@ -1249,12 +1319,21 @@ class ServerSGD:
 
     def step(self):
         for module in self.modules:
-            if module._remote.grad_pending:
-                module.server_step(**self.options)
+            if not module._remote.grad_pending:
+                continue
+            if isinstance(module, SyncBatchNorm) and module.rank != 0:
+                # The group's gradients are one sum on the server: rank 0
+                # steps them, once per step.
+                module._remote.grad_pending = False
+                continue
+            module.server_step(**self.options)
 
     def zero_grad(self, set_to_none=True):
         for module in self.modules:
             remote = module._remote
+            if (remote.grad_pending and isinstance(module, SyncBatchNorm)
+                    and module.rank != 0):
+                remote.grad_pending = False  # Rank 0 clears the group's.
             if remote.grad_pending:
                 # A step with lr 0 and no momentum or decay leaves the
                 # parameters as they are and clears the gradients.

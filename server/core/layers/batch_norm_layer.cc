@@ -72,6 +72,11 @@ struct BatchNormContext final : SavedContext {
   DType dtype = DType::kFloat32;
   std::vector<float> mean;    // [C]
   std::vector<float> invstd;  // [C]
+  // A sync group's tensor-mode forward: its step (-1 otherwise), and
+  // whether the slice had no values (then shape is unset and x null).
+  int64_t sync_step = -1;
+  bool empty = false;
+  std::vector<float> weight;  // The weight the forward used (affine).
 
   size_t bytes() const override {
     return SavedContext::bytes() +
@@ -300,16 +305,23 @@ absl::StatusOr<const float*> BatchNormLayer::BiasOrNull() {
   return resident_.Get(ResidentArrays::kBias, *bias_);
 }
 
-absl::Status TensorModeUnbuilt(const std::string& name) {
-  return absl::UnimplementedError(absl::StrCat(
-      name,
-      " is a sync group: its ranks send statistics (SyncForward, "
-      "SyncBackward); the tensor mode, where the server computes from "
-      "activations, is not built yet"));
+namespace {
+
+absl::Status SyncNeedsSteps(const std::string& name, const char* op) {
+  return absl::FailedPreconditionError(absl::StrCat(
+      name, " is a sync group: its training ", op, " is Sync", op,
+      " with step and rank (and input or grad_output for tensor mode); ", op,
+      " takes only eval-mode inputs with tracked running statistics"));
 }
 
+}  // namespace
+
 absl::StatusOr<ForwardResult> BatchNormLayer::Forward(const ForwardArgs& args) {
-  if (sync()) return TensorModeUnbuilt(name());
+  // A sync group computes an eval forward alone (the running statistics);
+  // anything with batch statistics is a step of the group.
+  if (sync() && (args.training || !params_.track_running_stats)) {
+    return SyncNeedsSteps(name(), "Forward");
+  }
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(ResolvedTensor in, Resolve(args.input, "input"));
   const bool batch_stats = args.training || !params_.track_running_stats;
@@ -455,13 +467,13 @@ absl::StatusOr<ForwardResult> BatchNormLayer::Forward(const ForwardArgs& args) {
 
 absl::StatusOr<BackwardResult> BatchNormLayer::Backward(
     const BackwardArgs& args) {
-  if (sync()) return TensorModeUnbuilt(name());
   absl::MutexLock lock(&mu_);
   // Look without consuming, so a rejected request leaves the context usable.
   ASSIGN_OR_RETURN(std::shared_ptr<SavedContext> saved,
                    env().contexts->Take(args.handle, uid(), /*retain=*/true));
   // Only this layer stores contexts under its uid.
   const auto* context = static_cast<const BatchNormContext*>(saved.get());
+  if (context->sync_step >= 0) return SyncNeedsSteps(name(), "Backward");
   ASSIGN_OR_RETURN(ResolvedTensor dy, Resolve(args.grad_output, "grad_output"));
   if (args.grad_output.dims != context->dims) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -805,8 +817,9 @@ void JoinStep(SyncBarrier<Part, Result>& barrier, GetBarrier get,
       barrier.Join(step, rank, std::move(request_id), std::move(part), done);
   if (joined == Joined::kFirst && scheduler) {
     scheduler(absl::Now() + absl::Milliseconds(timeout_ms),
-              [get, step, timeout_ms](Layer& layer) {
-                get(layer).Expire(step, timeout_ms, layer.name());
+              [get, generation = barrier.pending_generation(),
+               timeout_ms](Layer& layer) {
+                get(layer).Expire(generation, timeout_ms, layer.name());
               });
   }
   if (joined == Joined::kComplete) barrier.Complete(complete());
@@ -825,16 +838,25 @@ void BatchNormLayer::SyncStats(SyncStatsArgs args, SyncCommit commit,
   if (!args.training && params_.track_running_stats) {
     // Eval: the running statistics, no barrier.
     SyncStatsResult r;
-    absl::MutexLock lock(&mu_);
-    r.mean = *running_mean_;
-    r.invstd.resize(c);
-    for (int64_t i = 0; i < c; ++i) {
-      r.invstd[i] = static_cast<float>(
-          1.0 /
-          std::sqrt(static_cast<double>((*running_var_)[i]) + params_.eps));
+    {
+      absl::MutexLock lock(&mu_);
+      r.mean = *running_mean_;
+      r.invstd.resize(c);
+      for (int64_t i = 0; i < c; ++i) {
+        r.invstd[i] = static_cast<float>(
+            1.0 /
+            std::sqrt(static_cast<double>((*running_var_)[i]) + params_.eps));
+      }
+      if (params_.affine) {
+        r.weight = *weight_;
+        r.bias = *bias_;
+      }
+      r.step = args.step;
+      r.version = version_;
     }
-    r.step = args.step;
-    r.version = version_;
+    if (args.input) {
+      if (absl::Status s = EvalTensorForward(args, r); !s.ok()) return done(s);
+    }
     return done(std::move(r));
   }
   absl::Status valid = CheckSyncRank(kWhat, args.rank);
@@ -845,6 +867,18 @@ void BatchNormLayer::SyncStats(SyncStatsArgs args, SyncCommit commit,
   if (valid.ok() && args.count < 0) {
     valid = absl::InvalidArgumentError(
         absl::StrCat(kWhat, ": count is ", args.count, "; expected >= 0"));
+  }
+  // Tensor mode: the slice's statistics, from a copy of its input that
+  // the step's answer normalizes (the request may be gone by then).
+  std::shared_ptr<SyncInput> tensor;
+  if (valid.ok() && args.input) {
+    absl::StatusOr<std::shared_ptr<SyncInput>> prepared =
+        PrepareSyncInput(args);
+    if (prepared.ok()) {
+      tensor = *std::move(prepared);
+    } else {
+      valid = prepared.status();
+    }
   }
   if (args.count == 0) {  // An empty slice: its mean and M2 are not read.
     args.mean.assign(c, 0.0);
@@ -865,6 +899,9 @@ void BatchNormLayer::SyncStats(SyncStatsArgs args, SyncCommit commit,
     }
   }
   if (!valid.ok()) return done(valid);
+  if (tensor != nullptr) {
+    done = TensorForwardDone(std::move(tensor), std::move(done));
+  }
   JoinStep(
       sync_->stats, [](Layer & l) -> auto& {
         return static_cast<BatchNormLayer&>(l).sync_->stats;
@@ -955,6 +992,10 @@ absl::StatusOr<SyncStatsResult> BatchNormLayer::CompleteStats(
   {
     absl::MutexLock lock(&mu_);
     result.version = version_;
+    if (params_.affine) {
+      result.weight = *weight_;
+      result.bias = *bias_;
+    }
   }
   sync_->forward_step = step;
   sync_->forward_count = n;
@@ -969,7 +1010,38 @@ void BatchNormLayer::SyncGrads(SyncGradsArgs args, SyncCommit commit,
   }
   constexpr const char* kWhat = "SyncBackward";
   const int64_t c = params_.num_features;
+  if (args.grad_output) {
+    // The backward of an eval-mode tensor forward needs no barrier.
+    absl::StatusOr<std::shared_ptr<SavedContext>> saved =
+        env().contexts->Take(args.handle, uid(), /*retain=*/true);
+    if (!saved.ok()) return done(saved.status());
+    if (!static_cast<const BatchNormContext&>(**saved).batch_stats) {
+      return done(EvalTensorBackward(args));
+    }
+  }
   absl::Status valid = CheckSyncRank(kWhat, args.rank);
+  if (valid.ok() && args.sgd.has_value()) {
+    if (!params_.affine) {
+      valid = absl::FailedPreconditionError(
+          absl::StrCat(kWhat,
+                       ": sgd was set, but the layer has no parameters "
+                       "(affine=false)"));
+    } else {
+      valid = ValidateSgd(*args.sgd);
+    }
+    args.accumulate_grad = true;
+  }
+  // Tensor mode: the slice's sums, from copies of what the answer needs.
+  std::shared_ptr<SyncGradInput> tensor;
+  if (valid.ok() && args.grad_output) {
+    absl::StatusOr<std::shared_ptr<SyncGradInput>> prepared =
+        PrepareSyncGradOutput(args);
+    if (prepared.ok()) {
+      tensor = *std::move(prepared);
+    } else {
+      valid = prepared.status();
+    }
+  }
   if (valid.ok()) {
     valid = CheckSyncValues(kWhat, "sum_dy", args.sum_dy, c);
   }
@@ -997,16 +1069,26 @@ void BatchNormLayer::SyncGrads(SyncGradsArgs args, SyncCommit commit,
             slot->part.accumulate_grad));
         break;
       }
+      if (slot.has_value() && !(slot->part.sgd == args.sgd)) {
+        valid = absl::InvalidArgumentError(absl::StrCat(
+            kWhat, ": rank ", args.rank, " sent ",
+            args.sgd ? "other sgd options" : "no sgd", " for step ", args.step,
+            " than its other ranks (every rank sends the same, or none)"));
+        break;
+      }
     }
   }
   if (!valid.ok()) return done(valid);
+  if (tensor != nullptr) {
+    done = TensorBackwardDone(std::move(tensor), std::move(done));
+  }
   JoinStep(
       sync_->grads, [](Layer & l) -> auto& {
         return static_cast<BatchNormLayer&>(l).sync_->grads;
       },
       scheduler(), barrier_timeout_ms_, args.step, args.rank,
       std::move(args.request_id),
-      GradsPart{args.accumulate_grad, std::move(args.sum_dy),
+      GradsPart{args.accumulate_grad, args.sgd, std::move(args.sum_dy),
                 std::move(args.sum_dy_xhat)},
       done, [&] { return CompleteGrads(commit); });
 }
@@ -1026,6 +1108,7 @@ absl::StatusOr<SyncGradsResult> BatchNormLayer::CompleteGrads(
   result.count = sync_->forward_count;
   result.sum_dy.assign(sum_dy.begin(), sum_dy.end());
   result.sum_dy_xhat.assign(sum_dy_xhat.begin(), sum_dy_xhat.end());
+  const std::optional<SgdArgs>& sgd = slots[0]->part.sgd;
   if (slots[0]->part.accumulate_grad && params_.affine) {
     auto add_grads = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       for (size_t i = 0; i < c; ++i) {
@@ -1033,11 +1116,338 @@ absl::StatusOr<SyncGradsResult> BatchNormLayer::CompleteGrads(
         (*grad_bias_)[i] += result.sum_dy[i];
       }
       *has_grad_ = 1;
+      if (!sgd.has_value()) return;
+      // Server-held parameters: one step per completed step of the group.
+      SgdStep(*sgd, *weight_, *grad_weight_, *weight_momentum_);
+      SgdStep(*sgd, *bias_, *grad_bias_, *bias_momentum_);
+      resident_.Invalidate(ResidentArrays::kWeight);
+      resident_.Invalidate(ResidentArrays::kBias);
+      if (!sgd->keep_grad) {
+        std::fill(grad_weight_->begin(), grad_weight_->end(), 0.0f);
+        std::fill(grad_bias_->begin(), grad_bias_->end(), 0.0f);
+        *has_grad_ = 0;
+      }
     };
     RETURN_IF_ERROR(MutateAndCommit(commit, add_grads));
   }
   absl::MutexLock lock(&mu_);
   result.version = version_;
+  return result;
+}
+
+void BatchNormLayer::SyncWithdraw(bool backward, int64_t step, int rank,
+                                  const std::string& request_id) {
+  if (!sync()) return;
+  if (backward) {
+    sync_->grads.Withdraw(step, rank, request_id);
+  } else {
+    sync_->stats.Withdraw(step, rank, request_id);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Tensor mode.
+
+struct BatchNormLayer::SyncInput {
+  // The slice (x copied into backend memory), then what its backward needs.
+  std::shared_ptr<BatchNormContext> context;
+  bool save_for_backward = true;
+  OutputAllocator output;
+};
+
+struct BatchNormLayer::SyncGradInput {
+  ~SyncGradInput() {
+    if (dy != nullptr) pool->Release(std::move(dy));
+  }
+  std::shared_ptr<const BatchNormContext> context;
+  uint64_t handle = 0;
+  std::unique_ptr<kernels::Buffer> dy;  // Backend memory; null when empty.
+  BufferPool* pool = nullptr;
+  bool skip_grad_input = false;
+  OutputAllocator grad_input;
+};
+
+namespace {
+
+// A slice with no values, (0, C, ...) or (N, C, 0, ...): it joins its
+// step with count 0 and gets an empty output.
+bool IsEmptySlice(const TensorRef& t, int64_t c) {
+  if (t.dims.size() < 2 || t.dims.size() > 5 || t.dims[1] != c ||
+      t.bytes != 0) {
+    return false;
+  }
+  bool zero = false;
+  for (int64_t d : t.dims) {
+    if (d < 0) return false;
+    zero = zero || d == 0;
+  }
+  return zero;
+}
+
+size_t SliceBytes(const BatchNormContext& context) {
+  return context.empty ? 0
+                       : static_cast<size_t>(context.shape.numel()) *
+                             kernels::DTypeSize(context.dtype);
+}
+
+std::vector<double> ToDoubles(const std::vector<float>& in) {
+  return std::vector<double>(in.begin(), in.end());
+}
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<BatchNormLayer::SyncInput>>
+BatchNormLayer::PrepareSyncInput(SyncStatsArgs& args) {
+  const TensorRef& t = *args.input;
+  const int64_t c = params_.num_features;
+  auto in = std::make_shared<SyncInput>();
+  in->save_for_backward = args.save_for_backward;
+  in->output = std::move(args.output);
+  auto context = std::make_shared<BatchNormContext>();
+  context->layer_uid = uid();
+  context->batch_stats = true;
+  context->dims = t.dims;
+  context->pool = env().pool;
+  if (IsEmptySlice(t, c)) {
+    context->empty = true;
+    context->dtype = t.dtype.value_or(params_.dtype);
+    context->shape.c = c;
+    context->shape.layout = t.layout.value_or(params_.layout);
+    args.count = 0;
+    in->context = std::move(context);
+    return in;
+  }
+  ASSIGN_OR_RETURN(ResolvedTensor r, Resolve(t, "input"));
+  context->shape = r.shape;
+  context->dtype = r.dtype;
+  if (args.save_for_backward) {
+    RETURN_IF_ERROR(env().contexts->CheckFits(t.bytes));
+  }
+  ASSIGN_OR_RETURN(context->x, env().pool->Acquire(t.bytes));
+  RETURN_IF_ERROR(env().backend->CopyToDevice(context->x->data(), t.data,
+                                              t.bytes, nullptr));
+  std::vector<float> mean(static_cast<size_t>(c)), m2(static_cast<size_t>(c));
+  {
+    Staging staging(*env().backend, *env().pool);
+    kernels::BatchNormStatsArgs k;
+    k.shape = r.shape;
+    k.dtype = r.dtype;
+    k.x = context->x->data();
+    ASSIGN_OR_RETURN(k.mean, staging.Output(mean));
+    ASSIGN_OR_RETURN(k.m2, staging.Output(m2));
+    RETURN_IF_ERROR(env().backend->batch_norm().Stats(k, nullptr));
+    RETURN_IF_ERROR(staging.Finish());
+  }
+  args.count = r.shape.per_channel();
+  args.mean = ToDoubles(mean);
+  args.m2 = ToDoubles(m2);
+  in->context = std::move(context);
+  return in;
+}
+
+SyncDone<SyncStatsResult> BatchNormLayer::TensorForwardDone(
+    std::shared_ptr<SyncInput> in, SyncDone<SyncStatsResult> done) {
+  // Answers run on the layer's strand while the layer lives; the barrier's
+  // destructor answers with an error only, which touches nothing here.
+  return [this, in = std::move(in),
+          done = std::move(done)](absl::StatusOr<SyncStatsResult> result) {
+    if (result.ok()) {
+      absl::Status applied = ApplySyncOutput(*in, *result);
+      if (!applied.ok()) result = applied;
+    }
+    done(std::move(result));
+  };
+}
+
+absl::Status BatchNormLayer::ApplySyncOutput(SyncInput& in,
+                                             SyncStatsResult& result) {
+  BatchNormContext& context = *in.context;
+  const size_t bytes = SliceBytes(context);
+  void* y = in.output(bytes);
+  if (y == nullptr && bytes > 0) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("could not allocate ", bytes, " bytes for the output"));
+  }
+  if (!context.empty) {
+    // The step's statistics and parameters, as every rank gets them.
+    Staging staging(*env().backend, *env().pool);
+    kernels::BatchNormApplyArgs k;
+    k.shape = context.shape;
+    k.dtype = context.dtype;
+    k.x = context.x->data();
+    ASSIGN_OR_RETURN(k.y, staging.Output(y, bytes));
+    ASSIGN_OR_RETURN(k.mean, staging.Input(result.mean));
+    ASSIGN_OR_RETURN(k.invstd, staging.Input(result.invstd));
+    if (params_.affine) {
+      ASSIGN_OR_RETURN(k.weight, staging.Input(result.weight));
+      ASSIGN_OR_RETURN(k.bias, staging.Input(result.bias));
+    }
+    RETURN_IF_ERROR(env().backend->batch_norm().Apply(k, nullptr));
+    RETURN_IF_ERROR(staging.Finish());
+  }
+  result.has_output = true;
+  result.dtype = context.dtype;
+  result.layout = context.shape.layout;
+  if (in.save_for_backward) {
+    context.mean = result.mean;
+    context.invstd = result.invstd;
+    context.weight = result.weight;
+    context.sync_step = result.step;
+    ASSIGN_OR_RETURN(result.handle, env().contexts->Insert(in.context));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status BatchNormLayer::EvalTensorForward(SyncStatsArgs& args,
+                                               SyncStatsResult& result) {
+  if (IsEmptySlice(*args.input, params_.num_features)) {
+    args.output(0);  // Nothing to normalize, nothing to save.
+    result.has_output = true;
+    result.dtype = args.input->dtype.value_or(params_.dtype);
+    result.layout = args.input->layout.value_or(params_.layout);
+    return absl::OkStatus();
+  }
+  ForwardArgs forward;
+  forward.input = *args.input;
+  forward.training = false;
+  forward.save_for_backward = args.save_for_backward;
+  forward.output = std::move(args.output);
+  ASSIGN_OR_RETURN(ForwardResult out, Forward(forward));
+  result.has_output = true;
+  result.dtype = out.dtype;
+  result.layout = out.layout;
+  result.handle = out.handle;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<BatchNormLayer::SyncGradInput>>
+BatchNormLayer::PrepareSyncGradOutput(SyncGradsArgs& args) {
+  constexpr const char* kWhat = "SyncBackward";
+  ASSIGN_OR_RETURN(std::shared_ptr<SavedContext> saved,
+                   env().contexts->Take(args.handle, uid(), /*retain=*/true));
+  auto context = std::static_pointer_cast<const BatchNormContext>(saved);
+  if (context->sync_step != args.step) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        kWhat, ": handle ", args.handle, " is the SyncForward of step ",
+        context->sync_step, "; this call is for step ", args.step));
+  }
+  const TensorRef& t = *args.grad_output;
+  if (t.dims != context->dims) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        kWhat, ": grad_output has shape ", kernels::ShapeToString(t.dims),
+        "; the forward input (handle ", args.handle, ") had shape ",
+        kernels::ShapeToString(context->dims)));
+  }
+  auto in = std::make_shared<SyncGradInput>();
+  in->context = context;
+  in->handle = args.handle;
+  in->pool = env().pool;
+  in->skip_grad_input = args.skip_grad_input;
+  in->grad_input = std::move(args.grad_input);
+  const size_t c = static_cast<size_t>(params_.num_features);
+  if (context->empty) {
+    args.sum_dy.assign(c, 0.0);
+    args.sum_dy_xhat.assign(c, 0.0);
+    return in;
+  }
+  ASSIGN_OR_RETURN(ResolvedTensor dy, Resolve(t, "grad_output"));
+  if (dy.dtype != context->dtype || dy.shape.layout != context->shape.layout) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        kWhat, ": grad_output is ", kernels::DTypeName(dy.dtype), " ",
+        kernels::LayoutName(dy.shape.layout), "; the forward input was ",
+        kernels::DTypeName(context->dtype), " ",
+        kernels::LayoutName(context->shape.layout)));
+  }
+  ASSIGN_OR_RETURN(in->dy, env().pool->Acquire(t.bytes));
+  RETURN_IF_ERROR(
+      env().backend->CopyToDevice(in->dy->data(), t.data, t.bytes, nullptr));
+  std::vector<float> sum_dy(c), sum_dy_xhat(c);
+  Staging staging(*env().backend, *env().pool);
+  kernels::BatchNormBackwardReduceArgs k;
+  k.shape = context->shape;
+  k.dtype = context->dtype;
+  k.x = context->x->data();
+  k.dy = in->dy->data();
+  ASSIGN_OR_RETURN(k.mean, staging.Input(context->mean));
+  ASSIGN_OR_RETURN(k.invstd, staging.Input(context->invstd));
+  ASSIGN_OR_RETURN(k.sum_dy, staging.Output(sum_dy));
+  ASSIGN_OR_RETURN(k.sum_dy_xhat, staging.Output(sum_dy_xhat));
+  RETURN_IF_ERROR(env().backend->batch_norm().BackwardReduce(k, nullptr));
+  RETURN_IF_ERROR(staging.Finish());
+  args.sum_dy = ToDoubles(sum_dy);
+  args.sum_dy_xhat = ToDoubles(sum_dy_xhat);
+  return in;
+}
+
+SyncDone<SyncGradsResult> BatchNormLayer::TensorBackwardDone(
+    std::shared_ptr<SyncGradInput> in, SyncDone<SyncGradsResult> done) {
+  return [this, in = std::move(in),
+          done = std::move(done)](absl::StatusOr<SyncGradsResult> result) {
+    if (result.ok()) {
+      absl::Status applied = ApplySyncGradInput(*in, *result);
+      if (!applied.ok()) result = applied;
+    }
+    done(std::move(result));
+  };
+}
+
+absl::Status BatchNormLayer::ApplySyncGradInput(SyncGradInput& in,
+                                                SyncGradsResult& result) {
+  const BatchNormContext& context = *in.context;
+  // The step is done: its forward's context is not needed again.
+  env().contexts->Take(in.handle, uid(), /*retain=*/false).IgnoreError();
+  result.dtype = context.dtype;
+  result.layout = context.shape.layout;
+  if (in.skip_grad_input) return absl::OkStatus();
+  const size_t bytes = SliceBytes(context);
+  void* dx = in.grad_input(bytes);
+  if (dx == nullptr && bytes > 0) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("could not allocate ", bytes, " bytes for grad_input"));
+  }
+  result.has_grad_input = true;
+  if (context.empty) return absl::OkStatus();
+  Staging staging(*env().backend, *env().pool);
+  kernels::BatchNormBackwardApplyArgs k;
+  k.shape = context.shape;
+  k.dtype = context.dtype;
+  k.x = context.x->data();
+  k.dy = in.dy->data();
+  ASSIGN_OR_RETURN(k.dx, staging.Output(dx, bytes));
+  ASSIGN_OR_RETURN(k.mean, staging.Input(context.mean));
+  ASSIGN_OR_RETURN(k.invstd, staging.Input(context.invstd));
+  // The weight the forward used (an sgd step may have moved it since).
+  if (params_.affine) {
+    ASSIGN_OR_RETURN(k.weight, staging.Input(context.weight));
+  }
+  ASSIGN_OR_RETURN(k.sum_dy, staging.Input(result.sum_dy));
+  ASSIGN_OR_RETURN(k.sum_dy_xhat, staging.Input(result.sum_dy_xhat));
+  k.count = result.count;
+  RETURN_IF_ERROR(env().backend->batch_norm().BackwardApply(k, nullptr));
+  return staging.Finish();
+}
+
+absl::StatusOr<SyncGradsResult> BatchNormLayer::EvalTensorBackward(
+    SyncGradsArgs& args) {
+  if (args.sgd.has_value()) {
+    return absl::InvalidArgumentError(
+        "SyncBackward: sgd steps once per step of the group; the backward "
+        "of an eval-mode forward is no step (run OptimizerStep instead)");
+  }
+  BackwardArgs backward;
+  backward.handle = args.handle;
+  backward.grad_output = *args.grad_output;
+  backward.accumulate_grad = args.accumulate_grad;
+  backward.skip_grad_input = args.skip_grad_input;
+  backward.grad_input = std::move(args.grad_input);
+  ASSIGN_OR_RETURN(BackwardResult out, Backward(backward));
+  SyncGradsResult result;
+  result.sum_dy = std::move(out.grad_bias);
+  result.sum_dy_xhat = std::move(out.grad_weight);
+  result.version = out.version;
+  result.has_grad_input = out.has_grad_input;
+  result.dtype = out.dtype;
+  result.layout = out.layout;
   return result;
 }
 

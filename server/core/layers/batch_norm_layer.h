@@ -7,8 +7,13 @@
 // with the clients): SyncStats and SyncGrads wait for a step's every rank,
 // then merge their statistics (Chan's parallel formula, in double) or add
 // their backward sums, move the running statistics once per step with the
-// union's count, and answer every rank. Its tensor Forward and Backward
-// are UNIMPLEMENTED (tensor mode is not built yet).
+// union's count, and answer every rank. In tensor mode a rank sends its
+// activations instead: the layer computes the slice's statistics (or
+// sums) from a copy of them with the mergeable kernels, joins the same
+// step, and normalizes the slice (or computes its grad_input) once the
+// step completes, so that both modes mix in one step. Its plain Forward
+// and Backward take only eval-mode inputs (the running statistics); with
+// SyncBackward's sgd the parameters step once per completed step.
 //
 // InstanceNorm1d/2d/3d is the same layer with per-instance statistics, as
 // torch computes it: a training forward (or any forward without
@@ -155,6 +160,8 @@ class BatchNormLayer final : public Layer {
                  SyncDone<SyncStatsResult> done) override;
   void SyncGrads(SyncGradsArgs args, SyncCommit commit,
                  SyncDone<SyncGradsResult> done) override;
+  void SyncWithdraw(bool backward, int64_t step, int rank,
+                    const std::string& request_id) override;
   absl::StatusOr<int64_t> OptimizerStep(const SgdArgs& args) override;
   absl::StatusOr<int64_t> SetParameters(
       const std::vector<float>& weight,
@@ -179,8 +186,30 @@ class BatchNormLayer final : public Layer {
   };
   struct GradsPart {
     bool accumulate_grad = false;
+    std::optional<SgdArgs> sgd;
     std::vector<double> sum_dy, sum_dy_xhat;
   };
+  // Tensor mode: a rank's copy of its input (or grad_output) and where its
+  // answer goes, held by its waiter until the step completes.
+  struct SyncInput;
+  struct SyncGradInput;
+  // Sets args' count, mean and m2 from args.input.
+  absl::StatusOr<std::shared_ptr<SyncInput>> PrepareSyncInput(
+      SyncStatsArgs& args);
+  // Sets args' sums from args.grad_output and the forward's context.
+  absl::StatusOr<std::shared_ptr<SyncGradInput>> PrepareSyncGradOutput(
+      SyncGradsArgs& args);
+  // `done`, after writing the rank's output (grad_input) into a
+  // successful answer.
+  SyncDone<SyncStatsResult> TensorForwardDone(std::shared_ptr<SyncInput> in,
+                                              SyncDone<SyncStatsResult> done);
+  SyncDone<SyncGradsResult> TensorBackwardDone(
+      std::shared_ptr<SyncGradInput> in, SyncDone<SyncGradsResult> done);
+  absl::Status ApplySyncOutput(SyncInput& in, SyncStatsResult& result);
+  absl::Status ApplySyncGradInput(SyncGradInput& in, SyncGradsResult& result);
+  // Eval mode in tensor mode: the plain eval Forward (Backward), no barrier.
+  absl::Status EvalTensorForward(SyncStatsArgs& args, SyncStatsResult& result);
+  absl::StatusOr<SyncGradsResult> EvalTensorBackward(SyncGradsArgs& args);
   // Checks one rank's part (rank, lengths, finite values).
   absl::Status CheckSyncRank(const char* what, int rank) const;
   // Merges the step's parts and, training with tracked statistics, moves

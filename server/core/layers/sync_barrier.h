@@ -11,7 +11,10 @@
 // or before the last one is FAILED_PRECONDITION naming the group's step,
 // except a retry of the last completed step's rank with its request_id,
 // which gets that step's answer again; a step while another is in flight
-// is FAILED_PRECONDITION naming that step and its missing ranks.
+// is FAILED_PRECONDITION naming that step and its missing ranks. A rank's
+// part leaves the step in flight when its call is cancelled (Withdraw);
+// the step then waits for that rank again, and a step nobody is left in
+// is as if it never started.
 #pragma once
 
 #include <cstdint>
@@ -62,6 +65,9 @@ class SyncBarrier {
   int64_t last_step() const { return last_step_; }
   bool in_flight() const { return pending_.has_value(); }
   int64_t pending_step() const { return pending_ ? pending_->step : -1; }
+  // Counts the steps that started, so that a timeout scheduled for one
+  // never ends a later start of the same step number.
+  uint64_t pending_generation() const { return generation_; }
   // The parts of the step in flight, by rank (all set once complete).
   const std::vector<std::optional<Slot>>& slots() const {
     return pending_->slots;
@@ -105,6 +111,7 @@ class SyncBarrier {
       return Joined::kAnswered;
     }
     pending_.emplace();
+    ++generation_;
     pending_->step = step;
     pending_->slots.resize(world_size_);
     pending_->slots[rank] = Slot{std::move(part), std::move(request_id), {}};
@@ -131,10 +138,31 @@ class SyncBarrier {
     }
   }
 
+  // Takes `rank`'s part out of `step` when it is in flight and the part
+  // was joined with `request_id`; its waiters get CANCELLED.
+  void Withdraw(int64_t step, int rank, const std::string& request_id) {
+    if (!pending_ || pending_->step != step || rank < 0 ||
+        rank >= world_size_) {
+      return;
+    }
+    std::optional<Slot>& slot = pending_->slots[rank];
+    if (!slot.has_value() || slot->request_id != request_id) return;
+    std::vector<SyncDone<Result>> waiters = std::move(slot->waiters);
+    slot.reset();
+    if (--pending_->arrived == 0) pending_.reset();
+    const absl::Status cancelled = absl::CancelledError(
+        absl::StrCat(what_, ": rank ", rank,
+                     "'s call was cancelled; its part left step ", step));
+    for (SyncDone<Result>& waiter : waiters) waiter(cancelled);
+  }
+
   // The step's barrier timed out: ABORTED for its waiters, naming the
-  // missing ranks; nothing else changes. No-op unless `step` is in flight.
-  void Expire(int64_t step, int64_t timeout_ms, const std::string& layer) {
-    if (!pending_ || pending_->step != step) return;
+  // missing ranks; nothing else changes. No-op unless the start numbered
+  // `generation` is in flight.
+  void Expire(uint64_t generation, int64_t timeout_ms,
+              const std::string& layer) {
+    if (!pending_ || generation_ != generation) return;
+    const int64_t step = pending_->step;
     Complete(absl::AbortedError(absl::StrCat(
         what_, " on ", layer, ": step ", step, " timed out after ", timeout_ms,
         " ms waiting for ranks ", Missing(), " of ", world_size_,
@@ -160,6 +188,7 @@ class SyncBarrier {
   const char* const what_;
   const int world_size_;
   int64_t last_step_ = -1;
+  uint64_t generation_ = 0;
   std::optional<Pending> pending_;
   std::optional<absl::StatusOr<Result>> last_answer_;
   std::vector<std::string> last_ids_;
