@@ -332,6 +332,12 @@ absl::StatusOr<v1::SyncForwardResponse> Client::SyncForward(
       &v1::Normalization::Stub::SyncForward, request, MutationOptions());
 }
 
+absl::StatusOr<v1::SetWorldSizeResponse> Client::SetWorldSize(
+    const v1::SetWorldSizeRequest& request, const MutationOptions& options) {
+  return Mutate<v1::SetWorldSizeRequest, v1::SetWorldSizeResponse>(
+      &v1::Normalization::Stub::SetWorldSize, request, options);
+}
+
 absl::StatusOr<v1::SyncBackwardResponse> Client::SyncBackward(
     const v1::SyncBackwardRequest& request) {
   return Mutate<v1::SyncBackwardRequest, v1::SyncBackwardResponse>(

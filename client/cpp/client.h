@@ -178,13 +178,17 @@ class Client {
       const v1::LoadStateRequest& request,
       const MutationOptions& options = MutationOptions());
 
-  // A sync group's step (stats mode): returns once every rank of the step
-  // has sent its own (the deadline should cover the barrier timeout).
-  // The request's request_id makes retries safe.
+  // A sync group's step (stats or tensor mode): returns once every rank of the
+  // step has sent its own (the deadline should cover the barrier timeout). The
+  // request's request_id makes retries safe.
   absl::StatusOr<v1::SyncForwardResponse> SyncForward(
       const v1::SyncForwardRequest& request);
   absl::StatusOr<v1::SyncBackwardResponse> SyncBackward(
       const v1::SyncBackwardRequest& request);
+  // A sync group's world_size, changed between steps (elastic training).
+  absl::StatusOr<v1::SetWorldSizeResponse> SetWorldSize(
+      const v1::SetWorldSizeRequest& request,
+      const MutationOptions& options = MutationOptions());
 
   // Calls grpc.health.v1.Health/Check for `service` ("" is the whole
   // server). A server without health checking answers UNIMPLEMENTED.

@@ -23,6 +23,8 @@
 // layer has moved on (not on createLayer/deleteLayer); retries: N resends a
 // unary call after UNAVAILABLE, DEADLINE_EXCEEDED or ABORTED, always with
 // the same request id (a fresh one from newRequestId() when none was given).
+// syncForward and syncBackward take { requestId, retries } (a retry of a
+// rank's part with its id gets the first answer), not expectedVersion.
 //
 // Tensors are { shape, dtype, layout, data }: shape in PyTorch's logical
 // order (N, C, ...spatial), dtype 'float32' | 'float16' | 'bfloat16', layout
@@ -230,7 +232,9 @@ function newRequestId() {
 // Operations that change a layer, and whether they take expectedVersion.
 const MUTATING = { forward: true, backward: true, updateRunningStats: true,
                    optimizerStep: true, setParameters: true, loadState: true,
-                   CreateLayer: false, DeleteLayer: false };
+                   CreateLayer: false, DeleteLayer: false,
+                   syncForward: false, syncBackward: false,
+                   SetWorldSize: true };
 const RETRYABLE = new Set([grpc.status.UNAVAILABLE,
                            grpc.status.DEADLINE_EXCEEDED,
                            grpc.status.ABORTED]);
@@ -267,6 +271,14 @@ function withRetryId(op, options) {
 
 const floats = (values) => Float32Array.from(values || []);
 const list = (values) => (values ? Array.from(values, Number) : []);
+const floatsOrNull = (values) => (values.length ? floats(values) : null);
+
+// torch.optim.SGD's options: { lr, momentum, dampening, weightDecay,
+// nesterov }.
+function sgdToProto(o) {
+  return { lr: o.lr, momentum: o.momentum || 0, dampening: o.dampening || 0,
+           weight_decay: o.weightDecay || 0, nesterov: !!o.nesterov };
+}
 
 function createRequest(numFeatures, options) {
   const o = options || {};
@@ -375,8 +387,8 @@ const OPS = {
       skip_grad_input: !!o.skipGradInput }),
     result: (r) => ({
       gradInput: r.grad_input ? tensorFromProto(r.grad_input) : null,
-      gradWeight: r.grad_weight.length ? floats(r.grad_weight) : null,
-      gradBias: r.grad_bias.length ? floats(r.grad_bias) : null,
+      gradWeight: floatsOrNull(r.grad_weight),
+      gradBias: floatsOrNull(r.grad_bias),
       version: Number(r.version) }),
   },
   updateRunningStats: {
@@ -389,10 +401,7 @@ const OPS = {
   optimizerStep: {
     field: 'optimizer_step',
     request: (name, o = {}) => ({
-      name,
-      sgd: { lr: o.lr, momentum: o.momentum || 0, dampening: o.dampening || 0,
-             weight_decay: o.weightDecay || 0, nesterov: !!o.nesterov },
-      keep_grad: !!o.keepGrad }),
+      name, sgd: sgdToProto(o), keep_grad: !!o.keepGrad }),
     result: (r) => Number(r.version),
   },
   setParameters: {
@@ -418,6 +427,62 @@ const OPS = {
     request: (name) => ({ name }),
     result: layerFromProto,
   },
+  // One rank's part of a sync group's step. Stats mode: { count, mean, m2 }
+  // (per channel, arrays of numbers: the slice's values per channel, their
+  // mean and sum of squared deviations). Tensor mode: { input } (a tensor,
+  // as for forward; an empty slice such as [0, C, 4] joins with count 0)
+  // and { saveForBackward } (default true). Both: { training } (default
+  // true). Resolves, once every rank of the step sent its own (eval with
+  // running statistics: at once), to { count, mean, invstd, step, version,
+  // weight, bias (the layer's as the step used them; null without affine),
+  // output (tensor mode: this rank's slice, else null), handle (as
+  // forward's; '0' when nothing was saved) }.
+  syncForward: {
+    field: 'sync_forward',
+    request: (name, step, rank, o = {}) => {
+      const request = {
+        name, step, rank,
+        training: o.training === undefined ? true : !!o.training,
+        count: o.count || 0, mean: list(o.mean), m2: list(o.m2) };
+      if (o.input) request.input = tensorToProto(o.input);
+      if (o.saveForBackward !== undefined) {
+        request.save_for_backward = !!o.saveForBackward;
+      }
+      return request;
+    },
+    result: (r) => ({
+      count: Number(r.count), mean: floats(r.mean), invstd: floats(r.invstd),
+      step: Number(r.step), version: Number(r.version),
+      weight: floatsOrNull(r.weight), bias: floatsOrNull(r.bias),
+      output: r.output ? tensorFromProto(r.output) : null,
+      handle: r.handle }),
+  },
+  // One rank's backward part for the step its syncForward completed. Stats
+  // mode: { sumDy, sumDyXhat } (per channel, over its slice). Tensor mode:
+  // { handle, gradOutput (the input's shape, dtype and layout),
+  // skipGradInput }. Both: { accumulateGrad, sgd: { lr, momentum,
+  // dampening, weightDecay, nesterov }, keepGrad }: with sgd (the same on
+  // every rank) the server adds the union's gradients to the layer's and
+  // steps its weight and bias once for the step, then zeroes the gradients
+  // unless keepGrad. Resolves to the union's { count, sumDy, sumDyXhat,
+  // version } and gradInput (tensor mode, unless skipped; else null).
+  syncBackward: {
+    field: 'sync_backward',
+    request: (name, step, rank, o = {}) => {
+      const request = {
+        name, step, rank, sum_dy: list(o.sumDy),
+        sum_dy_xhat: list(o.sumDyXhat),
+        accumulate_grad: !!o.accumulateGrad, handle: String(o.handle || 0),
+        skip_grad_input: !!o.skipGradInput, keep_grad: !!o.keepGrad };
+      if (o.gradOutput) request.grad_output = tensorToProto(o.gradOutput);
+      if (o.sgd) request.sgd = sgdToProto(o.sgd);
+      return request;
+    },
+    result: (r) => ({
+      count: Number(r.count), sumDy: floats(r.sum_dy),
+      sumDyXhat: floats(r.sum_dy_xhat), version: Number(r.version),
+      gradInput: r.grad_input ? tensorFromProto(r.grad_input) : null }),
+  },
 };
 
 const RPC_NAMES = {
@@ -425,12 +490,14 @@ const RPC_NAMES = {
   updateRunningStats: 'UpdateRunningStats', optimizerStep: 'OptimizerStep',
   setParameters: 'SetParameters', getState: 'GetState',
   loadState: 'LoadState', getLayer: 'GetLayer',
+  syncForward: 'SyncForward', syncBackward: 'SyncBackward',
 };
 
 // Number of leading arguments each operation takes before its options.
 const ARITY = { forward: 2, backward: 3, updateRunningStats: 4,
                 optimizerStep: 1, setParameters: 1, getState: 1,
-                loadState: 2, getLayer: 1 };
+                loadState: 2, getLayer: 1, syncForward: 3,
+                syncBackward: 3 };
 
 function splitArgs(op, args) {
   const n = ARITY[op];
@@ -578,38 +645,19 @@ class Client {
     }, options);
   }
 
-  // One rank's part of a sync group's step (stats mode): { count, mean, m2
-  // (per channel, arrays of numbers), training (true), requestId, timeoutMs
-  // }. Resolves, once every rank of the step sent its own, to { count,
-  // mean, invstd (Float32Array), step, version }.
-  async syncForward(name, step, rank, options = {}) {
-    const r = await this._unary('SyncForward', {
-      name, step, rank,
-      training: options.training === undefined ? true : !!options.training,
-      count: options.count || 0,
-      mean: Array.from(options.mean || []),
-      m2: Array.from(options.m2 || []),
-      request_id: options.requestId || '',
-    }, options, name);
-    return { count: Number(r.count), mean: Float32Array.from(r.mean),
-             invstd: Float32Array.from(r.invstd), step: Number(r.step),
-             version: Number(r.version) };
-  }
+  // syncForward(name, step, rank, options) and syncBackward(name, step,
+  // rank, options), as the other operations, come from OPS (see there).
 
-  // One rank's backward sums for a completed step: { sumDy, sumDyXhat,
-  // accumulateGrad, requestId, timeoutMs }. Resolves to the union's
-  // { count, sumDy, sumDyXhat, version }.
-  async syncBackward(name, step, rank, options = {}) {
-    const r = await this._unary('SyncBackward', {
-      name, step, rank,
-      sum_dy: Array.from(options.sumDy || []),
-      sum_dy_xhat: Array.from(options.sumDyXhat || []),
-      accumulate_grad: !!options.accumulateGrad,
-      request_id: options.requestId || '',
-    }, options, name);
-    return { count: Number(r.count), sumDy: Float32Array.from(r.sum_dy),
-             sumDyXhat: Float32Array.from(r.sum_dy_xhat),
-             version: Number(r.version) };
+  // Changes a sync group's world_size between steps (elastic training);
+  // its current value is accepted at any time, so every remaining rank may
+  // send it before its next step. options: { timeoutMs, requestId,
+  // expectedVersion, retries }. Resolves to the layer's version.
+  async setWorldSize(name, worldSize, options = {}) {
+    const o = withRetryId('SetWorldSize', options);
+    const r = await this._unary(
+      'SetWorldSize',
+      withIds('SetWorldSize', { name, world_size: worldSize }, o), o, name);
+    return Number(r.version);
   }
 
   // Opens a Train stream: the same operations as methods, answered in order.
@@ -622,16 +670,32 @@ class Client {
   }
 }
 
-// One rank of a sync group in stats mode (torch.nn.SyncBatchNorm for any
-// clients): join(), then forward(x, shape) and backward(dy) on float32 NCHW
-// data (Float32Array, shape [N, C, ...]); the statistics go to the server,
-// the activations stay here. weight and bias are local Float32Arrays whose
-// gradients are the union's.
+// One rank of a sync group (torch.nn.SyncBatchNorm for any clients):
+// join(), then forward(x, shape) and backward(dy) on float32 NCHW data
+// (Float32Array, shape [N, C, ...]; N may be 0). mode 'stats' (default):
+// the statistics go to the server, the activations stay here. mode
+// 'tensor': x and dy go to the server, which answers with the output and
+// grad_input (ranks of one group may use either mode). weight and bias are
+// local Float32Arrays whose gradients are the union's (identical on every
+// rank, so identical optimizers keep them identical). In tensor mode the
+// server normalizes with its own copy: a forward first pushes weight and
+// bias with setParameters when they changed since the last push or
+// refresh (every rank pushes the same values when they run identical
+// optimizers; ranks that disagree leave the last push). With sgd ({ lr,
+// momentum, dampening, weightDecay, nesterov }, the same on every rank)
+// the server holds the parameters: backward has it step them once per
+// step, and each forward refreshes weight and bias from the server's (in
+// stats mode it normalizes with those).
 class SyncBatchNorm {
   constructor(client, { group, rank, worldSize, numFeatures,
-                        barrierTimeoutMs, timeoutMs } = {}) {
+                        barrierTimeoutMs, timeoutMs, mode = 'stats',
+                        sgd = null } = {}) {
+    if (mode !== 'stats' && mode !== 'tensor') {
+      throw new TypeError(`SyncBatchNorm mode ${mode}; expected 'stats' ` +
+                          "or 'tensor'");
+    }
     Object.assign(this, { client, group, rank, worldSize, numFeatures,
-                          barrierTimeoutMs, timeoutMs });
+                          barrierTimeoutMs, timeoutMs, mode, sgd });
     this.step = 0;
     this.training = true;
   }
@@ -647,9 +711,31 @@ class SyncBatchNorm {
       this.layer = await this.client.getLayer(this.group);
     }
     const { tensors } = await this.client.getState(this.layer.name);
-    this.weight = Float32Array.from(tensors.weight);
-    this.bias = Float32Array.from(tensors.bias);
+    this._setParameters(tensors.weight, tensors.bias);
     return this;
+  }
+
+  // Local weight and bias, and the server's copy as far as we know it.
+  _setParameters(weight, bias) {
+    this.weight = Float32Array.from(weight);
+    this.bias = Float32Array.from(bias);
+    this._pushed = [Float32Array.from(weight), Float32Array.from(bias)];
+  }
+
+  // Sends weight and bias when they changed since the server last had them
+  // (compared by value: they may have been updated in place).
+  async _pushParameters() {
+    const same = (a, b) => a.length === b.length &&
+      a.every((v, i) => Object.is(v, b[i]));
+    if (same(this.weight, this._pushed[0]) &&
+        same(this.bias, this._pushed[1])) {
+      return;
+    }
+    await this.client.setParameters(
+      this.layer.name,
+      { weight: this.weight, bias: this.bias, timeoutMs: this.timeoutMs });
+    this._pushed = [Float32Array.from(this.weight),
+                    Float32Array.from(this.bias)];
   }
 
   _extents(shape) {
@@ -659,6 +745,19 @@ class SyncBatchNorm {
   }
 
   async forward(x, shape) {
+    // Eval with running statistics is no step of the group (no barrier).
+    const counted = this.training || !this.layer.trackRunningStats;
+    const step = counted ? this.step++ : this.step;
+    const options = { training: this.training, timeoutMs: this.timeoutMs };
+    if (this.mode === 'tensor' || this.sgd) await this._pushParameters();
+    if (this.mode === 'tensor') {
+      const r = await this.client.syncForward(
+        this.layer.name, step, this.rank,
+        { ...options, input: tensor(shape, x) });
+      if (this.sgd && r.weight) this._setParameters(r.weight, r.bias);
+      this._saved = { shape, step, handle: r.handle };
+      return r.output.data;
+    }
     const { n, c, s } = this._extents(shape);
     const mean = new Float64Array(c);
     const m2 = new Float64Array(c);
@@ -677,17 +776,18 @@ class SyncBatchNorm {
         }
       }
     }
-    const step = this.step++;
-    const r = await this.client.syncForward(this.layer.name, step, this.rank, {
-      count, mean, m2, training: this.training, timeoutMs: this.timeoutMs });
-    this._saved = { x, shape, step, mean: r.mean, invstd: r.invstd };
+    const r = await this.client.syncForward(this.layer.name, step, this.rank,
+                                            { ...options, count, mean, m2 });
+    // Server-held parameters: normalize with the ones the step used.
+    if (this.sgd && r.weight) this._setParameters(r.weight, r.bias);
+    const { weight, bias } = this;
+    this._saved = { x, shape, step, mean: r.mean, invstd: r.invstd, weight };
     const y = new Float32Array(x.length);
     for (let i = 0; i < n; ++i) {
       for (let ch = 0; ch < c; ++ch) {
         for (let j = 0; j < s; ++j) {
           const k = (i * c + ch) * s + j;
-          y[k] = (x[k] - r.mean[ch]) * r.invstd[ch] * this.weight[ch] +
-                 this.bias[ch];
+          y[k] = (x[k] - r.mean[ch]) * r.invstd[ch] * weight[ch] + bias[ch];
         }
       }
     }
@@ -696,7 +796,17 @@ class SyncBatchNorm {
 
   // Resolves to { gradInput, gradWeight, gradBias } (the union's sums).
   async backward(dy) {
-    const { x, shape, step, mean, invstd } = this._saved;
+    const options = { timeoutMs: this.timeoutMs };
+    if (this.sgd) options.sgd = this.sgd;
+    if (this.mode === 'tensor') {
+      const { shape, step, handle } = this._saved;
+      const r = await this.client.syncBackward(
+        this.layer.name, step, this.rank,
+        { ...options, handle, gradOutput: tensor(shape, dy) });
+      return { gradInput: r.gradInput.data, gradWeight: r.sumDyXhat,
+               gradBias: r.sumDy };
+    }
+    const { x, shape, step, mean, invstd, weight } = this._saved;
     const { n, c, s } = this._extents(shape);
     const xhat = (k, ch) => (x[k] - mean[ch]) * invstd[ch];
     const sumDy = new Float64Array(c);
@@ -710,8 +820,8 @@ class SyncBatchNorm {
         }
       }
     }
-    const r = await this.client.syncBackward(this.layer.name, step, this.rank, {
-      sumDy, sumDyXhat, timeoutMs: this.timeoutMs });
+    const r = await this.client.syncBackward(this.layer.name, step, this.rank,
+                                             { ...options, sumDy, sumDyXhat });
     const count = Math.max(r.count, 1);
     const gradInput = new Float32Array(dy.length);
     for (let i = 0; i < n; ++i) {
@@ -720,7 +830,7 @@ class SyncBatchNorm {
           const k = (i * c + ch) * s + j;
           gradInput[k] = (dy[k] - r.sumDy[ch] / count -
                           xhat(k, ch) * r.sumDyXhat[ch] / count) *
-                         invstd[ch] * this.weight[ch];
+                         invstd[ch] * weight[ch];
         }
       }
     }

@@ -54,7 +54,8 @@ bool GetResult(ByteReader& r, RequestResult* out) {
     return false;
   }
   // A layer's ids, or the create that made it (kCreateLayer).
-  if (kind < 1 || kind > static_cast<uint8_t>(OpKind::kCreateLayer)) {
+  if (kind < 1 || kind > static_cast<uint8_t>(OpKind::kSetWorldSize) ||
+      kind == static_cast<uint8_t>(OpKind::kDeleteLayer)) {
     return false;
   }
   out->kind = static_cast<OpKind>(kind);

@@ -109,6 +109,7 @@ enum class OpKind : uint8_t {
   kLoadState = 6,
   kCreateLayer = 7,
   kDeleteLayer = 8,
+  kSetWorldSize = 9,
 };
 
 // What a retried CreateLayer or DeleteLayer finds.

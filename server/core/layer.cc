@@ -31,6 +31,17 @@ void Layer::PublishInfo(int64_t version, int64_t num_batches_tracked,
   info_.has_accumulated_grad = has_accumulated_grad;
 }
 
+void Layer::PublishConfig(LayerConfig config) {
+  absl::MutexLock lock(&info_mu_);
+  info_.config = std::move(config);
+}
+
+absl::StatusOr<int64_t> Layer::SetWorldSize(int) {
+  return absl::UnimplementedError(
+      absl::StrCat(name_, " is a ", config_.kind,
+                   " layer, not a sync group (sync_batch_norm)"));
+}
+
 absl::StatusOr<int64_t> Layer::UpdateRunningStats(const RunningStatsArgs&) {
   return absl::UnimplementedError(absl::StrCat(
       name_, " is a ", config_.kind, " layer: it has no running statistics"));

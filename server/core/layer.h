@@ -293,6 +293,9 @@ class Layer {
   // get CANCELLED. Nothing when the step is not in flight.
   virtual void SyncWithdraw(bool backward, int64_t step, int rank,
                             const std::string& request_id);
+  // Sync groups: the number of ranks from the next step on; only between
+  // steps. Returns the new version.
+  virtual absl::StatusOr<int64_t> SetWorldSize(int world_size);
   // Set once by the engine, before the layer serves calls.
   void set_scheduler(LayerScheduler scheduler) {
     scheduler_ = std::move(scheduler);
@@ -317,6 +320,9 @@ class Layer {
   // Publishes a new Info snapshot.
   void PublishInfo(int64_t version, int64_t num_batches_tracked,
                    bool has_accumulated_grad);
+  // Publishes a changed config (of the same kind): Info and what the
+  // journal records show it from now on.
+  void PublishConfig(LayerConfig config);
 
  private:
   const std::string name_;

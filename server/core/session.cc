@@ -288,6 +288,17 @@ void Session::SyncBackward(const std::string& name, SyncGradsArgs args,
       std::move(done));
 }
 
+void Session::SetWorldSize(const std::string& name, const Mutation& mutation,
+                           int world_size, Done<int64_t> done) {
+  RunOnLayer<int64_t>(
+      name,
+      Pipeline<int64_t>(
+          OpKind::kSetWorldSize, mutation,
+          [world_size](Layer& layer) { return layer.SetWorldSize(world_size); },
+          ReplayVersion),
+      std::move(done));
+}
+
 void Session::SyncWithdraw(const std::string& name, bool backward, int64_t step,
                            int rank, std::string request_id) {
   // No admission check: taking a part out is cleanup, owed to the others.

@@ -85,6 +85,9 @@ class Session {
                    Done<SyncStatsResult> done);
   void SyncBackward(const std::string& name, SyncGradsArgs args,
                     Done<SyncGradsResult> done);
+  // Returns the layer's new version.
+  void SetWorldSize(const std::string& name, const Mutation& mutation,
+                    int world_size, Done<int64_t> done);
   // A cancelled call's part leaves its step (Layer::SyncWithdraw), on the
   // layer's strand; nothing when the layer or the step is gone.
   void SyncWithdraw(const std::string& name, bool backward, int64_t step,

@@ -262,6 +262,15 @@ void Operations::SyncBackward(const pb::SyncBackwardRequest& request,
           }));
 }
 
+void Operations::SetWorldSize(const pb::SetWorldSizeRequest& request,
+                              pb::SetWorldSizeResponse* response, Done done) {
+  session_.SetWorldSize(
+      request.name(), MutationOf(request), request.world_size(),
+      Reply<int64_t>(std::move(done), [response](int64_t version) {
+        response->set_version(version);
+      }));
+}
+
 void Operations::SyncWithdraw(const pb::SyncForwardRequest& request) {
   session_.SyncWithdraw(request.name(), /*backward=*/false, request.step(),
                         request.rank(), request.request_id());

@@ -65,6 +65,8 @@ class Operations {
                    pb::SyncForwardResponse* response, Done done);
   void SyncBackward(const pb::SyncBackwardRequest& request,
                     pb::SyncBackwardResponse* response, Done done);
+  void SetWorldSize(const pb::SetWorldSizeRequest& request,
+                    pb::SetWorldSizeResponse* response, Done done);
   // The request's part leaves its step (its call was cancelled).
   void SyncWithdraw(const pb::SyncForwardRequest& request);
   void SyncWithdraw(const pb::SyncBackwardRequest& request);

@@ -358,6 +358,15 @@ ServerUnaryReactor* NormalizationService::OptimizerStep(
                     });
 }
 
+ServerUnaryReactor* NormalizationService::SetWorldSize(
+    CallbackServerContext* context, const pb::SetWorldSizeRequest* request,
+    pb::SetWorldSizeResponse* response) {
+  return StartAsync(context, Begin(context),
+                    [&](Operations& ops, Operations::Done done) {
+                      ops.SetWorldSize(*request, response, std::move(done));
+                    });
+}
+
 ServerUnaryReactor* NormalizationService::SetParameters(
     CallbackServerContext* context, const pb::SetParametersRequest* request,
     pb::SetParametersResponse* response) {

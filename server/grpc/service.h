@@ -62,6 +62,10 @@ class NormalizationService final
       grpc::CallbackServerContext* context,
       const ::normserve::v1::OptimizerStepRequest* request,
       ::normserve::v1::OptimizerStepResponse* response) override;
+  grpc::ServerUnaryReactor* SetWorldSize(
+      grpc::CallbackServerContext* context,
+      const ::normserve::v1::SetWorldSizeRequest* request,
+      ::normserve::v1::SetWorldSizeResponse* response) override;
   grpc::ServerUnaryReactor* SetParameters(
       grpc::CallbackServerContext* context,
       const ::normserve::v1::SetParametersRequest* request,

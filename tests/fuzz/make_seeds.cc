@@ -117,5 +117,31 @@ int main(int argc, char** argv) {
   train.Clear();
   *train.mutable_backward() = backward;
   write("train_backward", 11, train);
+  // The sync group "sg": a stats-mode and a tensor-mode step, a backward
+  // through the first handle, and a world_size change.
+  pb::SyncForwardRequest sync_forward;
+  sync_forward.set_step(1);
+  sync_forward.set_training(true);
+  sync_forward.set_count(4);
+  for (double v : {0.5, 1.0, -1.0}) sync_forward.add_mean(v);
+  for (double v : {2.0, 3.0, 1.0}) sync_forward.add_m2(v);
+  write("sync_forward_stats", 12, sync_forward);
+  sync_forward.clear_count();
+  sync_forward.clear_mean();
+  sync_forward.clear_m2();
+  sync_forward.set_step(2);
+  *sync_forward.mutable_input() =
+      Tensor({2, 3, 2}, {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12});
+  write("sync_forward_tensor", 12, sync_forward);
+  pb::SyncBackwardRequest sync_backward;
+  sync_backward.set_step(2);
+  sync_backward.set_handle(1);
+  *sync_backward.mutable_grad_output() =
+      Tensor({2, 3, 2}, std::vector<float>(12, 1));
+  sync_backward.mutable_sgd()->set_lr(0.1);
+  write("sync_backward_tensor", 13, sync_backward);
+  pb::SetWorldSizeRequest world;
+  world.set_world_size(2);
+  write("set_world_size", 14, world);
   return 0;
 }

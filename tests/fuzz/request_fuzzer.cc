@@ -69,13 +69,28 @@ void EnsureLayer(World* w) {
   pb::GetLayerRequest get;
   get.set_name("bn");
   pb::Layer layer;
-  if (w->ops->GetLayer(get, &layer).ok()) return;
-  pb::CreateLayerRequest create;
-  create.set_layer_id("bn");
-  create.mutable_batch_norm()->set_num_features(3);
-  Run([&](Operations::Done done) {
-    w->ops->CreateLayer(create, &layer, done);
-  }).IgnoreError();
+  if (!w->ops->GetLayer(get, &layer).ok()) {
+    pb::CreateLayerRequest create;
+    create.set_layer_id("bn");
+    create.mutable_batch_norm()->set_num_features(3);
+    Run([&](Operations::Done done) {
+      w->ops->CreateLayer(create, &layer, done);
+    }).IgnoreError();
+  }
+  // A sync group whose steps never wait long: one rank (until an input
+  // changes its world_size) and a 1 ms barrier.
+  get.set_name("sg");
+  if (!w->ops->GetLayer(get, &layer).ok()) {
+    pb::CreateLayerRequest create;
+    create.set_layer_id("sg");
+    pb::SyncBatchNormConfig* sync = create.mutable_sync_batch_norm();
+    sync->mutable_batch_norm()->set_num_features(3);
+    sync->set_world_size(1);
+    sync->set_barrier_timeout_ms(1);
+    Run([&](Operations::Done done) {
+      w->ops->CreateLayer(create, &layer, done);
+    }).IgnoreError();
+  }
 }
 
 void FuzzOne(const uint8_t* data, size_t size) {
@@ -83,7 +98,7 @@ void FuzzOne(const uint8_t* data, size_t size) {
   World* w = GetWorld();
   EnsureLayer(w);
   Operations& ops = *w->ops;
-  const uint8_t selector = data[0] % 12;
+  const uint8_t selector = data[0] % 15;
   ++data;
   --size;
   switch (selector) {
@@ -198,6 +213,44 @@ void FuzzOne(const uint8_t* data, size_t size) {
       if (!Parse(data, size, &request)) return;
       Run([&](Operations::Done done) {
         ops.Dispatch(request, &response, done);
+      }).IgnoreError();
+      return;
+    }
+    // The sync group: stats or tensor mode, and its world_size.
+    case 12: {
+      pb::SyncForwardRequest request;
+      pb::SyncForwardResponse response;
+      if (!Parse(data, size, &request)) return;
+      request.set_name("sg");
+      Run([&](Operations::Done done) {
+        ops.SyncForward(request, &response, done);
+      }).IgnoreError();
+      return;
+    }
+    case 13: {
+      pb::SyncBackwardRequest request;
+      pb::SyncBackwardResponse response;
+      if (!Parse(data, size, &request)) return;
+      request.set_name("sg");
+      Run([&](Operations::Done done) {
+        ops.SyncBackward(request, &response, done);
+      }).IgnoreError();
+      return;
+    }
+    case 14: {
+      pb::SetWorldSizeRequest request;
+      pb::SetWorldSizeResponse response;
+      if (!Parse(data, size, &request)) return;
+      request.set_name("sg");
+      Run([&](Operations::Done done) {
+        ops.SetWorldSize(request, &response, done);
+      }).IgnoreError();
+      // Back to one rank, so that later steps never wait for others.
+      request.Clear();
+      request.set_name("sg");
+      request.set_world_size(1);
+      Run([&](Operations::Done done) {
+        ops.SetWorldSize(request, &response, done);
       }).IgnoreError();
       return;
     }

@@ -393,19 +393,21 @@ const {{ Client, tensor }} = require({json.dumps(node_dir)});
             client.delete_layer(name)
 
 
+@pytest.mark.parametrize("cpp_mode", ["stats", "tensor"])
 def test_one_sync_group_of_cpp_python_and_node_ranks(server, client, node,
-                                                     tmp_path):
-    """A C++ rank (RemoteSyncBatchNorm in normserve-sync-rank), a Python rank
-    (normserve.torch.SyncBatchNorm) and a Node rank (SyncBatchNorm of the
-    Node client), as processes with slices of 2, 3 and 1 samples, train one
-    sync group for 3 steps: every rank's output, grad_input and grad_weight
-    equal one torch.nn.BatchNorm2d's over the concatenated batch."""
+                                                     tmp_path, cpp_mode):
+    """A C++ rank (RemoteSyncBatchNorm in normserve-sync-rank, stats or
+    tensor mode), a Python rank (normserve.torch.SyncBatchNorm) and a Node
+    rank (SyncBatchNorm of the Node client), as processes with slices of 2,
+    3 and 1 samples, train one sync group for 3 steps: every rank's output,
+    grad_input and grad_weight equal one torch.nn.BatchNorm2d's over the
+    concatenated batch."""
     import torch
     import normserve.torch as nst
     sync_rank = tool("NORMSERVE_SYNC_RANK",
                      os.path.join(REPO, "build", "bin", "normserve-sync-rank"))
     node_binary, node_dir = node
-    c, s, steps, group = 3, 20, 3, "hetero-sync"
+    c, s, steps, group = 3, 20, 3, f"hetero-sync-{cpp_mode}"
     sizes = {"cpp": 2, "python": 3, "node": 1}
     rng = np.random.default_rng(5)
     data = {who: [(rng.standard_normal((n, c, s)).astype(np.float32) * 2 + 1,
@@ -445,7 +447,7 @@ const {{ Client, SyncBatchNorm }} = require({json.dumps(node_dir)});
         "cpp": subprocess.Popen(
             [sync_rank, server.address, group, "0", "3", str(c),
              str(sizes["cpp"]), str(s), str(steps),
-             str(tmp_path / "cpp.in"), str(tmp_path / "cpp.out")],
+             str(tmp_path / "cpp.in"), str(tmp_path / "cpp.out"), cpp_mode],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
         "node": subprocess.Popen([node_binary, str(script)],
                                  stdout=subprocess.PIPE,
@@ -511,3 +513,221 @@ const {{ Client, SyncBatchNorm }} = require({json.dumps(node_dir)});
             if proc.poll() is None:
                 proc.kill()
         client.delete_layer(group)
+
+
+def test_node_sync_group_tensor_mode_sgd_and_stream(server, client, node,
+                                                    tmp_path):
+    """Node's sync calls in tensor mode, against float64 torch over the
+    concatenated batch. Group A (BatchNorm1d): a Node rank in tensor mode, a
+    Python normserve.torch.SyncBatchNorm rank and a Node rank in stats mode,
+    3 steps, each stepping its local weight and bias with plain SGD (the
+    tensor-mode rank pushes them before each forward). Group B
+    (BatchNorm2d, server-held parameters): Node SyncBatchNorms with sgd in
+    tensor and stats mode and a raw Python tensor-mode rank, 2 steps, then a
+    step with Node's rank 0 on a Train stream and rank 1 an empty slice,
+    then an eval forward and its backward (no barrier)."""
+    import normserve.torch as nst
+    node_binary, node_dir = node
+    c, lr, momentum = 3, 0.1, 0.9
+    group_a, group_b = "hetero-tensor-a", "hetero-tensor-b"
+    rng = np.random.default_rng(17)
+
+    def slices(shapes, steps):
+        return [[(rng.standard_normal(s).astype(np.float32) * 2 + 1,
+                  rng.standard_normal(s).astype(np.float32))
+                 for s in shapes] for _ in range(steps)]
+
+    data_a = slices([(2, c, 4), (3, c, 4), (1, c, 4)], 3)
+    data_b = slices([(2, c, 2, 3), (1, c, 2, 3), (2, c, 2, 3)], 2)
+    data_b += slices([(2, c, 2, 3), (0, c, 2, 3), (2, c, 2, 3)], 1)
+    eval_x, eval_dy = slices([(2, c, 2, 3)], 1)[0][0]
+
+    def wire(steps):
+        return [[dict(x=x.ravel().tolist(), dy=dy.ravel().tolist(),
+                      shape=list(x.shape)) for x, dy in ranks]
+                for ranks in steps]
+
+    (tmp_path / "data.json").write_text(json.dumps(dict(
+        a=wire(data_a), b=wire(data_b),
+        eval=wire([[(eval_x, eval_dy)]])[0][0])))
+    client.create_layer(c, kind="sync_batch_norm", world_size=3,
+                        layer_id=group_b)
+    script = tmp_path / "sync_tensor.js"
+    script.write_text(f"""
+const fs = require('fs');
+const {{ Client, SyncBatchNorm, tensor }} = require({json.dumps(node_dir)});
+const data = JSON.parse(fs.readFileSync(
+  {json.dumps(str(tmp_path / "data.json"))}));
+const f32 = (a) => Float32Array.from(a);
+const arr = (a) => Array.from(a);
+(async () => {{
+  const c = new Client({json.dumps(server.address)}, {{ timeoutMs: 30000 }});
+  const out = {{ a: [[], [], []], b: [[], [], []] }};
+  const join = (group, rank, options) => new SyncBatchNorm(c, {{
+    group, rank, worldSize: 3, numFeatures: {c}, ...options }}).join();
+  const rankA = async (rank, mode) => {{
+    const bn = await join('{group_a}', rank, {{ mode }});
+    for (const step of data.a) {{
+      const {{ x, dy, shape }} = step[rank];
+      const y = await bn.forward(f32(x), shape);
+      const g = await bn.backward(f32(dy));
+      out.a[rank].push([arr(y), arr(g.gradInput)]);
+      for (let ch = 0; ch < {c}; ++ch) {{
+        bn.weight[ch] -= {lr} * g.gradWeight[ch];
+        bn.bias[ch] -= {lr} * g.gradBias[ch];
+      }}
+    }}
+  }};
+  await Promise.all([rankA(0, 'tensor'), rankA(2, 'stats')]);
+
+  const sgd = {{ lr: {lr}, momentum: {momentum} }};
+  const rankB = async (rank, mode) => {{
+    const bn = await join('{group_b}', rank, {{ mode, sgd }});
+    for (const step of data.b.slice(0, 2)) {{
+      const {{ x, dy, shape }} = step[rank];
+      const y = await bn.forward(f32(x), shape);
+      const weight = arr(bn.weight);
+      const g = await bn.backward(f32(dy));
+      out.b[rank].push([arr(y), arr(g.gradInput), weight]);
+    }}
+  }};
+  await Promise.all([rankB(0, 'tensor'), rankB(1, 'stats')]);
+  const stream = c.train();
+  const onStream = async () => {{
+    const {{ x, dy, shape }} = data.b[2][0];
+    const f = await stream.syncForward('{group_b}', 2, 0,
+                                       {{ input: tensor(shape, f32(x)) }});
+    const g = await stream.syncBackward('{group_b}', 2, 0, {{
+      handle: f.handle, gradOutput: tensor(shape, f32(dy)), sgd }});
+    out.b[0].push([arr(f.output.data), arr(g.gradInput.data),
+                   arr(f.weight), f.output.shape, f.output.layout]);
+  }};
+  const empty = async () => {{
+    const shape = [0, {c}, 2, 3];
+    const f = await c.syncForward('{group_b}', 2, 1,
+                                  {{ input: tensor(shape, f32([])) }});
+    const g = await c.syncBackward('{group_b}', 2, 1, {{
+      handle: f.handle, gradOutput: tensor(shape, f32([])),
+      skipGradInput: true, sgd }});
+    out.b[1].push([arr(f.output.data), g.gradInput, arr(f.weight),
+                   f.output.shape, f.count]);
+  }};
+  await Promise.all([onStream(), empty()]);
+  await stream.end();
+
+  const {{ x, dy, shape }} = data.eval;
+  const e = await c.syncForward('{group_b}', 0, 0, {{
+    input: tensor(shape, f32(x)), training: false }});
+  const eg = await c.syncBackward('{group_b}', 0, 0, {{
+    handle: e.handle, gradOutput: tensor(shape, f32(dy)) }});
+  out.eval = [arr(e.output.data), arr(eg.gradInput.data)];
+  try {{
+    await c.syncForward('{group_b}', 3, 0, {{
+      input: tensor(shape, f32(x)), count: 12, mean: [0, 0, 0],
+      m2: [1, 1, 1], timeoutMs: 5000 }});
+  }} catch (err) {{ out.both = [err.codeName, err.details]; }}
+  console.log(JSON.stringify(out));
+  c.close();
+}})().catch((e) => {{ console.error(e); process.exit(1); }});
+""")
+    proc = subprocess.Popen([node_binary, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        # Group A, rank 1: stats mode, local parameters and optimizer.
+        bn = nst.SyncBatchNorm(c, client=client, group=group_a, rank=1,
+                               world_size=3, barrier_timeout=30)
+        opt = torch.optim.SGD(bn.parameters(), lr=lr)
+        ours_a = []
+        for step in data_a:
+            x = torch.from_numpy(step[1][0]).requires_grad_(True)
+            y = bn(x)
+            y.backward(torch.from_numpy(step[1][1]))
+            ours_a.append([y.detach().numpy().ravel(), x.grad.numpy().ravel()])
+            opt.step()
+            opt.zero_grad()
+        # Group B, rank 2: raw tensor-mode calls with the same sgd.
+        ours_b, state_b0 = [], None
+        for i, step in enumerate(data_b):
+            f = client.sync_forward(group_b, i, 2, input=step[2][0])
+            b = client.sync_backward(group_b, i, 2, handle=f.handle,
+                                     grad_output=step[2][1],
+                                     sgd=dict(lr=lr, momentum=momentum))
+            ours_b.append([np.asarray(f.output).ravel(),
+                           np.asarray(b.grad_input).ravel()])
+            if i == 0:  # One step: weight = 1 - lr * the union's sum.
+                state_b0 = client.get_state(group_b)
+                np.testing.assert_allclose(state_b0["weight"],
+                                           1 - lr * b.sum_dy_xhat, atol=1e-6)
+                np.testing.assert_allclose(state_b0["bias"], -lr * b.sum_dy,
+                                           atol=1e-6)
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr
+        out = json.loads(stdout)
+
+        def check(data, got, ref, opt, name):
+            for i, step in enumerate(data):
+                x = torch.cat([torch.from_numpy(s[0]).double()
+                               for s in step]).requires_grad_(True)
+                y = ref(x)
+                y.backward(torch.cat([torch.from_numpy(s[1]).double()
+                                      for s in step]))
+                start = 0
+                for rank, (sx, _) in enumerate(step):
+                    n = len(sx)
+                    if got[rank][i] is not None:
+                        got_y, got_dx = got[rank][i][:2]
+                        np.testing.assert_allclose(
+                            got_y, y[start:start + n].detach().reshape(-1),
+                            atol=1e-5, err_msg=f"{name} y {i} rank {rank}")
+                        np.testing.assert_allclose(
+                            got_dx, x.grad[start:start + n].reshape(-1),
+                            atol=1e-5, err_msg=f"{name} dx {i} rank {rank}")
+                    start += n
+                opt.step()
+                opt.zero_grad()
+                if i == 1 and name == "a":
+                    # The tensor rank pushed these before step 2.
+                    np.testing.assert_allclose(
+                        client.get_state(group_a)["weight"],
+                        ref.weight.detach(), atol=1e-6)
+
+        ref_a = torch.nn.BatchNorm1d(c).double()
+        check(data_a, [out["a"][0], ours_a, out["a"][2]], ref_a,
+              torch.optim.SGD(ref_a.parameters(), lr=lr), "a")
+        empty = out["b"][1].pop()
+        assert empty[:2] == [[], None] and empty[3:] == [[0, c, 2, 3], 4 * 6]
+        ref_b = torch.nn.BatchNorm2d(c).double()
+        check(data_b, [out["b"][0], out["b"][1] + [None], ours_b], ref_b,
+              torch.optim.SGD(ref_b.parameters(), lr=lr, momentum=momentum),
+              "b")
+        # The forward refreshed the local weight from the stepped one.
+        for rank in (0, 1):
+            np.testing.assert_allclose(out["b"][rank][1][2],
+                                       state_b0["weight"], atol=1e-7)
+        # Step 2 (stream and empty rank): one weight, both ranks.
+        assert out["b"][0][2][3:] == [[2, c, 2, 3], "NCHW"]
+        np.testing.assert_array_equal(out["b"][0][2][2], empty[2])
+        state = client.get_state(group_b)
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            np.testing.assert_allclose(state[key],
+                                       ref_b.state_dict()[key].numpy(),
+                                       atol=1e-5, err_msg=key)
+        # Eval: the running statistics and the stepped parameters.
+        ref_b.eval()
+        x = torch.from_numpy(eval_x).double().requires_grad_(True)
+        y = ref_b(x)
+        y.backward(torch.from_numpy(eval_dy).double())
+        np.testing.assert_allclose(out["eval"][0], y.detach().reshape(-1),
+                                   atol=1e-5)
+        np.testing.assert_allclose(out["eval"][1], x.grad.reshape(-1),
+                                   atol=1e-5)
+        assert out["both"][0] == "INVALID_ARGUMENT"
+        assert "exclusive" in out["both"][1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for name in (group_a, group_b):
+            try:
+                client.delete_layer(name)
+            except Exception:
+                pass

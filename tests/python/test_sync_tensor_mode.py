@@ -2,10 +2,14 @@
 level (outputs and grad_input against float64 torch, empty slices, bad
 input), server-held parameters stepped once per step (SyncBackward's sgd,
 and ServerSGD with server_parameters=True SyncBatchNorms), a cancelled
-call's part leaving its step, and sync calls on Train streams. The
+call's part leaving its step, sync calls on Train streams, and world_size
+changed between steps (elastic). The
 20-step parity of both modes and their mix is in test_sync_groups.py."""
 
+import shutil
+import tempfile
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ from torch import nn
 
 import normserve
 import normserve.torch as nst
+from normserve_pytest import ServerProcess
 from test_sync_groups import group_name, max_err, run_ranks
 
 
@@ -342,3 +347,78 @@ def test_sync_calls_on_train_streams(server):
             assert max_err(torch.from_numpy(y), ys[r]) < 1e-5
             assert max_err(torch.from_numpy(dx), dxs[r]) < 1e-5
     assert int(client.get_state(info.name)["num_batches_tracked"]) == 3
+
+
+def test_world_size_changes_between_steps_and_survives_a_restart():
+    """Elastic training: 3 ranks step, rank 2 leaves and the others resize
+    to 2 (a new step waits for 2), then a newcomer grows the group to 3
+    again; the world_size is journaled like any mutation."""
+    state_dir = tempfile.mkdtemp(prefix="normserve-elastic-")
+    args = ["--device=cpu", "--cpu_threads=1", f"--state_dir={state_dir}"]
+    c = 2
+    part = dict(count=4, mean=[0.5, -0.5], m2=[3.0, 6.0])
+    try:
+        process = ServerProcess(args=args).start()
+        client = normserve.Client(process.address, timeout=20)
+        modules = [nst.SyncBatchNorm(c, client=client, group="elastic",
+                                     rank=r, world_size=3)
+                   for r in range(3)]
+        x = torch.randn(4, c, 3)
+        run_ranks(lambda r: modules[r](x), 3)  # Step 0 with 3 ranks.
+        assert client.get_layer("elastic").world_size == 3
+        # Rank 2 leaves; ranks 0 and 1 resize before their next step.
+        run_ranks(lambda r: modules[r].resize(2, r), 2)
+        assert client.get_layer("elastic").world_size == 2
+        out = run_ranks(lambda r: client.sync_forward("elastic", 1, r, **part),
+                        2)
+        assert [o.count for o in out] == [8, 8]
+        with pytest.raises(normserve.InvalidArgumentError,
+                           match=r"rank 2 is outside 0 \.\. 1"):
+            client.sync_forward("elastic", 2, 2, **part)
+        # Only between steps (the current value is fine at any time).
+        info = client.create_layer(c, kind="sync_batch_norm", world_size=2,
+                                   barrier_timeout_ms=3000,
+                                   layer_id="elastic-busy")
+        stuck = []
+
+        def wait_alone():
+            try:
+                client.sync_forward(info.name, 0, 0, **part)
+            except normserve.AbortedError as err:
+                stuck.append(err)
+
+        t = threading.Thread(target=wait_alone)
+        t.start()
+        time.sleep(0.5)  # Rank 0 waits in step 0 (its barrier: 3 s).
+        with pytest.raises(normserve.FailedPreconditionError,
+                           match=r"SyncForward step 0 is in progress, waiting "
+                                 r"for ranks \[1\]"):
+            client.set_world_size(info.name, 3)
+        assert client.set_world_size(info.name, 2) >= 1  # Same: fine.
+        t.join()
+        assert stuck, "the lone rank should have timed out"
+        with pytest.raises(normserve.InvalidArgumentError,
+                           match="expected 1 to 1024"):
+            client.set_world_size(info.name, 0)
+        plain = client.create_layer(c, layer_id="elastic-plain")
+        with pytest.raises(normserve.UnimplementedError,
+                           match="not a sync group"):
+            client.set_world_size(plain.name, 2)
+        # A newcomer: the group grows back to 3 and it joins at step 2.
+        client.set_world_size("elastic", 3)
+        version = client.get_layer("elastic").version
+        client.close()
+        assert process.stop() == 0
+
+        process = ServerProcess(args=args).start()
+        client = normserve.Client(process.address, timeout=20)
+        layer = client.get_layer("elastic")
+        assert (layer.world_size, layer.version) == (3, version)
+        out = run_ranks(lambda r: client.sync_forward("elastic", 2, r, **part),
+                        3)
+        assert [o.count for o in out] == [12] * 3
+        assert int(client.get_state("elastic")["num_batches_tracked"]) == 3
+        client.close()
+        assert process.stop() == 0
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)

@@ -614,6 +614,8 @@ class Client:
                            pb.OptimizerStepResponse)
         self._set_params = unary("SetParameters", pb.SetParametersRequest,
                                  pb.SetParametersResponse)
+        self._set_world_size = unary("SetWorldSize", pb.SetWorldSizeRequest,
+                                     pb.SetWorldSizeResponse)
         self._get_state = unary("GetState", pb.GetStateRequest,
                                 pb.GetStateResponse)
         self._load_state = unary("LoadState", pb.LoadStateRequest,
@@ -943,6 +945,20 @@ class Client:
             f"SyncBackward({name}, step {step}, rank {rank})", timeout,
             retries)
         return _sync_backward_result(r, data, raw)
+
+    def set_world_size(self, name, world_size, *, request_id=None,
+                       expected_version=None, retries=0,
+                       timeout=_MISSING) -> int:
+        """Changes a sync group's world_size between steps (elastic
+        training); the next step waits for ranks 0 .. world_size - 1. The
+        current world_size is accepted at any time, so every remaining rank
+        may call it before its next step. Returns the layer's version."""
+        request = _with_ids(pb.SetWorldSizeRequest(
+            name=name, world_size=int(world_size)),
+            self._retry_id(request_id, retries), expected_version)
+        return self._mutate(self._set_world_size, request,
+                            f"SetWorldSize({name})", timeout,
+                            retries).version
 
     def optimizer_step(self, name, *, lr, momentum=0.0, dampening=0.0,
                        weight_decay=0.0, nesterov=False, keep_grad=False,

@@ -1192,6 +1192,21 @@ class SyncBatchNorm(_BatchNorm):
                 + f", group={self.group}, rank={self.rank}, "
                 f"world_size={self.world_size}, mode={self.mode}")
 
+    def resize(self, world_size, rank):
+        """Elastic training: from the next step on this module is rank
+        `rank` of `world_size` (after a participant left or joined). Every
+        remaining participant calls it, with its new rank, before its next
+        step; the first call changes the group's world_size on the server,
+        the others find it changed. A participant that joins constructs a
+        SyncBatchNorm with the new world_size and step= the group's next
+        step."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0 .. {world_size - 1}")
+        self._remote.client.set_world_size(self._remote.name, world_size,
+                                           **self._remote.kwargs())
+        self.world_size = world_size
+        self.rank = rank
+
     def _param_grads(self, needs_input_grad, g_dy_xhat, g_dy):
         """grad_weight, grad_bias for local parameters (the union's sums),
         and None for the server-held ones' anchor."""

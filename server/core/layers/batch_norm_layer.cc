@@ -198,6 +198,24 @@ StateSpec BatchNormStateSpec(const BatchNormConfig& config) {
   return spec;
 }
 
+namespace {
+
+// A sync group also keeps its current world_size (server-side, not in the
+// state_dict), so that a change between steps is saved, restored and
+// undone with the rest of the state.
+constexpr char kWorldSizeKey[] = "world_size";
+
+StateSpec SpecOf(const BatchNormConfig& params, int world_size) {
+  StateSpec spec = BatchNormStateSpec(params);
+  if (world_size > 0) {
+    spec.push_back(
+        {kWorldSizeKey, true, 0, static_cast<double>(world_size), false});
+  }
+  return spec;
+}
+
+}  // namespace
+
 struct BatchNormLayer::Sync {
   explicit Sync(int world_size)
       : stats("SyncForward", world_size), grads("SyncBackward", world_size) {}
@@ -219,7 +237,7 @@ BatchNormLayer::BatchNormLayer(std::string name, uint64_t uid,
       instance_(instance),
       world_size_(world_size),
       barrier_timeout_ms_(barrier_timeout_ms),
-      spec_(BatchNormStateSpec(params)),
+      spec_(SpecOf(params, world_size)),
       resident_(*env.backend, params.num_features) {
   if (world_size > 0) sync_ = std::make_unique<Sync>(world_size);
   absl::MutexLock lock(&mu_);
@@ -1145,6 +1163,44 @@ void BatchNormLayer::SyncWithdraw(bool backward, int64_t step, int rank,
   }
 }
 
+absl::StatusOr<int64_t> BatchNormLayer::SetWorldSize(int world_size) {
+  if (!sync()) return Layer::SetWorldSize(world_size);
+  if (world_size < 1 || world_size > kMaxWorldSize) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("SetWorldSize: world_size is ", world_size,
+                     "; expected 1 to ", kMaxWorldSize, " ranks"));
+  }
+  if (world_size == world_size_) {  // Every remaining rank may ask.
+    absl::MutexLock lock(&mu_);
+    return version_;
+  }
+  auto idle = [](const auto& barrier, const char* what) -> absl::Status {
+    if (!barrier.in_flight()) return absl::OkStatus();
+    return absl::FailedPreconditionError(
+        absl::StrCat("SetWorldSize: ", what, " step ", barrier.pending_step(),
+                     " is in progress, waiting for ranks ", barrier.Missing(),
+                     "; change world_size between steps"));
+  };
+  RETURN_IF_ERROR(idle(sync_->stats, "SyncForward"));
+  RETURN_IF_ERROR(idle(sync_->grads, "SyncBackward"));
+  ApplyWorldSize(world_size);
+  absl::MutexLock lock(&mu_);
+  state_.at(kWorldSizeKey).int_value = world_size;
+  return Mutated();
+}
+
+void BatchNormLayer::ApplyWorldSize(int world_size) {
+  if (world_size == world_size_) return;
+  world_size_ = world_size;
+  sync_->stats.set_world_size(world_size);
+  sync_->grads.set_world_size(world_size);
+  const LayerConfig current = Info().config;
+  auto params =
+      std::make_shared<SyncBatchNormConfig>(*current.As<SyncBatchNormConfig>());
+  params->world_size = world_size;
+  PublishConfig(LayerConfig{current.kind, current.device, std::move(params)});
+}
+
 // ---------------------------------------------------------------------------
 // Tensor mode.
 
@@ -1539,10 +1595,31 @@ LayerState BatchNormLayer::ExportState() const {
   return LayerState{state_, version_};
 }
 
-absl::Status BatchNormLayer::RestoreState(const LayerState& state) {
+absl::Status BatchNormLayer::RestoreState(const LayerState& given) {
   const std::string what = absl::StrCat("state of ", name(), " (",
                                         params_.num_features, " channels)");
+  const LayerState* restore = &given;
+  LayerState with_world_size;
+  if (sync() && given.arrays.count(kWorldSizeKey) == 0) {
+    // Saved before sync groups kept their world_size: the config's.
+    with_world_size = given;
+    StateEntry& entry = with_world_size.arrays[kWorldSizeKey];
+    entry.is_int = true;
+    entry.int_value = world_size_;
+    restore = &with_world_size;
+  }
+  const LayerState& state = *restore;
   RETURN_IF_ERROR(CheckStateFits(spec_, state.arrays, what));
+  if (sync()) {
+    const int64_t k = state.arrays.at(kWorldSizeKey).int_value;
+    if (k < 1 || k > kMaxWorldSize) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " has world_size ", k, "; expected 1 to ", kMaxWorldSize));
+    }
+    // Restores run at startup or on the strand; a failed step's undo finds
+    // the world_size unchanged.
+    ApplyWorldSize(static_cast<int>(k));
+  }
   if (params_.affine &&
       state.arrays.at("weight_momentum_buffer").values.size() !=
           state.arrays.at("bias_momentum_buffer").values.size()) {

@@ -162,6 +162,8 @@ class BatchNormLayer final : public Layer {
                  SyncDone<SyncGradsResult> done) override;
   void SyncWithdraw(bool backward, int64_t step, int rank,
                     const std::string& request_id) override;
+  // Run on the layer's strand only (the barriers are there).
+  absl::StatusOr<int64_t> SetWorldSize(int world_size) override;
   absl::StatusOr<int64_t> OptimizerStep(const SgdArgs& args) override;
   absl::StatusOr<int64_t> SetParameters(
       const std::vector<float>& weight,
@@ -210,6 +212,8 @@ class BatchNormLayer final : public Layer {
   // Eval mode in tensor mode: the plain eval Forward (Backward), no barrier.
   absl::Status EvalTensorForward(SyncStatsArgs& args, SyncStatsResult& result);
   absl::StatusOr<SyncGradsResult> EvalTensorBackward(SyncGradsArgs& args);
+  // Makes `world_size` the group's K: barriers and the published config.
+  void ApplyWorldSize(int world_size);
   // Checks one rank's part (rank, lengths, finite values).
   absl::Status CheckSyncRank(const char* what, int rank) const;
   // Merges the step's parts and, training with tracked statistics, moves
@@ -252,8 +256,9 @@ class BatchNormLayer final : public Layer {
 
   const BatchNormConfig params_;
   const bool instance_;
-  // sync_batch_norm: K and the barrier timeout; 0 for the other kinds.
-  const int world_size_;
+  // sync_batch_norm: K (changed between steps on the strand, so read
+  // there) and the barrier timeout; 0 for the other kinds.
+  int world_size_;
   const int64_t barrier_timeout_ms_;
   const StateSpec spec_;
 

@@ -63,6 +63,13 @@ class SyncBarrier {
   SyncBarrier& operator=(const SyncBarrier&) = delete;
 
   int64_t last_step() const { return last_step_; }
+  int world_size() const { return world_size_; }
+  // The ranks of the next step; only while no step is in flight. A retry
+  // of the last step by a rank that remains still gets its answer.
+  void set_world_size(int world_size) {
+    world_size_ = world_size;
+    if (!last_ids_.empty()) last_ids_.resize(world_size);
+  }
   bool in_flight() const { return pending_.has_value(); }
   int64_t pending_step() const { return pending_ ? pending_->step : -1; }
   // Counts the steps that started, so that a timeout scheduled for one
@@ -94,7 +101,8 @@ class SyncBarrier {
     }
     if (step <= last_step_) {
       if (step == last_step_ && last_answer_.has_value() &&
-          !request_id.empty() && last_ids_[rank] == request_id) {
+          !request_id.empty() && rank < static_cast<int>(last_ids_.size()) &&
+          last_ids_[rank] == request_id) {
         done(*last_answer_);
         return Joined::kAnswered;
       }
@@ -186,7 +194,7 @@ class SyncBarrier {
   };
 
   const char* const what_;
-  const int world_size_;
+  int world_size_;
   int64_t last_step_ = -1;
   uint64_t generation_ = 0;
   std::optional<Pending> pending_;
