@@ -46,7 +46,11 @@ workload:
   --ops MIX             operation mix, e.g. train:1,forward:2,eval:1
                         (default forward). train = Forward + Backward +
                         OptimizerStep over a Train stream; forward = unary
-                        training Forward; eval = unary eval Forward
+                        training Forward; eval = unary eval Forward; sync
+                        (alone) = a sync group's training step in tensor
+                        mode, SyncForward + SyncBackward with one SGD step
+  --sync_world_size K   ranks per sync group for --ops sync: worker i is
+                        rank i % K of group i / K (default 2)
   --layers N            layers to create (default 0: one per worker)
   --concurrency LIST    workers (streams) per step (default 1)
   --channels N          gRPC channels (TCP connections) to spread them over
@@ -211,6 +215,8 @@ int main(int argc, char** argv) {
                                    weight);
         }
       }
+    } else if (ParseFlag(argc, argv, &i, "sync_world_size", &v)) {
+      options.sync_world_size = static_cast<int>(Int("sync_world_size", v, 1));
     } else if (ParseFlag(argc, argv, &i, "layers", &v)) {
       options.layers = static_cast<int>(Int("layers", v, 0));
     } else if (ParseFlag(argc, argv, &i, "concurrency", &v)) {

@@ -252,6 +252,38 @@ struct LayerConfig {
   double momentum = 0.1;
 };
 
+// Between the steps of a sync group: every rank says whether it wants
+// another step, and all of them get the same answer (all wanted).
+class SyncGate {
+ public:
+  explicit SyncGate(int ranks) : ranks_(ranks) {}
+
+  bool AllWant(bool want) {
+    absl::MutexLock lock(&mu_);
+    const uint64_t generation = generation_;
+    all_ = all_ && want;
+    if (++arrived_ == ranks_) {
+      decision_ = all_;
+      all_ = true;
+      arrived_ = 0;
+      ++generation_;
+      cv_.SignalAll();
+      return decision_;
+    }
+    while (generation_ == generation) cv_.Wait(&mu_);
+    return decision_;
+  }
+
+ private:
+  const int ranks_;
+  absl::Mutex mu_;
+  absl::CondVar cv_;
+  int arrived_ ABSL_GUARDED_BY(mu_) = 0;
+  bool all_ ABSL_GUARDED_BY(mu_) = true;
+  bool decision_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
 // What every worker of a step shares; the atomics feed the progress line.
 struct StepContext {
   const LoadOptions* options = nullptr;
@@ -262,6 +294,10 @@ struct StepContext {
   int concurrency = 1;
   bool exclusive_layers = true;
   bool uses_stream = false;
+  // The sync op: one gate per group, and each group's next step (kept
+  // across the sweep's steps; rank 0 writes it when its group stops).
+  std::vector<std::unique_ptr<SyncGate>> gates;
+  std::vector<int64_t>* sync_steps = nullptr;
   TimePoint start, warm_end, end, hard_end;
   std::atomic<int64_t> counted{0};
   std::atomic<int64_t> failed{0};
@@ -295,7 +331,10 @@ class Worker {
       : index_(index),
         step_(step),
         options_(*step->options),
-        layer_((*step->layers)[index % static_cast<int>(step->layers->size())]),
+        layer_(
+            (*step->layers)[step->gates.empty()
+                                ? index % static_cast<int>(step->layers->size())
+                                : index / step->options->sync_world_size]),
         stub_(v1::Normalization::NewStub(channel)) {}
 
   // Builds the requests (a copy of the step's tensors each) and opens the
@@ -308,6 +347,14 @@ class Worker {
       forward_.set_name(layer_.name);
       *forward_.mutable_input() = d.x;
       forward_.set_save_for_backward(false);
+    }
+    if (step_->weights[static_cast<int>(Op::kSync)] > 0) {
+      sync_forward_.set_name(layer_.name);
+      sync_forward_.set_training(true);
+      *sync_forward_.mutable_input() = d.x;
+      sync_backward_.set_name(layer_.name);
+      *sync_backward_.mutable_grad_output() = d.dy;
+      sync_backward_.mutable_sgd()->set_lr(options_.lr);
     }
     if (step_->uses_stream) {
       v1::ForwardRequest* f = train_forward_.mutable_forward();
@@ -327,6 +374,7 @@ class Worker {
   }
 
   void Run() {
+    if (step_->weights[static_cast<int>(Op::kSync)] > 0) return RunSync();
     std::mt19937_64 rng(options_.seed * 7919u +
                         static_cast<uint64_t>(index_) * 104729u +
                         static_cast<uint64_t>(step_->data->dims[0]));
@@ -407,6 +455,50 @@ class Worker {
       }
       step_->counted.fetch_add(1, std::memory_order_relaxed);
     }
+  }
+
+  // The sync op's loop: this rank's group takes each step together.
+  void RunSync() {
+    const int k = options_.sync_world_size;
+    const int group = index_ / k, rank = index_ % k;
+    SyncGate& gate = *step_->gates[group];
+    int64_t& next_step = (*step_->sync_steps)[group];
+    int64_t s = next_step;  // Every rank reads it before rank 0 writes.
+    const bool by_count = options_.requests > 0;
+    // The same quota for every rank: the group stops together.
+    const int64_t quota =
+        by_count
+            ? (options_.requests + step_->concurrency - 1) / step_->concurrency
+            : 0;
+    const int o = static_cast<int>(Op::kSync);
+    int64_t counted = 0;
+    while (true) {
+      const TimePoint now = Clock::now();
+      const bool want = by_count ? !(now >= step_->warm_end && counted >= quota)
+                                 : now < step_->end;
+      if (!gate.AllWant(want)) break;
+      const TimePoint intended = Clock::now();
+      const Outcome outcome = SyncCycle(s++, rank);
+      const TimePoint done = Clock::now();
+      if (intended < step_->warm_end) continue;
+      ++counted;
+      ++result_.requests[o];
+      result_.first_start = std::min(result_.first_start, intended);
+      result_.last_end = std::max(result_.last_end, done);
+      if (outcome.code == 0) {
+        ++result_.ok[o];
+        result_.bytes_sent[o] += outcome.bytes_sent;
+        result_.bytes_received[o] += outcome.bytes_received;
+        result_.latency_ms[o].push_back(
+            std::chrono::duration<double, std::milli>(done - intended).count());
+      } else {
+        ++result_.errors[outcome.code];
+        step_->failed.fetch_add(1, std::memory_order_relaxed);
+      }
+      step_->counted.fetch_add(1, std::memory_order_relaxed);
+    }
+    gate.AllWant(false);  // Every rank has read next_step by now.
+    if (rank == 0) next_step = s;
   }
 
   // Half-closes the Train stream and waits for its end.
@@ -508,6 +600,37 @@ class Worker {
     out->bytes_sent += static_cast<int64_t>(request.ByteSizeLong());
     out->bytes_received += static_cast<int64_t>(response->ByteSizeLong());
     return true;
+  }
+
+  // SyncForward of step `s` with the slice, then SyncBackward through its
+  // handle (one SGD step of the group's parameters).
+  Outcome SyncCycle(int64_t s, int rank) {
+    Outcome out;
+    auto call = [&](auto method, const auto& request, auto* response) {
+      grpc::ClientContext context;
+      context.set_deadline(Deadline(options_.timeout_s));
+      grpc::Status status = (stub_.get()->*method)(&context, request, response);
+      if (!status.ok()) {
+        out.code = status.error_code();
+        out.message = status.error_message();
+        return false;
+      }
+      out.bytes_sent += static_cast<int64_t>(request.ByteSizeLong());
+      out.bytes_received += static_cast<int64_t>(response->ByteSizeLong());
+      return true;
+    };
+    sync_forward_.set_step(s);
+    sync_forward_.set_rank(rank);
+    if (!call(&v1::Normalization::Stub::SyncForward, sync_forward_,
+              &sync_forward_response_)) {
+      return out;
+    }
+    sync_backward_.set_step(s);
+    sync_backward_.set_rank(rank);
+    sync_backward_.set_handle(sync_forward_response_.handle());
+    call(&v1::Normalization::Stub::SyncBackward, sync_backward_,
+         &sync_backward_response_);
+    return out;
   }
 
   Outcome TrainCycle(bool verify) {
@@ -702,6 +825,10 @@ class Worker {
   v1::TrainRequest train_forward_, train_backward_, train_step_;
   v1::TrainResponse train_forward_response_, train_backward_response_,
       train_step_response_;
+  v1::SyncForwardRequest sync_forward_;
+  v1::SyncForwardResponse sync_forward_response_;
+  v1::SyncBackwardRequest sync_backward_;
+  v1::SyncBackwardResponse sync_backward_response_;
   std::unique_ptr<grpc::ClientContext> stream_context_;
   std::unique_ptr<grpc::ClientReaderWriter<v1::TrainRequest, v1::TrainResponse>>
       stream_;
@@ -766,7 +893,8 @@ absl::StatusOr<StepResult> RunStep(
     const LoadOptions& options, const StepData& data,
     const std::vector<LayerConfig>& layers,
     const std::vector<std::shared_ptr<grpc::Channel>>& channels,
-    int concurrency, size_t index, size_t steps) {
+    std::vector<int64_t>* sync_steps, int concurrency, size_t index,
+    size_t steps) {
   StepContext step;
   step.options = &options;
   step.data = &data;
@@ -778,6 +906,12 @@ absl::StatusOr<StepResult> RunStep(
     step.total_weight += weight;
   }
   step.uses_stream = step.weights[static_cast<int>(Op::kTrain)] > 0;
+  if (step.weights[static_cast<int>(Op::kSync)] > 0) {
+    for (int g = 0; g < concurrency / options.sync_world_size; ++g) {
+      step.gates.push_back(std::make_unique<SyncGate>(options.sync_world_size));
+    }
+    step.sync_steps = sync_steps;
+  }
   step.exclusive_layers = static_cast<int>(layers.size()) >= concurrency;
   const int num_channels =
       std::min<int>(static_cast<int>(channels.size()), concurrency);
@@ -893,11 +1027,50 @@ const char* OpName(Op op) {
       return "forward";
     case Op::kEval:
       return "eval";
+    case Op::kSync:
+      return "sync";
   }
   return "?";
 }
 
-std::vector<std::string> OpNames() { return {"train", "forward", "eval"}; }
+std::vector<std::string> OpNames() {
+  return {"train", "forward", "eval", "sync"};
+}
+
+absl::Status CheckSyncWorkload(const LoadOptions& options) {
+  bool sync = false;
+  for (const auto& [op, weight] : options.mix) {
+    sync = sync || (op == Op::kSync && weight > 0);
+  }
+  if (!sync) return absl::OkStatus();
+  if (options.mix.size() != 1) {
+    return absl::InvalidArgumentError(
+        "the sync op runs alone (--ops sync): every rank of a group takes "
+        "each step");
+  }
+  if (options.rate > 0) {
+    return absl::InvalidArgumentError(
+        "the sync op runs closed loop: its ranks wait for each other");
+  }
+  const int k = options.sync_world_size;
+  if (k < 1 || k > 1024) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--sync_world_size ", k, ": expected 1 to 1024 ranks per group"));
+  }
+  for (int64_t c : options.concurrency) {
+    if (c % k != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--concurrency ", c, " is not a multiple of --sync_world_size ", k,
+          ": every worker is one rank of a group"));
+    }
+  }
+  if (options.layers != 0) {
+    return absl::InvalidArgumentError(
+        "--layers does not apply to the sync op: there is one group per "
+        "sync_world_size workers");
+  }
+  return absl::OkStatus();
+}
 
 std::string StatusCodeName(int code) {
   static const char* const kNames[] = {"OK",
@@ -926,6 +1099,9 @@ std::string StatusCodeName(int code) {
 absl::StatusOr<std::vector<StepResult>> RunSweep(
     const LoadOptions& options,
     const std::function<void(const StepResult&)>& on_step) {
+  RETURN_IF_ERROR(CheckSyncWorkload(options));
+  bool sync = false;
+  for (const auto& [op, weight] : options.mix) sync = sync || op == Op::kSync;
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
                    Credentials(options));
   client::ClientOptions client_options;
@@ -950,7 +1126,9 @@ absl::StatusOr<std::vector<StepResult>> RunSweep(
   for (int64_t k : options.concurrency) {
     max_concurrency = std::max<int>(max_concurrency, static_cast<int>(k));
   }
-  const int num_layers = options.layers > 0 ? options.layers : max_concurrency;
+  const int num_layers = sync ? max_concurrency / options.sync_world_size
+                         : options.layers > 0 ? options.layers
+                                              : max_concurrency;
   const std::string prefix = absl::StrFormat(
       "load-%x-%x", static_cast<unsigned>(getpid()),
       static_cast<unsigned>(
@@ -969,6 +1147,13 @@ absl::StatusOr<std::vector<StepResult>> RunSweep(
     v1::CreateLayerRequest create;
     create.set_layer_id(absl::StrCat(prefix, "-", i));
     v1::BatchNormConfig* config = create.mutable_batch_norm();
+    if (sync) {
+      v1::SyncBatchNormConfig* group = create.mutable_sync_batch_norm();
+      group->set_world_size(options.sync_world_size);
+      group->set_barrier_timeout_ms(
+          static_cast<int64_t>(std::max(1.0, options.timeout_s * 1000)));
+      config = group->mutable_batch_norm();
+    }
     config->set_num_features(options.feature_shape[0]);
     config->set_layout(options.layout);
     config->set_dtype(options.dtype);
@@ -981,8 +1166,10 @@ absl::StatusOr<std::vector<StepResult>> RunSweep(
     }
     LayerConfig c;
     c.name = layer->name();
-    c.eps = layer->batch_norm().eps();
-    c.momentum = layer->batch_norm().momentum();
+    const v1::BatchNormConfig& echoed =
+        sync ? layer->sync_batch_norm().batch_norm() : layer->batch_norm();
+    c.eps = echoed.eps();
+    c.momentum = echoed.momentum();
     layers.push_back(c);
     // Parameters other than 1 and 0, so that the checks see them used.
     v1::SetParametersRequest params;
@@ -1004,6 +1191,7 @@ absl::StatusOr<std::vector<StepResult>> RunSweep(
   }
 
   std::vector<StepResult> results;
+  std::vector<int64_t> sync_steps(layers.size(), 0);
   const size_t steps = options.batch_sizes.size() * options.concurrency.size();
   for (int64_t batch : options.batch_sizes) {
     absl::StatusOr<StepData> data = MakeStepData(options, batch);
@@ -1013,8 +1201,8 @@ absl::StatusOr<std::vector<StepResult>> RunSweep(
     }
     for (int64_t k : options.concurrency) {
       absl::StatusOr<StepResult> r =
-          RunStep(options, *data, layers, channels, static_cast<int>(k),
-                  results.size(), steps);
+          RunStep(options, *data, layers, channels, &sync_steps,
+                  static_cast<int>(k), results.size(), steps);
       if (!r.ok()) {
         delete_layers();
         return r.status();

@@ -8,7 +8,15 @@
 //   train    Forward(training) + Backward(accumulate_grad) + OptimizerStep
 //            (SGD, lr) over the worker's Train stream: one "request";
 //   forward  unary Forward, training, nothing saved for backward;
-//   eval     unary Forward, eval mode.
+//   eval     unary Forward, eval mode;
+//   sync     one training step of a sync group in tensor mode: unary
+//            SyncForward + SyncBackward with one server-side SGD step
+//            (sgd, lr) per step of the group. The workers form groups of
+//            sync_world_size ranks (worker i is rank i % K of group i / K)
+//            and take every step together: it runs alone in the mix,
+//            closed loop, and a group's ranks decide together (an
+//            in-process rendezvous between steps) when to stop, so that no
+//            rank waits at a barrier its peers left. Not verified.
 // Closed loop by default (the next request starts when the previous one
 // returns). With a target rate, each worker sends on a fixed schedule
 // (rate / concurrency per worker) and latency is measured from the scheduled
@@ -43,9 +51,9 @@
 
 namespace normserve::load {
 
-enum class Op { kTrain = 0, kForward = 1, kEval = 2 };
-inline constexpr int kNumOps = 3;
-// "train", "forward", "eval".
+enum class Op { kTrain = 0, kForward = 1, kEval = 2, kSync = 3 };
+inline constexpr int kNumOps = 4;
+// "train", "forward", "eval", "sync".
 const char* OpName(Op op);
 std::vector<std::string> OpNames();
 
@@ -82,8 +90,12 @@ struct LoadOptions {
   // 0 turns verification off.
   int verify_every = 50;
   int verify_max = 4;
-  // SGD learning rate of the train cycle's OptimizerStep.
+  // SGD learning rate of the train cycle's OptimizerStep (and of the sync
+  // cycle's SyncBackward sgd).
   double lr = 0.01;
+  // Ranks per sync group (the sync op); each concurrency must be a
+  // multiple of it.
+  int sync_world_size = 2;
   // Deadline of one unary call; of a Train stream, the whole step plus this.
   double timeout_s = 60;
   // Print a live progress line (to stderr; the caller decides whether it is
