@@ -781,7 +781,8 @@ class SyncBatchNorm {
     // Server-held parameters: normalize with the ones the step used.
     if (this.sgd && r.weight) this._setParameters(r.weight, r.bias);
     const { weight, bias } = this;
-    this._saved = { x, shape, step, mean: r.mean, invstd: r.invstd, weight };
+    this._saved = { x, shape, step, counted, mean: r.mean, invstd: r.invstd,
+                    weight };
     const y = new Float32Array(x.length);
     for (let i = 0; i < n; ++i) {
       for (let ch = 0; ch < c; ++ch) {
@@ -806,7 +807,7 @@ class SyncBatchNorm {
       return { gradInput: r.gradInput.data, gradWeight: r.sumDyXhat,
                gradBias: r.sumDy };
     }
-    const { x, shape, step, mean, invstd, weight } = this._saved;
+    const { x, shape, step, counted, mean, invstd, weight } = this._saved;
     const { n, c, s } = this._extents(shape);
     const xhat = (k, ch) => (x[k] - mean[ch]) * invstd[ch];
     const sumDy = new Float64Array(c);
@@ -820,17 +821,23 @@ class SyncBatchNorm {
         }
       }
     }
-    const r = await this.client.syncBackward(this.layer.name, step, this.rank,
-                                             { ...options, sumDy, sumDyXhat });
+    // An eval forward with running statistics was no step of the group:
+    // its gradients are this slice's own (dx = dy * invstd * weight).
+    const r = counted
+      ? await this.client.syncBackward(this.layer.name, step, this.rank,
+                                       { ...options, sumDy, sumDyXhat })
+      : { count: 0, sumDy: Float32Array.from(sumDy),
+          sumDyXhat: Float32Array.from(sumDyXhat) };
     const count = Math.max(r.count, 1);
     const gradInput = new Float32Array(dy.length);
     for (let i = 0; i < n; ++i) {
       for (let ch = 0; ch < c; ++ch) {
         for (let j = 0; j < s; ++j) {
           const k = (i * c + ch) * s + j;
-          gradInput[k] = (dy[k] - r.sumDy[ch] / count -
-                          xhat(k, ch) * r.sumDyXhat[ch] / count) *
-                         invstd[ch] * weight[ch];
+          const g = counted ? dy[k] - r.sumDy[ch] / count -
+                                  xhat(k, ch) * r.sumDyXhat[ch] / count
+                            : dy[k];
+          gradInput[k] = g * invstd[ch] * weight[ch];
         }
       }
     }

@@ -199,3 +199,45 @@ def test_package_exports():
     assert normserve.torch.BatchNorm2d is nst.BatchNorm2d
     assert issubclass(normserve.InvalidArgumentError, ValueError)
     assert issubclass(normserve.NotFoundError, normserve.NormserveError)
+
+
+def test_packed_arrays_read_what_protobuf_wrote():
+    rng = np.random.default_rng(3)
+    mean, invstd = rng.random(5).astype(np.float32), rng.random(5)
+    msg = pb.SyncForwardResponse(count=7, mean=mean.tolist(),
+                                 invstd=invstd.tolist(), step=3)
+    fields = client_module._SYNC_FORWARD_FLOATS
+    got = _wire.packed_arrays(msg.SerializeToString(), fields)
+    np.testing.assert_array_equal(got["mean"], mean)
+    np.testing.assert_array_equal(got["invstd"], invstd.astype(np.float32))
+    assert got["weight"].size == 0 and got["bias"].size == 0  # Absent.
+    assert got["mean"].flags.writeable
+    # Two serialized messages back to back are one message whose repeated
+    # fields are both parts, in order.
+    more = pb.SyncForwardResponse(mean=[9.0]).SerializeToString()
+    got = _wire.packed_arrays(msg.SerializeToString() + more, fields)
+    np.testing.assert_array_equal(got["mean"], np.append(mean, 9.0))
+    with pytest.raises(ValueError, match="truncated"):
+        _wire.packed_arrays(msg.SerializeToString()[:-3], fields)
+
+
+def test_sync_requests_encode_their_arrays_packed():
+    mean, m2 = np.array([0.5, -1.25, 3.0]), [1.0, 2.0, 4.0]
+    raw = client_module._sync_forward_parts("g", 4, 1, True, 12, mean, m2,
+                                            None, None, "id").join()
+    decoded = pb.SyncForwardRequest.FromString(raw)
+    assert (decoded.name, decoded.step, decoded.rank, decoded.count,
+            decoded.request_id) == ("g", 4, 1, 12, "id")
+    assert list(decoded.mean) == mean.tolist()
+    assert list(decoded.m2) == m2
+    raw = client_module._sync_backward_parts(
+        "g", 4, 1, [1.0, 2.0], np.float32([0.5, 0.25]), None, None, True,
+        False, dict(lr=0.1), False, "").join()
+    decoded = pb.SyncBackwardRequest.FromString(raw)
+    assert list(decoded.sum_dy) == [1.0, 2.0]
+    assert list(decoded.sum_dy_xhat) == [0.5, 0.25]
+    assert decoded.accumulate_grad and decoded.sgd.lr == 0.1
+    # No arrays at all (an empty slice's stats) encode as absent fields.
+    raw = client_module._sync_forward_parts("g", 0, 0, True, 0, None, None,
+                                            None, None, "").join()
+    assert len(pb.SyncForwardRequest.FromString(raw).mean) == 0

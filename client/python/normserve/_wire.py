@@ -35,6 +35,69 @@ def length_field(message_type, name):
 
 TENSOR_DATA = length_field(_pb.Tensor, "data")  # Tensor.data
 
+_PACKED_TYPES = {
+    _descriptor.FieldDescriptor.TYPE_FLOAT: "<f4",
+    _descriptor.FieldDescriptor.TYPE_DOUBLE: "<f8",
+}
+
+
+def packed_field(message_type, name):
+    """(number, numpy dtype) of ``message_type``'s repeated float or double
+    field ``name`` (packed on the wire, as proto3 writes it)."""
+    field = message_type.DESCRIPTOR.fields_by_name[name]
+    if (field.label != _descriptor.FieldDescriptor.LABEL_REPEATED or
+            field.type not in _PACKED_TYPES):
+        raise TypeError(f"{field.full_name} is not a repeated float or "
+                        "double field")
+    return field.number, _PACKED_TYPES[field.type]
+
+
+def packed_bytes(field, array):
+    """A packed repeated field ``field`` holding ``array`` (a contiguous
+    little-endian numpy array of the field's type), serialized: what
+    ``extend`` of a list builds, without a Python object per value."""
+    data = array.tobytes()
+    return _len_header(field, len(data)) + data if len(data) else b""
+
+
+def packed_arrays(buf, fields):
+    """Reads top-level packed repeated numeric fields out of a serialized
+    message: ``fields`` maps (number, dtype) pairs (see packed_field) to
+    names. Returns {name: numpy array (a writable copy)}; an absent field
+    is an empty array. The protobuf runtime would convert every value to
+    a Python float on the way to numpy; this reads the bytes as they are.
+    """
+    wanted = {number: (name, dtype) for (number, dtype), name in
+              fields.items()}
+    found = {name: [] for name in fields.values()}
+    view = memoryview(buf)
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, pos = _read_varint(buf, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        elif wire_type == _LEN:
+            length, payload = _read_varint(buf, pos)
+            pos = payload + length
+            if field in wanted:
+                found[wanted[field][0]].append(view[payload:pos])
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire_type}")
+        if pos > end:
+            raise ValueError("truncated protobuf message")
+    import numpy as np  # Only the numeric paths need it.
+    out = {}
+    for number, (name, dtype) in wanted.items():
+        pieces = found[name]
+        raw = b"".join(pieces) if len(pieces) != 1 else pieces[0]
+        out[name] = np.frombuffer(raw, dtype=dtype).astype(np.float32)
+    return out
+
 
 def varint(value):
     """Returns ``value`` (>= 0) as a protobuf varint."""

@@ -97,6 +97,19 @@ _SYNC_FORWARD_DATA = (_wire.length_field(pb.SyncForwardResponse, "output"),
 _SYNC_BACKWARD_DATA = (
     _wire.length_field(pb.SyncBackwardResponse, "grad_input"),
     _wire.TENSOR_DATA)
+# The per-channel arrays of the sync calls, read and written as packed bytes
+# (see _wire.packed_arrays).
+_SYNC_FORWARD_FLOATS = {
+    _wire.packed_field(pb.SyncForwardResponse, name): name
+    for name in ("mean", "invstd", "weight", "bias")}
+_SYNC_BACKWARD_FLOATS = {
+    _wire.packed_field(pb.SyncBackwardResponse, name): name
+    for name in ("sum_dy", "sum_dy_xhat")}
+_SYNC_MEAN = _wire.packed_field(pb.SyncForwardRequest, "mean")[0]
+_SYNC_M2 = _wire.packed_field(pb.SyncForwardRequest, "m2")[0]
+_SYNC_SUM_DY = _wire.packed_field(pb.SyncBackwardRequest, "sum_dy")[0]
+_SYNC_SUM_DY_XHAT = _wire.packed_field(pb.SyncBackwardRequest,
+                                       "sum_dy_xhat")[0]
 # TrainResponse.forward.output.data, .backward.grad_input.data and the sync
 # operations' tensors.
 _TRAIN_DATA = {
@@ -289,12 +302,6 @@ def _floats(values):
     return np.asarray(values, dtype=np.float32)
 
 
-def _doubles(values):
-    """Per-channel values as the list a repeated double field takes fastest
-    (numpy arrays convert element by element)."""
-    return np.asarray(values, np.float64).reshape(-1).tolist()
-
-
 def _state_from_proto(state):
     out = {}
     for key, t in sorted(state.tensors.items()):
@@ -379,11 +386,9 @@ def _sync_forward_parts(name, step, rank, training, count, mean, m2, wire,
         request_id=request_id or "")
     if wire is None:
         request.count = int(count or 0)
-        if mean is not None:
-            request.mean.extend(_doubles(mean))
-        if m2 is not None:
-            request.m2.extend(_doubles(m2))
-        return _wire.Parts(request.SerializeToString())
+        return _wire.Parts(request.SerializeToString(),
+                           _wire.packed_bytes(_SYNC_MEAN, _f64(mean)),
+                           _wire.packed_bytes(_SYNC_M2, _f64(m2)))
     if save_for_backward is not None:
         request.save_for_backward = bool(save_for_backward)
     return _wire.message_with_tensor(request.SerializeToString(),
@@ -408,11 +413,10 @@ def _sync_backward_parts(name, step, rank, sum_dy, sum_dy_xhat, handle, wire,
                                   sgd.get("weight_decay", 0.0),
                                   sgd.get("nesterov", False)))
     if wire is None:
-        if sum_dy is not None:
-            request.sum_dy.extend(_doubles(sum_dy))
-        if sum_dy_xhat is not None:
-            request.sum_dy_xhat.extend(_doubles(sum_dy_xhat))
-        return _wire.Parts(request.SerializeToString())
+        return _wire.Parts(
+            request.SerializeToString(),
+            _wire.packed_bytes(_SYNC_SUM_DY, _f64(sum_dy)),
+            _wire.packed_bytes(_SYNC_SUM_DY_XHAT, _f64(sum_dy_xhat)))
     request.handle = int(handle or 0)
     request.skip_grad_input = bool(skip_grad_input)
     return _wire.message_with_tensor(request.SerializeToString(),
@@ -421,25 +425,32 @@ def _sync_backward_parts(name, step, rank, sum_dy, sum_dy_xhat, handle, wire,
                                      wire.data)
 
 
-def _optional_floats(values):
-    return _floats(values) if len(values) else None
+def _f64(values):
+    """Per-channel values as little-endian float64 (empty for None)."""
+    if values is None:
+        return np.empty(0, "<f8")
+    return np.ascontiguousarray(_to_numpy_value(values), "<f8").reshape(-1)
 
 
 def _sync_forward_result(r, data, raw):
     output = None
     if r.HasField("output"):
         output = _tensor_out(r.output, data, raw)
-    return SyncStatsResult(r.count, _floats(r.mean), _floats(r.invstd),
-                           r.step, r.version, _optional_floats(r.weight),
-                           _optional_floats(r.bias), output, r.handle)
+    # The arrays from the bytes: the repeated fields convert value by value.
+    f = _wire.packed_arrays(r.SerializeToString(), _SYNC_FORWARD_FLOATS)
+    return SyncStatsResult(r.count, f["mean"], f["invstd"], r.step,
+                           r.version, f["weight"] if f["weight"].size else None,
+                           f["bias"] if f["bias"].size else None, output,
+                           r.handle)
 
 
 def _sync_backward_result(r, data, raw):
     grad_input = None
     if r.HasField("grad_input"):
         grad_input = _tensor_out(r.grad_input, data, raw)
-    return SyncGradsResult(r.count, _floats(r.sum_dy), _floats(r.sum_dy_xhat),
-                           r.version, grad_input)
+    f = _wire.packed_arrays(r.SerializeToString(), _SYNC_BACKWARD_FLOATS)
+    return SyncGradsResult(r.count, f["sum_dy"], f["sum_dy_xhat"], r.version,
+                           grad_input)
 
 
 def _tensor_out(tensor_msg, data, raw):

@@ -80,7 +80,7 @@ struct BatchNormContext final : SavedContext {
 
   size_t bytes() const override {
     return SavedContext::bytes() +
-           (mean.size() + invstd.size()) * sizeof(float);
+           (mean.size() + invstd.size() + weight.size()) * sizeof(float);
   }
 };
 
