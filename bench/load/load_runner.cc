@@ -439,21 +439,7 @@ class Worker {
       if (!in_window) continue;
 
       ++counted;
-      const int o = static_cast<int>(op);
-      ++result_.requests[o];
-      result_.first_start = std::min(result_.first_start, intended);
-      result_.last_end = std::max(result_.last_end, done);
-      if (outcome.code == 0) {
-        ++result_.ok[o];
-        result_.bytes_sent[o] += outcome.bytes_sent;
-        result_.bytes_received[o] += outcome.bytes_received;
-        result_.latency_ms[o].push_back(
-            std::chrono::duration<double, std::milli>(done - intended).count());
-      } else {
-        ++result_.errors[outcome.code];
-        step_->failed.fetch_add(1, std::memory_order_relaxed);
-      }
-      step_->counted.fetch_add(1, std::memory_order_relaxed);
+      Record(op, intended, done, outcome);
     }
   }
 
@@ -470,7 +456,6 @@ class Worker {
         by_count
             ? (options_.requests + step_->concurrency - 1) / step_->concurrency
             : 0;
-    const int o = static_cast<int>(Op::kSync);
     int64_t counted = 0;
     while (true) {
       const TimePoint now = Clock::now();
@@ -482,23 +467,30 @@ class Worker {
       const TimePoint done = Clock::now();
       if (intended < step_->warm_end) continue;
       ++counted;
-      ++result_.requests[o];
-      result_.first_start = std::min(result_.first_start, intended);
-      result_.last_end = std::max(result_.last_end, done);
-      if (outcome.code == 0) {
-        ++result_.ok[o];
-        result_.bytes_sent[o] += outcome.bytes_sent;
-        result_.bytes_received[o] += outcome.bytes_received;
-        result_.latency_ms[o].push_back(
-            std::chrono::duration<double, std::milli>(done - intended).count());
-      } else {
-        ++result_.errors[outcome.code];
-        step_->failed.fetch_add(1, std::memory_order_relaxed);
-      }
-      step_->counted.fetch_add(1, std::memory_order_relaxed);
+      Record(Op::kSync, intended, done, outcome);
     }
     gate.AllWant(false);  // Every rank has read next_step by now.
     if (rank == 0) next_step = s;
+  }
+
+  // Counts one request of the measured window.
+  void Record(Op op, TimePoint intended, TimePoint done,
+              const Outcome& outcome) {
+    const int o = static_cast<int>(op);
+    ++result_.requests[o];
+    result_.first_start = std::min(result_.first_start, intended);
+    result_.last_end = std::max(result_.last_end, done);
+    if (outcome.code == 0) {
+      ++result_.ok[o];
+      result_.bytes_sent[o] += outcome.bytes_sent;
+      result_.bytes_received[o] += outcome.bytes_received;
+      result_.latency_ms[o].push_back(
+          std::chrono::duration<double, std::milli>(done - intended).count());
+    } else {
+      ++result_.errors[outcome.code];
+      step_->failed.fetch_add(1, std::memory_order_relaxed);
+    }
+    step_->counted.fetch_add(1, std::memory_order_relaxed);
   }
 
   // Half-closes the Train stream and waits for its end.

@@ -307,6 +307,17 @@ def test_a_cancelled_call_withdraws_its_part(client):
     # Rank 0 gives up (its deadline) while rank 1 is missing.
     with pytest.raises(normserve.DeadlineExceededError):
         client.sync_forward(info.name, 0, 0, 4, timeout=0.3, **stats)
+    # The server learns of the cancellation on its own time: once the part
+    # is out, no step is in flight, and world_size may change.
+    deadline = time.time() + 20
+    while True:
+        try:
+            client.set_world_size(info.name, 3)
+            break
+        except normserve.FailedPreconditionError:
+            assert time.time() < deadline, "the part never left its step"
+            time.sleep(0.05)
+    client.set_world_size(info.name, 2)
     # Its part left the step: a new call for rank 0 (another request id)
     # is no duplicate, and the union counts only the new parts.
     results = run_ranks(

@@ -73,23 +73,9 @@ def packed_arrays(buf, fields):
     view = memoryview(buf)
     pos, end = 0, len(buf)
     while pos < end:
-        key, pos = _read_varint(buf, pos)
-        field, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            _, pos = _read_varint(buf, pos)
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 5:
-            pos += 4
-        elif wire_type == _LEN:
-            length, payload = _read_varint(buf, pos)
-            pos = payload + length
-            if field in wanted:
-                found[wanted[field][0]].append(view[payload:pos])
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire_type}")
-        if pos > end:
-            raise ValueError("truncated protobuf message")
+        field, wire_type, payload, pos = _next_field(buf, pos, end)
+        if wire_type == _LEN and field in wanted:
+            found[wanted[field][0]].append(view[payload:pos])
     import numpy as np  # Only the numeric paths need it.
     out = {}
     for number, (name, dtype) in wanted.items():
@@ -124,6 +110,28 @@ def _read_varint(buf, pos):
         shift += 7
         if shift > 63:
             raise ValueError("malformed varint")
+
+
+def _next_field(buf, pos, end):
+    """The field at ``pos`` of a message ending at ``end``: (number, wire
+    type, where its payload starts, where the next field starts)."""
+    key, pos = _read_varint(buf, pos)
+    field, wire_type = key >> 3, key & 7
+    payload = pos
+    if wire_type == 0:
+        _, pos = _read_varint(buf, pos)
+    elif wire_type == 1:
+        pos += 8
+    elif wire_type == 5:
+        pos += 4
+    elif wire_type == _LEN:
+        length, payload = _read_varint(buf, pos)
+        pos = payload + length
+    else:
+        raise ValueError(f"unsupported protobuf wire type {wire_type}")
+    if pos > end:
+        raise ValueError("truncated protobuf message")
+    return field, wire_type, payload, pos
 
 
 def _len_header(field, length):
@@ -201,34 +209,18 @@ def _split(buf, view, start, end, tree):
     pos = start
     while pos < end:
         field_start = pos
-        key, pos = _read_varint(buf, pos)
-        field, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            _, pos = _read_varint(buf, pos)
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 5:
-            pos += 4
-        elif wire_type == _LEN:
-            length, payload = _read_varint(buf, pos)
-            pos = payload + length
-            if pos > end:
-                raise ValueError("truncated protobuf message")
-            if field in tree:
-                subtree = tree[field]
-                if subtree is None:
-                    data = view[payload:pos]
-                    continue
-                inner, inner_data = _split(buf, view, payload, pos, subtree)
-                if inner_data is not None:
-                    data = inner_data
-                pieces.append(_len_header(field, len(inner)))
-                pieces.append(inner)
+        field, wire_type, payload, pos = _next_field(buf, pos, end)
+        if wire_type == _LEN and field in tree:
+            subtree = tree[field]
+            if subtree is None:
+                data = view[payload:pos]
                 continue
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire_type}")
-        if pos > end:
-            raise ValueError("truncated protobuf message")
+            inner, inner_data = _split(buf, view, payload, pos, subtree)
+            if inner_data is not None:
+                data = inner_data
+            pieces.append(_len_header(field, len(inner)))
+            pieces.append(inner)
+            continue
         pieces.append(buf[field_start:pos])
     if pos != end:
         raise ValueError("truncated protobuf message")
