@@ -449,7 +449,9 @@ class Worker {
     const int group = index_ / k, rank = index_ % k;
     SyncGate& gate = *step_->gates[group];
     int64_t& next_step = (*step_->sync_steps)[group];
-    int64_t s = next_step;  // Every rank reads it before rank 0 writes.
+    // Every rank reads it before its first AllWant, which rank 0 passes
+    // (and so gets to write it) only once every rank has arrived.
+    int64_t s = next_step;
     const bool by_count = options_.requests > 0;
     // The same quota for every rank: the group stops together.
     const int64_t quota =
@@ -469,7 +471,6 @@ class Worker {
       ++counted;
       Record(Op::kSync, intended, done, outcome);
     }
-    gate.AllWant(false);  // Every rank has read next_step by now.
     if (rank == 0) next_step = s;
   }
 

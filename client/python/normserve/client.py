@@ -631,25 +631,23 @@ class Client:
                                 pb.GetStateResponse)
         self._load_state = unary("LoadState", pb.LoadStateRequest,
                                  pb.LoadStateResponse)
-        # Sync calls may carry tensors (tensor mode): as Forward below.
-        self._sync_forward = self._channel.unary_unary(
-            _SERVICE + "SyncForward",
-            response_deserializer=_decode_with_data(pb.SyncForwardResponse,
-                                                    _SYNC_FORWARD_DATA))
-        self._sync_backward = self._channel.unary_unary(
-            _SERVICE + "SyncBackward",
-            response_deserializer=_decode_with_data(pb.SyncBackwardResponse,
-                                                    _SYNC_BACKWARD_DATA))
-        # Forward, Backward and Train carry tensors: requests arrive
-        # serialized (see _wire), responses are split around their data.
-        self._forward = self._channel.unary_unary(
-            _SERVICE + "Forward",
-            response_deserializer=_decode_with_data(pb.ForwardResponse,
-                                                    _FORWARD_DATA))
-        self._backward = self._channel.unary_unary(
-            _SERVICE + "Backward",
-            response_deserializer=_decode_with_data(pb.BackwardResponse,
-                                                    _BACKWARD_DATA))
+        # Forward, Backward, the sync calls (tensor mode) and Train carry
+        # tensors: requests arrive serialized (see _wire), responses are
+        # split around their data.
+        def with_tensor(method, response_type, data_fields):
+            return self._channel.unary_unary(
+                _SERVICE + method,
+                response_deserializer=_decode_with_data(response_type,
+                                                        data_fields))
+
+        self._forward = with_tensor("Forward", pb.ForwardResponse,
+                                    _FORWARD_DATA)
+        self._backward = with_tensor("Backward", pb.BackwardResponse,
+                                     _BACKWARD_DATA)
+        self._sync_forward = with_tensor(
+            "SyncForward", pb.SyncForwardResponse, _SYNC_FORWARD_DATA)
+        self._sync_backward = with_tensor(
+            "SyncBackward", pb.SyncBackwardResponse, _SYNC_BACKWARD_DATA)
         self._train = self._channel.stream_stream(
             _SERVICE + "Train",
             response_deserializer=_decode_with_data(pb.TrainResponse,

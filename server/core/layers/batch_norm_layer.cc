@@ -821,6 +821,22 @@ absl::Status CheckSyncValues(const char* what, const char* field,
   return absl::OkStatus();
 }
 
+// `done`, after `apply(result)` (which may fail, and then answers
+// instead) on a successful answer. Answers run on the layer's strand while
+// the layer lives; the barrier's destructor answers with an error only,
+// which skips `apply`.
+template <typename Result, typename Apply>
+SyncDone<Result> ApplyThen(Apply apply, SyncDone<Result> done) {
+  return [apply = std::move(apply),
+          done = std::move(done)](absl::StatusOr<Result> result) {
+    if (result.ok()) {
+      absl::Status applied = apply(*result);
+      if (!applied.ok()) result = applied;
+    }
+    done(std::move(result));
+  };
+}
+
 // Adds a rank's part to `barrier`'s step: schedules the step's timeout when
 // it starts (`get` finds the barrier again in the layer the timeout job
 // runs on) and completes it, with complete()'s answer, when it is full.
@@ -918,7 +934,11 @@ void BatchNormLayer::SyncStats(SyncStatsArgs args, SyncCommit commit,
   }
   if (!valid.ok()) return done(valid);
   if (tensor != nullptr) {
-    done = TensorForwardDone(std::move(tensor), std::move(done));
+    done = ApplyThen<SyncStatsResult>(
+        [this, tensor = std::move(tensor)](SyncStatsResult& result) {
+          return ApplySyncOutput(*tensor, result);
+        },
+        std::move(done));
   }
   JoinStep(
       sync_->stats, [](Layer & l) -> auto& {
@@ -1028,12 +1048,14 @@ void BatchNormLayer::SyncGrads(SyncGradsArgs args, SyncCommit commit,
   }
   constexpr const char* kWhat = "SyncBackward";
   const int64_t c = params_.num_features;
+  std::shared_ptr<SavedContext> forward;
   if (args.grad_output) {
-    // The backward of an eval-mode tensor forward needs no barrier.
     absl::StatusOr<std::shared_ptr<SavedContext>> saved =
         env().contexts->Take(args.handle, uid(), /*retain=*/true);
     if (!saved.ok()) return done(saved.status());
-    if (!static_cast<const BatchNormContext&>(**saved).batch_stats) {
+    forward = *std::move(saved);
+    // The backward of an eval-mode tensor forward needs no barrier.
+    if (!static_cast<const BatchNormContext&>(*forward).batch_stats) {
       return done(EvalTensorBackward(args));
     }
   }
@@ -1053,7 +1075,7 @@ void BatchNormLayer::SyncGrads(SyncGradsArgs args, SyncCommit commit,
   std::shared_ptr<SyncGradInput> tensor;
   if (valid.ok() && args.grad_output) {
     absl::StatusOr<std::shared_ptr<SyncGradInput>> prepared =
-        PrepareSyncGradOutput(args);
+        PrepareSyncGradOutput(args, std::move(forward));
     if (prepared.ok()) {
       tensor = *std::move(prepared);
     } else {
@@ -1098,7 +1120,11 @@ void BatchNormLayer::SyncGrads(SyncGradsArgs args, SyncCommit commit,
   }
   if (!valid.ok()) return done(valid);
   if (tensor != nullptr) {
-    done = TensorBackwardDone(std::move(tensor), std::move(done));
+    done = ApplyThen<SyncGradsResult>(
+        [this, tensor = std::move(tensor)](SyncGradsResult& result) {
+          return ApplySyncGradInput(*tensor, result);
+        },
+        std::move(done));
   }
   JoinStep(
       sync_->grads, [](Layer & l) -> auto& {
@@ -1301,20 +1327,6 @@ BatchNormLayer::PrepareSyncInput(SyncStatsArgs& args) {
   return in;
 }
 
-SyncDone<SyncStatsResult> BatchNormLayer::TensorForwardDone(
-    std::shared_ptr<SyncInput> in, SyncDone<SyncStatsResult> done) {
-  // Answers run on the layer's strand while the layer lives; the barrier's
-  // destructor answers with an error only, which touches nothing here.
-  return [this, in = std::move(in),
-          done = std::move(done)](absl::StatusOr<SyncStatsResult> result) {
-    if (result.ok()) {
-      absl::Status applied = ApplySyncOutput(*in, *result);
-      if (!applied.ok()) result = applied;
-    }
-    done(std::move(result));
-  };
-}
-
 absl::Status BatchNormLayer::ApplySyncOutput(SyncInput& in,
                                              SyncStatsResult& result) {
   BatchNormContext& context = *in.context;
@@ -1377,11 +1389,12 @@ absl::Status BatchNormLayer::EvalTensorForward(SyncStatsArgs& args,
 }
 
 absl::StatusOr<std::shared_ptr<BatchNormLayer::SyncGradInput>>
-BatchNormLayer::PrepareSyncGradOutput(SyncGradsArgs& args) {
+BatchNormLayer::PrepareSyncGradOutput(SyncGradsArgs& args,
+                                      std::shared_ptr<SavedContext> forward) {
   constexpr const char* kWhat = "SyncBackward";
-  ASSIGN_OR_RETURN(std::shared_ptr<SavedContext> saved,
-                   env().contexts->Take(args.handle, uid(), /*retain=*/true));
-  auto context = std::static_pointer_cast<const BatchNormContext>(saved);
+  // Only this layer stores contexts under its uid.
+  auto context =
+      std::static_pointer_cast<const BatchNormContext>(std::move(forward));
   if (context->sync_step != args.step) {
     return absl::InvalidArgumentError(absl::StrCat(
         kWhat, ": handle ", args.handle, " is the SyncForward of step ",
@@ -1433,18 +1446,6 @@ BatchNormLayer::PrepareSyncGradOutput(SyncGradsArgs& args) {
   args.sum_dy = ToDoubles(sum_dy);
   args.sum_dy_xhat = ToDoubles(sum_dy_xhat);
   return in;
-}
-
-SyncDone<SyncGradsResult> BatchNormLayer::TensorBackwardDone(
-    std::shared_ptr<SyncGradInput> in, SyncDone<SyncGradsResult> done) {
-  return [this, in = std::move(in),
-          done = std::move(done)](absl::StatusOr<SyncGradsResult> result) {
-    if (result.ok()) {
-      absl::Status applied = ApplySyncGradInput(*in, *result);
-      if (!applied.ok()) result = applied;
-    }
-    done(std::move(result));
-  };
 }
 
 absl::Status BatchNormLayer::ApplySyncGradInput(SyncGradInput& in,

@@ -198,15 +198,11 @@ class BatchNormLayer final : public Layer {
   // Sets args' count, mean and m2 from args.input.
   absl::StatusOr<std::shared_ptr<SyncInput>> PrepareSyncInput(
       SyncStatsArgs& args);
-  // Sets args' sums from args.grad_output and the forward's context.
+  // Sets args' sums from args.grad_output and `forward`, the context of the
+  // rank's SyncForward (args.handle).
   absl::StatusOr<std::shared_ptr<SyncGradInput>> PrepareSyncGradOutput(
-      SyncGradsArgs& args);
-  // `done`, after writing the rank's output (grad_input) into a
-  // successful answer.
-  SyncDone<SyncStatsResult> TensorForwardDone(std::shared_ptr<SyncInput> in,
-                                              SyncDone<SyncStatsResult> done);
-  SyncDone<SyncGradsResult> TensorBackwardDone(
-      std::shared_ptr<SyncGradInput> in, SyncDone<SyncGradsResult> done);
+      SyncGradsArgs& args, std::shared_ptr<SavedContext> forward);
+  // Write the rank's output (grad_input) into a successful answer.
   absl::Status ApplySyncOutput(SyncInput& in, SyncStatsResult& result);
   absl::Status ApplySyncGradInput(SyncGradInput& in, SyncGradsResult& result);
   // Eval mode in tensor mode: the plain eval Forward (Backward), no barrier.
