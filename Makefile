@@ -6,7 +6,8 @@ JOBS ?= $(shell nproc)
 ADDRESS ?= 127.0.0.1:50051
 DEVICE ?= auto
 
-.PHONY: all deps configure build demo serve test image-test clean format bench load fuzz test-asan soak
+.PHONY: all deps configure build demo serve test image-test clean format bench load fuzz test-asan soak \
+	python-wheel node-pack stubs install
 
 all: build
 
@@ -60,6 +61,29 @@ load: build
 # minutes cold, not part of `make test`).
 image-test:
 	@BUILD_DIR=$(BUILD_DIR) deploy/docker/image_test.sh
+
+# --- clients as packages (issue 17) ---------------------------------------
+
+# The Python client as a wheel with its generated stubs, in
+# $(BUILD_DIR)/dist (scripts/python-wheel.sh; offline, Debian's tools).
+python-wheel: build
+	@scripts/python-wheel.sh $(BUILD_DIR)
+
+# The Node client as an npm tarball, proto and TypeScript declarations
+# inside, in $(BUILD_DIR)/dist (scripts/node-pack.sh).
+node-pack: deps
+	@scripts/node-pack.sh $(BUILD_DIR)
+
+# Go and Java stubs and their smoke programs, in $(BUILD_DIR)/stubs
+# (scripts/stubs.sh).
+stubs: build
+	@scripts/stubs.sh $(BUILD_DIR)
+
+# Headers, libnormserve_client, its CMake package and pkg-config file under
+# PREFIX (default /usr/local).
+PREFIX ?= /usr/local
+install: build
+	@cmake --install $(BUILD_DIR) --prefix $(PREFIX)
 
 format:
 	@git ls-files '*.cc' '*.h' | xargs clang-format -i

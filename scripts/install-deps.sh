@@ -22,6 +22,22 @@ PACKAGES=(
   # tests/server/security_test makes its certificates; scripts/fuzz.sh
   # builds the libFuzzer target with clang 14.
   openssl clang-14 libclang-rt-14-dev
+  # Packages (make python-wheel, tests/packaging): the wheel is built and
+  # installed into a venv offline, with Debian's build tools.
+  python3-venv python3-build python3-wheel python3-setuptools
+  # Node package (tests/node_package): tsc checks index.d.ts.
+  node-typescript
+  # Stubs for more languages (make stubs, tests/stubs): Go and Java from
+  # Debian's gRPC packages. Go: github.com/golang/protobuf 1.5 (over APIv2;
+  # grpc-go's codec crashes on protoc-gen-go's messages with 1.3, which
+  # golang-google-grpc-dev pulls in otherwise). Java: what libgrpc-java's
+  # jars need but its package does not pull in (netty transport, protobuf,
+  # perfmark, gson, javax.annotation.Generated for the generated stubs).
+  golang-go golang-google-grpc-dev golang-google-protobuf-dev
+  golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc
+  default-jdk-headless libgrpc-java protobuf-compiler-grpc-java-plugin
+  libnetty-java libprotobuf-java libguava-java libperfmark-java
+  libgoogle-gson-java libgeronimo-annotation-1.3-spec-java
 )
 # Node client: Debian's node and npm unless both are already on PATH (e.g.
 # from NodeSource, whose nodejs package conflicts with Debian's npm).

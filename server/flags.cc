@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
+#include "common/version.h"
 
 namespace normserve::server {
 
@@ -140,6 +141,7 @@ constexpr char kUsageTail[] =
     R"(  --help                  print this and exit (--helpfull: also the flags
                           of the libraries linked in, which normserve does
                           not let you set)
+  --version               print the version and exit
 
 environment:
   TCMALLOC_MAX_TOTAL_THREAD_CACHE_BYTES
@@ -257,6 +259,10 @@ void ParseFlags(int argc, char** argv) {
     const absl::string_view arg = argv[i];
     if (arg == "--help" || arg == "-h" || arg == "--helpfull") {
       std::fputs(Usage(arg == "--helpfull").c_str(), stdout);
+      std::exit(0);
+    }
+    if (arg == "--version") {
+      std::printf("normserve %s\n", kVersion);
       std::exit(0);
     }
     absl::string_view name = arg;

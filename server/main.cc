@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "common/version.h"
 #include "server/flags.h"
 #include "server/grpc/server.h"
 #include "server/malloc_config.h"
@@ -28,6 +29,8 @@ void PrintStartup(NormServer& server,
       server.address().c_str(), server.device_name().c_str(),
       options.max_message_bytes >> 20, engine.max_saved_bytes >> 20,
       engine.max_saved_contexts, engine.max_layers);
+  std::printf("normserve: version %s (API normserve.v1)\n",
+              normserve::kVersion);
   std::printf("normserve: %s, %s\n",
               options.tls_client_ca_file.empty()
                   ? (server.tls() ? "TLS" : "plaintext (no TLS)")

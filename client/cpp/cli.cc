@@ -22,6 +22,7 @@
 #include "client/cpp/state_json.h"
 #include "client/cpp/tensor.h"
 #include "common/status_macros.h"
+#include "common/version.h"
 #include "google/protobuf/text_format.h"
 
 namespace normserve::client::cli {
@@ -303,6 +304,10 @@ int Main(int argc, char** argv) {
   if (!line.ok()) return PrintError(line.status(), kExitUsage);
   if (line->help) {
     std::fputs(UsageText(), stdout);
+    return 0;
+  }
+  if (line->version) {
+    std::printf("normserve-cli %s\n", kVersion);
     return 0;
   }
   absl::StatusOr<ClientOptions> options = ClientOptionsFromFlags(*line);

@@ -33,7 +33,7 @@ const std::vector<FlagSpec>& GlobalFlags() {
   static const auto* const kFlags = new std::vector<FlagSpec>{
       {"address", false},    {"timeout_ms", false}, {"tls_ca", false},
       {"tls_cert", false},   {"tls_key", false},    {"tls", true},
-      {"token_file", false}, {"help", true}};
+      {"token_file", false}, {"help", true},        {"version", true}};
   return *kFlags;
 }
 
@@ -191,6 +191,7 @@ Global flags:
   --token_file=FILE    file holding a bearer token for servers started with
                        --auth_tokens (kept out of the command line)
   --help               print this text
+  --version            print the CLI's version
 
 Exit status: 0 on success, 1 when a call fails (prints
 "error: CODE: message"), 2 for usage errors.
@@ -258,7 +259,9 @@ absl::StatusOr<CommandLine> ParseCommandLine(
     }
   }
   line.help = line.flags.count("help") != 0 && line.flags.at("help") == "true";
-  if (line.help) return line;
+  line.version =
+      line.flags.count("version") != 0 && line.flags.at("version") == "true";
+  if (line.help || line.version) return line;
   if (spec == nullptr) {
     return absl::InvalidArgumentError("no command given");
   }

@@ -27,6 +27,7 @@ struct CommandLine {
   std::vector<std::string> positional;       // Arguments after the command.
   std::map<std::string, std::string> flags;  // Name without "--" -> value.
   bool help = false;
+  bool version = false;  // --version: print it, nothing else.
 };
 
 // Returns the usage text printed by --help.

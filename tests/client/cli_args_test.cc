@@ -80,6 +80,16 @@ TEST(CliArgsTest, HelpNeedsNoCommand) {
   EXPECT_TRUE(line->help);
 }
 
+TEST(CliArgsTest, VersionNeedsNoCommand) {
+  absl::StatusOr<CommandLine> line = Parse({"--version"});
+  ASSERT_TRUE(line.ok()) << line.status();
+  EXPECT_TRUE(line->version);
+  EXPECT_FALSE(line->help);
+  line = Parse({"--address=", "--version"});
+  ASSERT_TRUE(line.ok()) << "--version checks nothing else: " << line.status();
+  EXPECT_FALSE(Parse({"list"})->version);
+}
+
 TEST(CliArgsTest, CreateWithEveryFlag) {
   absl::StatusOr<CommandLine> line = Parse(
       {"create", "--num_features=64", "--id", "bn1", "--eps=1e-3", "--momentum",

@@ -25,11 +25,12 @@ docs/*.md is one of:
 How blocks run, in a scratch directory holding links to the source tree's
 top-level entries and a build/ whose bin/ and python/ are BUILD's:
   sh/bash/shell   bash with `set -euo pipefail`; must exit 0. A block that
-                  starts the server (normserve without --help, or make
-                  serve) runs in the background on 127.0.0.1:0 (every
-                  HOST:PORT in it becomes that) until the server prints its
-                  start-up line; then the server gets SIGTERM and the block
-                  must exit 0 with "normserve: stopped".
+                  starts the server (normserve without --help or
+                  --version, or make serve) runs in the background on
+                  127.0.0.1:0 (every HOST:PORT in it becomes that) until
+                  the server prints its start-up line; then the server
+                  gets SIGTERM and the block must exit 0 with "normserve:
+                  stopped".
   console         each "$ " line runs; the lines after it are its expected
                   output (in order, "..." matches anything; stdout and
                   stderr together), and the exit status may then be
@@ -310,7 +311,7 @@ def starts_server(text):
         words = command.split()
         while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
             words.pop(0)
-        if not words or "--help" in words:
+        if not words or "--help" in words or "--version" in words:
             continue
         if words[0] == "normserve" or words[0].endswith("/normserve"):
             return True
