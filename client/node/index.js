@@ -1,7 +1,9 @@
 // Node.js client for normserve (service normserve.v1.Normalization).
 //
-// The API is loaded at run time from proto/normserve/v1/normserve.proto with
-// @grpc/proto-loader (set NORMSERVE_PROTO_DIR to use another proto root).
+// The API is loaded at run time from normserve/v1/normserve.proto with
+// @grpc/proto-loader, under the first of: $NORMSERVE_PROTO_DIR, proto/ beside
+// this file (the npm package carries it there; scripts/node-pack.sh copies
+// it in), the repository's proto/ (running from a checkout).
 // Every call returns a Promise, takes an optional { timeoutMs } (default: the
 // client's), and rejects with a NormserveError carrying the gRPC status code
 // and the server's message.
@@ -34,13 +36,21 @@
 'use strict';
 
 const crypto = require('crypto');
+const fs = require('fs');
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
-const PROTO_ROOT =
-  process.env.NORMSERVE_PROTO_DIR || path.join(__dirname, '..', '..', 'proto');
 const PROTO_FILE = 'normserve/v1/normserve.proto';
+
+// The proto root: $NORMSERVE_PROTO_DIR, else the package's own copy, else
+// the repository's (one source of truth: the copy is made at pack time).
+function protoRoot() {
+  if (process.env.NORMSERVE_PROTO_DIR) return process.env.NORMSERVE_PROTO_DIR;
+  const packaged = path.join(__dirname, 'proto');
+  if (fs.existsSync(path.join(packaged, PROTO_FILE))) return packaged;
+  return path.join(__dirname, '..', '..', 'proto');
+}
 
 let cachedPackage = null;
 
@@ -48,7 +58,7 @@ let cachedPackage = null;
 function loadApi() {
   if (cachedPackage === null) {
     const definition = protoLoader.loadSync(PROTO_FILE, {
-      includeDirs: [PROTO_ROOT],
+      includeDirs: [protoRoot()],
       keepCase: true, // Field names as in the .proto (snake_case).
       longs: String, // 64-bit integers exactly; converted below where small.
       enums: String,
