@@ -253,17 +253,26 @@ struct LayerConfig {
 };
 
 // Between the steps of a sync group: every rank says whether it wants
-// another step, and all of them get the same answer (all wanted).
+// another step, and all of them get the same answer (all wanted), and the
+// same verdict on whether that step is in the measured window (the last
+// rank to arrive reads the clock for all), so that every rank counts the
+// same steps and a group stopped by a request quota stops with all of its
+// ranks at the quota.
 class SyncGate {
  public:
+  struct Decision {
+    bool go = false;        // Take another step.
+    bool measured = false;  // It starts after `warm_end`: count it.
+  };
+
   explicit SyncGate(int ranks) : ranks_(ranks) {}
 
-  bool AllWant(bool want) {
+  Decision Next(bool want, TimePoint warm_end) {
     absl::MutexLock lock(&mu_);
     const uint64_t generation = generation_;
     all_ = all_ && want;
     if (++arrived_ == ranks_) {
-      decision_ = all_;
+      decision_ = {all_, Clock::now() >= warm_end};
       all_ = true;
       arrived_ = 0;
       ++generation_;
@@ -280,7 +289,7 @@ class SyncGate {
   absl::CondVar cv_;
   int arrived_ ABSL_GUARDED_BY(mu_) = 0;
   bool all_ ABSL_GUARDED_BY(mu_) = true;
-  bool decision_ ABSL_GUARDED_BY(mu_) = false;
+  Decision decision_ ABSL_GUARDED_BY(mu_);
   uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
@@ -449,7 +458,7 @@ class Worker {
     const int group = index_ / k, rank = index_ % k;
     SyncGate& gate = *step_->gates[group];
     int64_t& next_step = (*step_->sync_steps)[group];
-    // Every rank reads it before its first AllWant, which rank 0 passes
+    // Every rank reads it before its first Next, which rank 0 passes
     // (and so gets to write it) only once every rank has arrived.
     int64_t s = next_step;
     const bool by_count = options_.requests > 0;
@@ -458,16 +467,17 @@ class Worker {
         by_count
             ? (options_.requests + step_->concurrency - 1) / step_->concurrency
             : 0;
+    // Every rank counts the same steps (the gate says which), so all of
+    // them reach the quota at the same step.
     int64_t counted = 0;
     while (true) {
-      const TimePoint now = Clock::now();
-      const bool want = by_count ? !(now >= step_->warm_end && counted >= quota)
-                                 : now < step_->end;
-      if (!gate.AllWant(want)) break;
+      const bool want = by_count ? counted < quota : Clock::now() < step_->end;
+      const SyncGate::Decision next = gate.Next(want, step_->warm_end);
+      if (!next.go) break;
       const TimePoint intended = Clock::now();
       const Outcome outcome = SyncCycle(s++, rank);
       const TimePoint done = Clock::now();
-      if (intended < step_->warm_end) continue;
+      if (!next.measured) continue;
       ++counted;
       Record(Op::kSync, intended, done, outcome);
     }

@@ -84,7 +84,8 @@ def test_help(server, declared):
     check(out.startswith("usage: normserve"), "--help: no usage line")
     check("TCMALLOC_MAX_TOTAL_THREAD_CACHE_BYTES" in out,
           "--help: no environment note")
-    entries = [e for e in listed(out) if e[0] != "help"]
+    # --help and --version are the parser's own, not flags.cc's.
+    entries = [e for e in listed(out) if e[0] not in ("help", "version")]
     names = [e[0] for e in entries]
     check(names == sorted(declared),
           f"--help lists {names}, flags.cc declares {sorted(declared)}")
@@ -102,6 +103,10 @@ def test_help(server, declared):
     check("absl/" not in out and "Flags from" not in out,
           "--help shows absl's flag listing")
     check(run(server, "-h") == (rc, out, err), "-h differs from --help")
+    rc, version, err = run(server, "--version")
+    check(rc == 0 and not err and re.fullmatch(r"normserve \d+\.\d+\.\d+\n",
+                                               version),
+          f"--version: exit {rc}, {version!r}, stderr {err!r}")
 
     # --helpfull: every flag registered in the binary; those not declared in
     # flags.cc are not in --help, and cannot be set.
