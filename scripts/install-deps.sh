@@ -22,6 +22,9 @@ PACKAGES=(
   # tests/server/security_test makes its certificates; scripts/fuzz.sh
   # builds the libFuzzer target with clang 14.
   openssl clang-14 libclang-rt-14-dev
+  # Metrics (--metrics_address; tests/metrics): civetweb serves /metrics;
+  # the tests parse it with prometheus-client and scrape it with Prometheus.
+  libcivetweb-dev prometheus python3-prometheus-client
   # Packages (make python-wheel, tests/packaging): the wheel is built and
   # installed into a venv offline, with Debian's build tools.
   python3-venv python3-build python3-wheel python3-setuptools

@@ -94,6 +94,9 @@ ABSL_FLAG(std::string, health_address, "",
           "token needed): for probes that cannot speak TLS, e.g. Kubernetes' "
           "gRPC probes");
 ABSL_FLAG(AtLeast<1>, max_layers, 10000, "layers held at once");
+ABSL_FLAG(std::string, metrics_address, "",
+          "HOST:PORT to serve Prometheus metrics on, over plain HTTP "
+          "(GET /metrics; port 0 picks a free one); empty: none");
 ABSL_FLAG(AtLeast<0>, max_layers_per_tenant, 0,
           "layers one tenant holds at once; 0 means only --max_layers "
           "applies");
@@ -304,6 +307,7 @@ ServerOptions ServerOptionsFromFlags() {
   ServerOptions options;
   options.address = absl::GetFlag(FLAGS_address);
   options.health_address = absl::GetFlag(FLAGS_health_address);
+  options.metrics_address = absl::GetFlag(FLAGS_metrics_address);
   options.device = absl::GetFlag(FLAGS_device);
   options.cpu_threads = as_int(FLAGS_cpu_threads);
   options.max_message_bytes = mib(FLAGS_max_message_mb);

@@ -47,6 +47,11 @@ void PrintStartup(NormServer& server,
         "normserve: health checks (plaintext, grpc.health.v1 only) on %s\n",
         server.health_address().c_str());
   }
+  if (!server.metrics_address().empty()) {
+    std::printf(
+        "normserve: metrics (Prometheus, plain HTTP) on http://%s/metrics\n",
+        server.metrics_address().c_str());
+  }
   if (options.journal.dir.empty()) {
     std::printf(
         "normserve: state in memory only (no --state_dir): a restart loses "

@@ -189,6 +189,14 @@ absl::StatusOr<LayerInfo> Engine::GetLayer(absl::string_view name,
   return entry->layer->Info();
 }
 
+std::map<std::string, size_t> Engine::LayerCountsByKind() {
+  std::map<std::string, size_t> counts;
+  absl::MutexLock lock(&mu_);
+  for (const auto& [key, entry] : layers_)
+    ++counts[entry->layer->config().kind];
+  return counts;
+}
+
 absl::StatusOr<ListLayersResult> Engine::ListLayers(
     int page_size, absl::string_view page_token, absl::string_view tenant) {
   if (page_size < 0) {

@@ -122,6 +122,8 @@ class Engine {
       absl::string_view tenant = "");
 
   const KindRegistry& kinds() const { return *kinds_; }
+  // Layers held now, by kind (every tenant's; for the metrics).
+  std::map<std::string, size_t> LayerCountsByKind();
   // Bytes of layer state held now by all layers.
   size_t state_bytes() const { return state_bytes_.load(); }
 

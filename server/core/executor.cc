@@ -1,7 +1,10 @@
 #include "server/core/executor.h"
 
 #include <algorithm>
+#include <chrono>
 #include <utility>
+
+#include "server/core/metrics.h"
 
 namespace normserve::server {
 
@@ -45,6 +48,19 @@ void Executor::WorkerLoop() {
 }
 
 void Strand::Post(std::function<void()> job) {
+  if (metrics::JobTimingEnabled()) {
+    // Wait: from here to the job's start; compute: its run.
+    job = [posted = std::chrono::steady_clock::now(), job = std::move(job)] {
+      const auto start = std::chrono::steady_clock::now();
+      const metrics::ServerMetrics& m = metrics::Server();
+      m.queue_wait->Observe(
+          std::chrono::duration<double>(start - posted).count());
+      job();
+      m.compute->Observe(std::chrono::duration<double>(
+                             std::chrono::steady_clock::now() - start)
+                             .count());
+    };
+  }
   {
     absl::MutexLock lock(&mu_);
     queue_.push_back(std::move(job));

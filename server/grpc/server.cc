@@ -14,7 +14,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "common/version.h"
 #include "server/core/device.h"
+#include "server/core/metrics.h"
 #include "server/core/recovery.h"
 
 namespace normserve::server {
@@ -115,6 +117,39 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartHealthServer(
   return server;
 }
 
+// This server's gauges, read at each scrape.
+std::vector<metrics::GaugeFamily> CollectGauges(Engine& engine,
+                                                NormalizationService& service) {
+  std::vector<metrics::GaugeFamily> families;
+  metrics::GaugeFamily layers{
+      "normserve_layers", "Layers held, by kind.", {"kind"}, {}};
+  std::map<std::string, size_t> counts = engine.LayerCountsByKind();
+  for (const std::string& kind : engine.kinds().names()) counts[kind] += 0;
+  for (const auto& [kind, count] : counts) {
+    layers.samples.push_back({{kind}, static_cast<double>(count)});
+  }
+  families.push_back(std::move(layers));
+  const auto gauge = [&](const char* name, const char* help, double value) {
+    families.push_back({name, help, {}, {{{}, value}}});
+  };
+  gauge("normserve_saved_contexts",
+        "Forward contexts kept for a Backward, server-wide.",
+        static_cast<double>(engine.contexts().size()));
+  gauge("normserve_saved_context_bytes", "Bytes those contexts hold.",
+        static_cast<double>(engine.contexts().bytes()));
+  gauge("normserve_state_bytes",
+        "Bytes of layer state (parameters, running statistics, gradients, "
+        "optimizer buffers) held by all layers.",
+        static_cast<double>(engine.state_bytes()));
+  gauge("normserve_open_streams", "Train streams open now.",
+        static_cast<double>(service.open_streams()));
+  families.push_back({"normserve_build_info",
+                      "The server's version (value 1).",
+                      {"version", "device"},
+                      {{{kVersion, engine.backend().name()}, 1}}});
+  return families;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<NormServer>> NormServer::Start(
@@ -145,6 +180,19 @@ absl::StatusOr<std::unique_ptr<NormServer>> NormServer::Start(
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  if (!options.metrics_address.empty()) {
+    ASSIGN_OR_RETURN(server->metrics_,
+                     MetricsEndpoint::Start(options.metrics_address));
+    server->metrics_collector_ = metrics::Registry::Default().AddCollector(
+        [engine = server->engine_.get(), service = server->service_.get()] {
+          return CollectGauges(*engine, *service);
+        });
+    std::vector<
+        std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
+        interceptors;
+    interceptors.push_back(MakeMetricsInterceptorFactory());
+    builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  }
   builder.AddListeningPort(options.address, credentials, &server->port_);
   builder.RegisterService(server->service_.get());
   const size_t max_receive =
@@ -177,6 +225,9 @@ absl::StatusOr<std::unique_ptr<NormServer>> NormServer::Start(
 }
 
 NormServer::~NormServer() {
+  if (metrics_collector_ >= 0) {
+    metrics::Registry::Default().RemoveCollector(metrics_collector_);
+  }
   if (server_ != nullptr) {
     server_->Shutdown();
     server_->Wait();

@@ -12,6 +12,7 @@
 #include "absl/time/time.h"
 #include "server/core/engine.h"
 #include "server/core/journal.h"
+#include "server/grpc/metrics_http.h"
 #include "server/grpc/service.h"
 
 namespace normserve::server {
@@ -43,6 +44,9 @@ struct ServerOptions {
   EngineOptions engine;
   // Durable state (--state_dir, --fsync); dir "" keeps state in memory only.
   JournalOptions journal;
+  // host:port of the Prometheus endpoint (plain HTTP, GET /metrics); ""
+  // means none, and no call is timed.
+  std::string metrics_address;
 };
 
 class NormServer {
@@ -57,6 +61,10 @@ class NormServer {
   int port() const { return port_; }
   // The health-only listener's host:port; "" without one.
   const std::string& health_address() const { return health_address_; }
+  // The metrics endpoint's host:port; "" without one.
+  std::string metrics_address() const {
+    return metrics_ ? metrics_->address() : "";
+  }
   std::string device_name() const { return engine_->backend().name(); }
   Engine& engine() { return *engine_; }
   // What start-up restored from the state directory (or that it has none).
@@ -90,6 +98,10 @@ class NormServer {
   std::unique_ptr<grpc::CallbackGenericService> health_unimplemented_;
   std::unique_ptr<grpc::Server> health_server_;
   std::string health_address_;
+  // The metrics endpoint and the collector of this server's gauges (layers,
+  // saved contexts, streams), removed first on destruction.
+  std::unique_ptr<MetricsEndpoint> metrics_;
+  int metrics_collector_ = -1;
 };
 
 }  // namespace normserve::server

@@ -20,13 +20,26 @@ For each overlay (cpu, gpu), on the rendered YAML:
   - CPU and memory requests and limits; threads fit the CPU limit; the memory
     limit fits the saved-input and message limits;
   - nvidia.com/gpu: 1 in the gpu overlay's limits, nowhere in the cpu one;
-  - no metrics annotations unless the server has a metrics flag.
+  - metrics: a container port `metrics` (in no Service) that --metrics_address
+    listens on, the pod's prometheus.io/scrape, port and path annotations
+    agreeing with it, no PodMonitor (its CRD may be absent); the server
+    started with the rendered args serves GET /metrics there (Prometheus
+    text format, normserve_build_info{version} 1, only the metric names
+    and types of METRICS).
 Also: each overlay with the state-dir and tls components renders with flags
 the server has, and the server starts with them (TLS with certificates made
 here); in that variant the probes target the plaintext health listener
 (--health_address, a container port of its own, in no Service), where
 `normserve-cli health` gets SERVING while the TLS port refuses plaintext and
-the health port serves nothing else. The load Job
+the health port serves nothing else. The metrics component on each overlay
+(alone, and with the other two) adds a PodMonitor and nothing else; it
+selects the StatefulSet's pods and not the load Job's, and scrapes a
+container port by name, the one --metrics_address listens on, in plain HTTP
+at /metrics every 15 s. The Grafana dashboard (deploy/grafana) parses, uses
+only the ${datasource} variable as its data source, and its PromQL names only
+the metrics of METRICS (every one of them somewhere), histograms through
+_bucket/_sum/_count, counters under rate(); with promtool installed every
+expression parses. The load Job
 targets a replica through the headless Service with flags normserve-load
 lists; the Dockerfile agrees with the manifests (user, port, state dir,
 HEALTHCHECK, targets).
@@ -35,6 +48,7 @@ Exits 77 (skipped) when kubectl is missing.
 """
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -42,7 +56,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import socket
 import time
+import urllib.error
+import urllib.request
 
 import yaml
 
@@ -50,9 +67,29 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 K8S = os.path.join(REPO, "deploy", "k8s")
 DOCKERFILE = os.path.join(REPO, "deploy", "docker", "Dockerfile")
+DASHBOARD = os.path.join(REPO, "deploy", "grafana", "normserve-dashboard.json")
 OVERLAYS = ("cpu", "gpu")
 # Opt-in components, rendered on top of each overlay.
 COMPONENTS = ("state-dir", "tls")
+# Needs the Prometheus Operator's CRD: rendered apart (check_metrics_component).
+METRICS_COMPONENT = "metrics"
+# What --metrics_address serves (issue 14): family name -> type. The
+# dashboard may name only these.
+METRICS = {
+    "normserve_requests_total": "counter",
+    "normserve_request_duration_seconds": "histogram",
+    "normserve_received_bytes_total": "counter",
+    "normserve_sent_bytes_total": "counter",
+    "normserve_queue_wait_seconds": "histogram",
+    "normserve_compute_seconds": "histogram",
+    "normserve_layers": "gauge",
+    "normserve_saved_contexts": "gauge",
+    "normserve_saved_context_bytes": "gauge",
+    "normserve_open_streams": "gauge",
+    "normserve_state_bytes": "gauge",
+    "normserve_build_info": "gauge",
+}
+HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
 STATE_DIR = "/var/lib/normserve"
 RUN_AS = 10001
 # Startup budget (s): the gpu overlay leaves room for CUDA initialisation.
@@ -75,6 +112,8 @@ def kustomize(kubectl, path):
     proc = subprocess.run([kubectl, "kustomize", path], capture_output=True,
                           text=True, timeout=120)
     if proc.returncode != 0:
+        for f in failures:  # Found before; the exit below ends the run.
+            print("FAIL: " + f)
         raise SystemExit(f"FAIL: kubectl kustomize {path}:\n{proc.stderr}")
     check(not proc.stderr.strip(),
           f"kubectl kustomize {path} warned:\n{proc.stderr}")
@@ -86,6 +125,63 @@ def server_flags(server):
     out = subprocess.run([server, "--help"], capture_output=True, text=True,
                          timeout=30, check=True).stdout
     return set(re.findall(r"^\s+--([a-z0-9_]+)", out, re.M)), out
+
+
+def server_version(server):
+    """The version `SERVER --version` prints ("normserve 0.2.0" -> "0.2.0")."""
+    out = subprocess.run([server, "--version"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout.split()
+    return out[-1] if out else ""
+
+
+def metric_family(series):
+    """The METRICS family a series name belongs to (a histogram's through its
+    _bucket, _sum and _count series), or None."""
+    if series in METRICS:
+        return series
+    for suffix in HISTOGRAM_SERIES:
+        base = series[:-len(suffix)]
+        if series.endswith(suffix) and METRICS.get(base) == "histogram":
+            return base
+    return None
+
+
+def free_port():
+    """A TCP port free on loopback now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(address, version, name):
+    """GET http://ADDRESS/metrics (retrying while the listener comes up) and
+    checks the Prometheus text it returns against METRICS."""
+    url = f"http://{address}/metrics"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                status, ctype = resp.status, resp.headers.get("Content-Type", "")
+                body = resp.read().decode()
+            break
+        except (urllib.error.URLError, ConnectionError) as err:
+            if time.monotonic() > deadline:
+                check(False, f"{name}: GET {url} (--metrics_address): {err}")
+                return
+            time.sleep(0.2)
+    check(status == 200 and ctype.startswith("text/plain"),
+          f"{name}: GET {url}: {status} {ctype!r}, want 200 text/plain")
+    for fam, kind in re.findall(r"^# TYPE (normserve_\w+) (\w+)$", body, re.M):
+        want = METRICS.get(fam) or METRICS.get(fam + "_total")
+        check(want == kind, f"{name}: /metrics has {fam} as {kind}; METRICS says {want}")
+    series = re.findall(r"^(normserve_\w+)(\{[^}]*\})?\s+(\S+)", body, re.M)
+    for s, _, _ in series:
+        check(metric_family(s), f"{name}: /metrics serves {s}, not in METRICS "
+              "(the dashboard and docs/deploy.md list them)")
+    info = [(labels, value) for s, labels, value in series if s == "normserve_build_info"]
+    check(len(info) == 1 and f'version="{version}"' in info[0][0]
+          and float(info[0][1]) == 1,
+          f"{name}: /metrics normserve_build_info is {info}, want {{version=\"{version}\"}} 1")
 
 
 def parse_quantity(q):
@@ -152,10 +248,13 @@ def int_flag(flags, flag, default, name):
     return default
 
 
-def start_server(server, flags, name):
-    """Starts the server with FLAGS on loopback, then stops it with SIGTERM."""
+def start_server(server, flags, name, version):
+    """Starts the server with FLAGS on loopback, scrapes its metrics, then
+    stops it with SIGTERM."""
     flags = dict(flags)
     flags["address"] = "127.0.0.1:0"
+    if "metrics_address" in flags:
+        flags["metrics_address"] = f"127.0.0.1:{free_port()}"
     if flags.get("device", "").startswith("cuda"):
         flags["device"] = "cpu"  # No GPU here; the value itself is checked.
     args = [server] + [f"--{k}={v}" for k, v in flags.items()]
@@ -169,6 +268,8 @@ def start_server(server, flags, name):
                 line = proc.stderr.read().strip()
             check(False, f"{name}: the server rejects the rendered args: {line}")
             return
+        if "metrics_address" in flags:
+            scrape(flags["metrics_address"], version, name)
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=30)
         check(rc == 0, f"{name}: server exited {rc} after SIGTERM")
@@ -178,8 +279,9 @@ def start_server(server, flags, name):
             proc.wait()
 
 
-def check_overlay(overlay, docs, server, known_flags, help_text, image_facts):
+def check_overlay(overlay, docs, server, known_flags, version, image_facts):
     name = f"overlay {overlay}"
+    before = len(failures)
     sts = one(docs, "StatefulSet", what=f"{name}: StatefulSet")
     headless = one(docs, "Service", lambda d: d["spec"].get("clusterIP") == "None",
                    f"{name}: headless Service")
@@ -189,7 +291,7 @@ def check_overlay(overlay, docs, server, known_flags, help_text, image_facts):
                   f"{name}: ClusterIP Service")
     configmap = one(docs, "ConfigMap", what=f"{name}: ConfigMap")
     pdb = one(docs, "PodDisruptionBudget", what=f"{name}: PodDisruptionBudget")
-    if failures:
+    if len(failures) > before:  # This overlay's objects are missing.
         return
 
     spec = sts["spec"]
@@ -254,7 +356,26 @@ def check_overlay(overlay, docs, server, known_flags, help_text, image_facts):
     check(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", device),
           f"{cname}: --device={device} is not auto|cpu|cuda[:N]")
     if not unknown:
-        start_server(server, flags, cname)
+        start_server(server, flags, cname, version)
+
+    # Metrics: every pod serves GET /metrics (plain HTTP) on the port
+    # `metrics`; annotated for a plain Prometheus; a PodMonitor only with
+    # components/metrics, since its CRD may be absent.
+    mport = ports.get("metrics")
+    check(mport is not None and mport != port,
+          f"{cname}: no container port `metrics` apart from grpc ({ports})")
+    maddress = flags.get("metrics_address", "")
+    check(maddress in (f"0.0.0.0:{mport}", f"[::]:{mport}"),
+          f"{cname}: --metrics_address={maddress}, want 0.0.0.0:{mport} (the port `metrics`)")
+    annotations = spec["template"]["metadata"].get("annotations", {})
+    want = {"prometheus.io/scrape": "true", "prometheus.io/port": str(mport),
+            "prometheus.io/path": "/metrics"}
+    got = {k: annotations.get(k) for k in want}
+    check(got == want, f"{name}: pod template annotations {got}, want {want}")
+    monitors = [d["kind"] for d in docs
+                if d.get("apiVersion", "").startswith("monitoring.coreos.com/")]
+    check(not monitors, f"{name}: {monitors} without components/{METRICS_COMPONENT}; "
+          "the Prometheus Operator's CRD may be absent")
 
     # Shutdown: preStop, then SIGTERM and the drain, within the grace period.
     pre_stop = c.get("lifecycle", {}).get("preStop", {})
@@ -344,13 +465,6 @@ def check_overlay(overlay, docs, server, known_flags, help_text, image_facts):
         check("nvidia.com/gpu" not in rendered.replace("nvidia.com/gpu.present", ""),
               f"{name}: mentions nvidia.com/gpu")
         check(device in ("cpu", "auto"), f"{cname}: --device={device}")
-
-    # Metrics: only if the server exports some.
-    has_metrics = "metrics" in help_text
-    annotated = "prometheus.io/" in rendered or any(
-        d.get("kind") == "ServiceMonitor" for d in docs)
-    check(has_metrics or not annotated,
-          f"{name}: metrics annotations, but the server exports no metrics")
     return flags
 
 
@@ -389,16 +503,18 @@ def cli_run(cli, *args):
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def check_tls_server(server, cli, flags, certs, name):
+def check_tls_server(server, cli, flags, certs, name, version):
     """Starts the server with the TLS variant's FLAGS on loopback (its
     certificate from CERTS) and checks what the probes rely on: a plaintext
     health check on --health_address answers SERVING, the main port refuses
-    plaintext and serves TLS, the health port serves nothing else, SIGTERM
-    exits 0."""
+    plaintext and serves TLS, the health port serves nothing else, metrics
+    stay plain HTTP, SIGTERM exits 0."""
     ca, cert, key = certs
     flags = dict(flags, address="127.0.0.1:0", health_address="127.0.0.1:0",
                  tls_cert=cert, tls_key=key)
     flags.pop("tls_client_ca", None)
+    if "metrics_address" in flags:
+        flags["metrics_address"] = f"127.0.0.1:{free_port()}"
     if flags.get("device", "").startswith("cuda"):
         flags["device"] = "cpu"
     proc = subprocess.Popen([server] + [f"--{k}={v}" for k, v in flags.items()],
@@ -430,6 +546,8 @@ def check_tls_server(server, cli, flags, certs, name):
         rc, out = cli_run(cli, f"--address={health}", "list")
         check(rc != 0 and "UNIMPLEMENTED" in out,
               f"{name}: the health port answered ListLayers ({rc}): {out}")
+        if "metrics_address" in flags:
+            scrape(flags["metrics_address"], version, name)
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=30)
         check(rc == 0, f"{name}: server exited {rc} after SIGTERM")
@@ -439,7 +557,7 @@ def check_tls_server(server, cli, flags, certs, name):
             proc.wait()
 
 
-def check_components(kubectl, server, known_flags, cli):
+def check_components(kubectl, server, known_flags, cli, version):
     """Each overlay plus the opt-in components renders, with flags the server
     has; its probes reach the health listener, and the server starts with
     those flags (check_tls_server)."""
@@ -476,6 +594,8 @@ def check_components(kubectl, server, known_flags, cli):
             # Probes: plaintext gRPC on the health listener, not the TLS port.
             ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
             health = ports.get("health")
+            check(len(set(ports.values())) == len(ports),
+                  f"{name}: container ports {ports} share a number")
             check(health is not None and health != ports.get("grpc"),
                   f"{name}: no container port `health` apart from grpc ({ports})")
             check(flags.get("health_address") in (f"0.0.0.0:{health}", f"[::]:{health}"),
@@ -500,9 +620,197 @@ def check_components(kubectl, server, known_flags, cli):
                 state = dict(flags)
                 state["state_dir"] = os.path.join(tmp, f"state-{overlay}")
                 os.makedirs(state["state_dir"])
-                check_tls_server(server, cli, state, certs, name)
+                check_tls_server(server, cli, state, certs, name, version)
         print(f"ok: components {', '.join(COMPONENTS)} render on every overlay; "
               "their probes reach the plaintext health listener")
+
+
+def check_metrics_component(kubectl, rendered):
+    """components/metrics on each overlay, alone and with the other
+    components: a PodMonitor for the server pods' port `metrics`, and alone
+    nothing else (RENDERED: {overlay: its objects})."""
+    load = one(kustomize(kubectl, os.path.join(K8S, "load")), "Job", what="load: Job")
+    load_labels = load.get("spec", {}).get("template", {}).get("metadata", {}).get("labels", {})
+    with tempfile.TemporaryDirectory() as tmp:
+        k8s = os.path.join(tmp, "k8s")
+        shutil.copytree(K8S, k8s)
+        for overlay in OVERLAYS:
+            for components in ((METRICS_COMPONENT,), COMPONENTS + (METRICS_COMPONENT,)):
+                name = f"overlay {overlay} + components {', '.join(components)}"
+                variant = os.path.join(k8s, "variants", "-".join((overlay,) + components))
+                os.makedirs(variant)
+                with open(os.path.join(variant, "kustomization.yaml"), "w") as f:
+                    yaml.safe_dump({
+                        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                        "kind": "Kustomization",
+                        "resources": [f"../../overlays/{overlay}"],
+                        "components": [f"../../components/{c}" for c in components],
+                    }, f)
+                docs = kustomize(kubectl, variant)
+                monitor = one(docs, "PodMonitor", what=f"{name}: PodMonitor")
+                if components == (METRICS_COMPONENT,):
+                    check([d for d in docs if d.get("kind") != "PodMonitor"] == rendered[overlay],
+                          f"{name}: changes the overlay's objects; it should only add a PodMonitor")
+                sts = one(docs, "StatefulSet", what=f"{name}: StatefulSet")
+                configmap = one(docs, "ConfigMap", what=f"{name}: ConfigMap")
+                if not monitor or not sts:
+                    continue
+                check(monitor.get("apiVersion") == "monitoring.coreos.com/v1",
+                      f"{name}: PodMonitor apiVersion {monitor.get('apiVersion')}")
+                mspec = monitor.get("spec", {})
+                # Applied with -n like the rest, it watches its own namespace.
+                check("namespace" not in monitor["metadata"] and not mspec.get("namespaceSelector"),
+                      f"{name}: the PodMonitor must live in, and watch, the pods' namespace")
+                labels = sts["spec"]["template"]["metadata"]["labels"]
+                selector = mspec.get("selector", {})
+                check(set(selector) == {"matchLabels"} and selects(selector["matchLabels"], labels),
+                      f"{name}: PodMonitor selector {selector} does not select the "
+                      f"StatefulSet's pods {labels}")
+                check(not selects(selector.get("matchLabels", {}), load_labels),
+                      f"{name}: PodMonitor selects the load Job's pods, which serve no metrics")
+                c = sts["spec"]["template"]["spec"]["containers"][0]
+                ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+                flags = flags_of(expand_args(c, configmap, name), name)
+                mport = flags.get("metrics_address", "").rsplit(":", 1)[-1]
+                endpoints = mspec.get("podMetricsEndpoints", [])
+                check(len(endpoints) == 1, f"{name}: PodMonitor endpoints {endpoints}, want one")
+                for ep in endpoints:
+                    check("targetPort" not in ep and ep.get("port") in ports,
+                          f"{name}: PodMonitor port {ep.get('port')!r} is not the name of a "
+                          f"container port ({sorted(ports)})")
+                    check(str(ports.get(ep.get("port"))) == mport,
+                          f"{name}: PodMonitor port {ep.get('port')} "
+                          f"({ports.get(ep.get('port'))}) is not --metrics_address's {mport}")
+                    check(ep.get("path") == "/metrics" and ep.get("scheme", "http") == "http",
+                          f"{name}: PodMonitor scrapes {ep.get('scheme', 'http')}://...{ep.get('path')}, "
+                          "want plain http at /metrics")
+                    check(ep.get("interval") == "15s", f"{name}: interval {ep.get('interval')}, want 15s")
+    print(f"ok: component {METRICS_COMPONENT} adds a PodMonitor on every overlay, "
+          "for the server pods' port `metrics`")
+
+
+def dashboard_panels(panels):
+    """PANELS and the panels of their rows, flattened."""
+    for p in panels:
+        yield p
+        yield from dashboard_panels(p.get("panels", []))
+
+
+def datasource_refs(node):
+    """Every "datasource" value anywhere in NODE."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "datasource":
+                yield v
+            yield from datasource_refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from datasource_refs(v)
+
+
+def is_datasource_variable(ref):
+    """Whether REF names the dashboard's ${datasource} variable (a Prometheus one)."""
+    variable = ("${datasource}", "$datasource")
+    return ref in variable or (isinstance(ref, dict) and ref.get("uid") in variable
+                               and ref.get("type", "prometheus") == "prometheus")
+
+
+def check_promql(exprs, promtool):
+    """Each of EXPRS (Grafana's variables replaced) parses, by `promtool check
+    rules` on recording rules made of them."""
+    def concrete(expr):
+        expr = re.sub(r"\$__rate_interval\b|\$\{__rate_interval\}", "1m", expr)
+        expr = re.sub(r"\$__interval\b|\$__range\b", "1m", expr)
+        return re.sub(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?", ".*", expr)
+    with tempfile.TemporaryDirectory() as tmp:
+        rules = os.path.join(tmp, "dashboard-rules.yaml")
+        with open(rules, "w") as f:
+            yaml.safe_dump({"groups": [{"name": "dashboard", "rules": [
+                {"record": f"dashboard:expr_{i}", "expr": concrete(e)}
+                for i, e in enumerate(exprs)]}]}, f)
+        proc = subprocess.run([promtool, "check", "rules", rules], capture_output=True,
+                              text=True, timeout=60)
+        check(proc.returncode == 0,
+              f"dashboard: promtool rejects its PromQL:\n{proc.stdout}{proc.stderr}")
+
+
+def check_dashboard(promtool):
+    """deploy/grafana's dashboard: Grafana JSON on the ${datasource} variable,
+    PromQL over METRICS only."""
+    name = f"dashboard {os.path.relpath(DASHBOARD, REPO)}"
+    try:
+        with open(DASHBOARD) as f:
+            text = f.read()
+        dash = json.loads(text)
+    except (OSError, ValueError) as err:
+        check(False, f"{name}: {err}")
+        return
+    check(isinstance(dash.get("schemaVersion"), int) and dash["schemaVersion"] >= 36,
+          f"{name}: schemaVersion {dash.get('schemaVersion')}, want >= 36")
+    check(dash.get("title") and dash.get("uid"), f"{name}: no title or uid")
+    variables = {v.get("name"): v for v in dash.get("templating", {}).get("list", [])}
+    ds = variables.get("datasource", {})
+    check(ds.get("type") == "datasource" and ds.get("query") == "prometheus",
+          f"{name}: no datasource variable `datasource` of Prometheus data sources")
+    # No data source of one Grafana (a uid) nor an export's ${DS_...} input.
+    bad = [r for r in datasource_refs(dash) if not is_datasource_variable(r)]
+    check(not bad, f"{name}: data sources {bad} are not the ${{datasource}} variable")
+    check("__inputs" not in dash and "${DS_" not in text,
+          f"{name}: import placeholders (__inputs, ${{DS_...}}) instead of the variable")
+
+    panels = list(dashboard_panels(dash.get("panels", [])))
+    ids = [p.get("id") for p in panels]
+    check(len(set(ids)) == len(ids) and all(isinstance(i, int) for i in ids),
+          f"{name}: panel ids {ids} are not unique integers")
+    exprs, used = [], set()
+    for v in variables.values():
+        if v.get("type") == "query":
+            check(is_datasource_variable(v.get("datasource")),
+                  f"{name}: variable {v.get('name')} queries {v.get('datasource')}")
+            query = v.get("query", {})
+            query = query.get("query", "") if isinstance(query, dict) else query
+            for series in re.findall(r"normserve_[a-z_]+", query):
+                check(metric_family(series), f"{name}: variable {v.get('name')} names {series}, "
+                      "not a metric of METRICS")
+    for p in panels:
+        if p.get("type") == "row":
+            continue
+        title = f"{name}: panel {p.get('title')!r}"
+        check(p.get("gridPos"), f"{title}: no gridPos")
+        check(is_datasource_variable(p.get("datasource")),
+              f"{title}: datasource {p.get('datasource')} is not ${{datasource}}")
+        targets = p.get("targets", [])
+        check(targets, f"{title}: no targets")
+        for t in targets:
+            expr = t.get("expr", "")
+            if not check(expr, f"{title}: target {t.get('refId')} has no expr"):
+                continue
+            exprs.append(expr)
+            check(is_datasource_variable(t.get("datasource", p.get("datasource"))),
+                  f"{title}: target {t.get('refId')} datasource {t.get('datasource')}")
+            names = re.findall(r"normserve_[a-z_]+", expr)
+            check(names, f"{title}: {expr!r} names no normserve metric")
+            for series in names:
+                family = metric_family(series)
+                if not check(family, f"{title}: {series} is not a metric of METRICS"):
+                    continue
+                used.add(family)
+                check(METRICS[family] != "histogram" or series != family,
+                      f"{title}: {series} is a histogram: use its _bucket, _sum or _count")
+                if METRICS[family] == "counter" or series != family:
+                    check(re.search(r"\b(rate|irate|increase)\s*\(", expr),
+                          f"{title}: counter {series} outside rate() or increase()")
+            if "_bucket" in expr or "histogram_quantile" in expr:
+                by = re.findall(r"\bby\s*\(([^)]*)\)", expr)
+                check("histogram_quantile(" in expr and "_bucket" in expr
+                      and any("le" in [g.strip() for g in b.split(",")] for b in by),
+                      f"{title}: {expr!r}: want histogram_quantile over _bucket, by (le, ...)")
+    missing = sorted(set(METRICS) - used)
+    check(not missing, f"{name}: no panel shows {missing}")
+    if promtool:
+        check_promql(exprs, promtool)
+    print(f"ok: {name}: {len(panels)} panels, {len(exprs)} expressions over "
+          f"{len(used)} metrics" + ("" if promtool else " (no promtool: PromQL not parsed)"))
 
 
 def check_load_job(kubectl, sts, port, load_binary):
@@ -568,18 +876,23 @@ def main():
     parser.add_argument("--cli", help="the normserve-cli binary (default: beside --server)")
     parser.add_argument("--load", help="the normserve-load binary, if built")
     parser.add_argument("--kubectl", default=shutil.which("kubectl") or "/usr/bin/kubectl")
+    parser.add_argument("--promtool", default=shutil.which("promtool"),
+                        help="parses the dashboard's PromQL (default: from PATH, if any)")
     opts = parser.parse_args()
     if not os.access(opts.kubectl, os.X_OK):
         print(f"SKIP: no kubectl ({opts.kubectl}); `kubectl kustomize` renders the overlays")
         return 77
 
-    known_flags, help_text = server_flags(opts.server)
+    known_flags, _ = server_flags(opts.server)
+    version = server_version(opts.server)
     facts = image_facts()
     cpu_sts = None
+    rendered = {}
     for overlay in OVERLAYS:
         before = len(failures)
         docs = kustomize(opts.kubectl, os.path.join(K8S, "overlays", overlay))
-        flags = check_overlay(overlay, docs, opts.server, known_flags, help_text, facts)
+        rendered[overlay] = docs
+        flags = check_overlay(overlay, docs, opts.server, known_flags, version, facts)
         if overlay == "cpu":
             cpu_sts = one(docs, "StatefulSet")
         if len(failures) == before:
@@ -588,14 +901,16 @@ def main():
     cli = opts.cli or os.path.join(os.path.dirname(opts.server), "normserve-cli")
     if not os.access(cli, os.X_OK):
         raise SystemExit(f"FAIL: no normserve-cli at {cli} (--cli)")
-    check_components(opts.kubectl, opts.server, known_flags, cli)
+    check_components(opts.kubectl, opts.server, known_flags, cli, version)
+    check_metrics_component(opts.kubectl, rendered)
+    check_dashboard(opts.promtool)
     if cpu_sts:
         port = cpu_sts["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
         check_load_job(opts.kubectl, cpu_sts, port, opts.load)
 
     for f in failures:
         print("FAIL: " + f)
-    checks = "overlays, components, load Job, Dockerfile"
+    checks = "overlays, components, metrics component, dashboard, load Job, Dockerfile"
     if failures:
         print(f"{len(failures)} problem(s) in deploy/")
         return 1
