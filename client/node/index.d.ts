@@ -233,18 +233,11 @@ export interface BatchNormOptions extends CreateDeleteOptions {
   device?: string;
 }
 
-/** torch.nn.InstanceNorm's arguments (affine, trackRunningStats default
- * false; momentum a number). */
-export interface InstanceNormOptions extends CreateDeleteOptions {
-  layerId?: string;
-  eps?: number;
+/** torch.nn.InstanceNorm's arguments: BatchNorm's, but affine and
+ * trackRunningStats default false and momentum is a number. */
+export interface InstanceNormOptions
+    extends Omit<BatchNormOptions, 'momentum'> {
   momentum?: number;
-  affine?: boolean;
-  trackRunningStats?: boolean;
-  layout?: Layout;
-  dtype?: DType;
-  spatialDims?: 0 | 1 | 2 | 3;
-  device?: string;
 }
 
 /** torch.nn.RMSNorm's arguments. */

@@ -557,6 +557,21 @@ def check_tls_server(server, cli, flags, certs, name, version):
             proc.wait()
 
 
+def render_variant(kubectl, k8s, overlay, components, name):
+    """Renders `overlay` plus `components` from k8s (a copy of deploy/k8s:
+    kustomize takes only relative paths) as variants/NAME."""
+    variant = os.path.join(k8s, "variants", name)
+    os.makedirs(variant)
+    with open(os.path.join(variant, "kustomization.yaml"), "w") as f:
+        yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [f"../../overlays/{overlay}"],
+            "components": [f"../../components/{c}" for c in components],
+        }, f)
+    return kustomize(kubectl, variant)
+
+
 def check_components(kubectl, server, known_flags, cli, version):
     """Each overlay plus the opt-in components renders, with flags the server
     has; its probes reach the health listener, and the server starts with
@@ -567,16 +582,8 @@ def check_components(kubectl, server, known_flags, cli, version):
         k8s = os.path.join(tmp, "k8s")
         shutil.copytree(K8S, k8s)
         for overlay in OVERLAYS:
-            variant = os.path.join(k8s, "variants", overlay)
-            os.makedirs(variant)
-            with open(os.path.join(variant, "kustomization.yaml"), "w") as f:
-                yaml.safe_dump({
-                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                    "kind": "Kustomization",
-                    "resources": [f"../../overlays/{overlay}"],
-                    "components": [f"../../components/{c}" for c in COMPONENTS],
-                }, f)
-            docs = kustomize(kubectl, variant)
+            docs = render_variant(kubectl, k8s, overlay, COMPONENTS,
+                                  overlay)
             sts = one(docs, "StatefulSet")
             configmap = one(docs, "ConfigMap")
             c = sts["spec"]["template"]["spec"]["containers"][0]
@@ -637,16 +644,8 @@ def check_metrics_component(kubectl, rendered):
         for overlay in OVERLAYS:
             for components in ((METRICS_COMPONENT,), COMPONENTS + (METRICS_COMPONENT,)):
                 name = f"overlay {overlay} + components {', '.join(components)}"
-                variant = os.path.join(k8s, "variants", "-".join((overlay,) + components))
-                os.makedirs(variant)
-                with open(os.path.join(variant, "kustomization.yaml"), "w") as f:
-                    yaml.safe_dump({
-                        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                        "kind": "Kustomization",
-                        "resources": [f"../../overlays/{overlay}"],
-                        "components": [f"../../components/{c}" for c in components],
-                    }, f)
-                docs = kustomize(kubectl, variant)
+                docs = render_variant(kubectl, k8s, overlay, components,
+                                      "-".join((overlay,) + components))
                 monitor = one(docs, "PodMonitor", what=f"{name}: PodMonitor")
                 if components == (METRICS_COMPONENT,):
                     check([d for d in docs if d.get("kind") != "PodMonitor"] == rendered[overlay],

@@ -16,28 +16,19 @@ client's packages (`npm ci` in client/node, done by scripts/install-deps.sh).
 
 import json
 import os
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from normserve_pytest import REPO
+from normserve_pytest import REPO, tool
 
 SHAPE = (8, 4, 5, 5)
 LR, MOMENTUM = 0.05, 0.9
 # Who runs each step: the C++ CLI (forward only), Python, Node.
 SEQUENCE = ["cpp", "python", "node", "cpp", "python", "node", "node",
             "python", "cpp"]
-
-
-def tool(env, default):
-    path = os.environ.get(env) or default
-    found = shutil.which(path) or (path if os.access(path, os.X_OK) else None)
-    if not found:
-        pytest.fail(f"{path} not found (set {env})")
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,12 @@ scripts/install-deps.sh, fills it).
 import json
 import os
 import re
-import shutil
 import subprocess
 import tarfile
 
 import pytest
 
-from normserve_pytest import REPO
+from normserve_pytest import REPO, tool
 
 NODE_DIR = os.path.join(REPO, "client", "node")
 PROTO = os.path.join(REPO, "proto", "normserve", "v1", "normserve.proto")
@@ -43,14 +42,6 @@ TSCONFIG = {
         "outDir": "out",
     },
 }
-
-
-def tool(env, default):
-    path = os.environ.get(env) or default
-    found = shutil.which(path) or (path if os.access(path, os.X_OK) else None)
-    if not found:
-        pytest.fail(f"{path} not found (set {env})")
-    return found
 
 
 def child_env():

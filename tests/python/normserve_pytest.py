@@ -4,12 +4,15 @@
   stopped with SIGTERM at the end; it must exit 0. The binary is
   $NORMSERVE_SERVER, else build/bin/normserve of this tree.
 - ``client``: a normserve.Client connected to it.
+- ``tool(env, default)``: the executable $ENV names (else `default` on
+  PATH); fails the test, naming the variable, when there is none.
 - A skipped test is a failure here (no check may pass by not running), and
   ``--min-tests=N`` fails the run when fewer than N tests were collected.
 """
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -89,6 +92,15 @@ class ServerProcess:
     def __del__(self):
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
+
+
+def tool(env, default):
+    """The executable $`env` names, else `default` (found on PATH)."""
+    path = os.environ.get(env) or default
+    found = shutil.which(path) or (path if os.access(path, os.X_OK) else None)
+    if not found:
+        pytest.fail(f"{path} not found (set {env})")
+    return found
 
 
 @pytest.fixture(scope="session")
